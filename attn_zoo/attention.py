@@ -1,0 +1,139 @@
+"""The `Attention` base class: the contract of SPEC.md, shared by every variant.
+
+    out = attn(q, k, v, causal=False, key_padding_mask=None)
+
+q: (B, Hq, N, D); k, v: (B, Hkv, M, D) with Hq % Hkv == 0 (query head h reads kv head
+h // (Hq // Hkv)); M == N unless the variant `supports_cross`, and then a causal mask is aligned
+bottom-right (query i sees keys j <= i + M - N). key_padding_mask: (B, M) bool, True = a real
+key. Returns (B, Hq, N, D) in q's dtype; softmax and accumulation run in float32 (float64 stays
+float64). A query with no allowed key returns zeros.
+
+A variant subclasses `Attention`, sets `Params` (its typed parameters) and implements
+`_forward_<backend>(q, k, v, causal, key_padding_mask, scale)` for each backend in `backends`
+(q arrives grouped as (B, Hkv, G, N, D) in the working dtype; the result has that shape), plus
+`scored_pairs(n, causal)` for `flops`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from attn_zoo.params import Params
+
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+class Attention(nn.Module):
+    """Base of every attention variant; see the module docstring for the call contract."""
+
+    name: ClassVar[str] = ""
+    Params: ClassVar[type[Params]] = Params
+    backends: ClassVar[tuple[str, ...]] = ("torch",)
+    causal_only: ClassVar[bool] = False
+    supports_cross: ClassVar[bool] = False
+
+    def __init__(self, **params: Any) -> None:
+        super().__init__()
+        known = self.Params.names()
+        unknown = sorted(set(params) - set(known))
+        if unknown:
+            raise ValueError(
+                f"unknown parameter {', '.join(map(repr, unknown))} for attention {self.name!r}; "
+                f"expected: {', '.join(known)}"
+            )
+        self.params = self.Params(**params)
+        backend = self.params.backend
+        if backend != "auto" and backend not in self.backends:
+            raise ValueError(
+                f"backend {backend!r} is not supported by attention {self.name!r}; "
+                f"supported: auto, {', '.join(self.backends)}"
+            )
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{key}={value!r}" for key, value in self.params.to_dict().items())
+
+    # -- the call -------------------------------------------------------------------------
+
+    def forward(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        *,
+        causal: bool = False,
+        key_padding_mask: Tensor | None = None,
+    ) -> Tensor:
+        self._check(q, k, v, causal, key_padding_mask)
+        batch, q_heads, n, dim = q.shape
+        kv_heads = k.shape[1]
+        work = torch.float32 if q.dtype in (torch.bfloat16, torch.float16) else q.dtype
+        grouped = q.to(work).reshape(batch, kv_heads, q_heads // kv_heads, n, dim)
+        scale = self.params.scale if self.params.scale is not None else dim**-0.5
+        run = getattr(self, f"_forward_{self.resolve_backend(q.device)}")
+        out = run(grouped, k.to(work), v.to(work), causal, key_padding_mask, scale)
+        return out.reshape(batch, q_heads, n, dim).to(q.dtype)
+
+    def resolve_backend(self, device: torch.device) -> str:
+        """The backend a call on `device` runs: the configured one, or the best for "auto"."""
+        if self.params.backend != "auto":
+            return self.params.backend
+        if device.type == "cuda" and "triton" in self.backends:
+            return "triton"
+        return "torch"
+
+    # -- what a variant provides ----------------------------------------------------------
+
+    # A variant defines `scored_pairs(n, causal) -> int`: the (query, key) pairs one
+    # (batch, head) forward scores, a pooled key counting as one; `register` checks it.
+
+    def flops(self, n: int, head_dim: int, causal: bool) -> int:
+        """Useful FLOPs of one (batch, head) forward: 4 * head_dim * scored pairs."""
+        return 4 * head_dim * self.scored_pairs(n, causal)
+
+    # -- validation -----------------------------------------------------------------------
+
+    def _check(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, key_padding_mask) -> None:
+        for label, x in (("q", q), ("k", k), ("v", v)):
+            if not isinstance(x, Tensor):
+                raise TypeError(f"{label} must be a torch.Tensor, got {type(x).__name__}")
+            if x.dim() != 4:
+                raise ValueError(f"{label} must have shape (B, H, N, D), got {tuple(x.shape)}")
+            if x.dtype not in _FLOATS:
+                raise TypeError(f"{label} must be float32, bfloat16, float16 or float64, "
+                                f"got {x.dtype}")
+            if x.dtype != q.dtype or x.device != q.device:
+                raise ValueError(f"{label} must match q's dtype and device ({q.dtype}, "
+                                 f"{q.device}), got ({x.dtype}, {x.device})")
+        if k.shape != v.shape:
+            raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and "
+                             f"v {tuple(v.shape)}")
+        (batch, q_heads, n, dim), (k_batch, kv_heads, m, k_dim) = q.shape, k.shape
+        if k_batch != batch:
+            raise ValueError(f"k batch size must equal q's ({batch}), got {k_batch}")
+        if k_dim != dim:
+            raise ValueError(f"k head_dim must equal q's ({dim}), got {k_dim}")
+        if n < 1 or m < 1 or dim < 1:
+            raise ValueError(f"sequence lengths and head_dim must be >= 1, got q {tuple(q.shape)}"
+                             f" and k {tuple(k.shape)}")
+        if kv_heads < 1 or q_heads % kv_heads:
+            raise ValueError(f"q heads ({q_heads}) must be a multiple of k heads, got {kv_heads}")
+        if m != n and not self.supports_cross:
+            raise ValueError(f"attention {self.name!r} needs keys as long as queries "
+                             f"(N={n}), got key length {m}")
+        if not isinstance(causal, bool):
+            raise TypeError(f"causal must be a bool, got {causal!r}")
+        if self.causal_only and not causal:
+            raise ValueError(f"attention {self.name!r} is causal only, got causal=False")
+        if key_padding_mask is not None:
+            if not isinstance(key_padding_mask, Tensor) or key_padding_mask.dtype != torch.bool:
+                raise TypeError("key_padding_mask must be a bool tensor, got "
+                                f"{getattr(key_padding_mask, 'dtype', type(key_padding_mask))}")
+            if key_padding_mask.shape != (batch, m):
+                raise ValueError(f"key_padding_mask must have shape (B, M) = {(batch, m)}, got "
+                                 f"{tuple(key_padding_mask.shape)}")
+            if key_padding_mask.device != q.device:
+                raise ValueError(f"key_padding_mask must be on {q.device}, got "
+                                 f"{key_padding_mask.device}")

@@ -1,0 +1,214 @@
+"""Block-sparse attention in plain torch, the reference engine behind the static patterns.
+
+Queries are cut into blocks of `block` rows. Query block `I` visits the key blocks listed in
+`key_blocks[I]` (-1 = nothing), and inside those tiles the pattern `allowed(i, j)` decides
+exactly which (query, key) pairs count. Work runs over chunks of query blocks and the
+backward pass recomputes the scores from `(q, k, v, out, lse)`, so memory is O(N * D) plus one
+chunk of tiles: never N x N, never the whole (N x keys per query) score tensor.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+Pattern = Callable[[Tensor, Tensor], Tensor]
+"""`allowed(i, j) -> bool tensor` on broadcastable integer position tensors."""
+
+CHUNK_ELEMENTS = 1 << 21
+"""Score elements per chunk of query blocks: bounds the working memory of one step."""
+
+
+def block_sparse_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_blocks: Tensor,
+    allowed: Pattern,
+    *,
+    block: int,
+    scale: float,
+    key_padding_mask: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Exact attention over the pairs `allowed(i, j)` inside the listed key blocks.
+
+    q: (B, Hkv, G, N, D), G query heads per kv head; k, v: (B, Hkv, M, D).
+    key_blocks: (ceil(N / block), K) long, key block indices per query block, -1 padding.
+    key_padding_mask: (B, M) bool, True = a real key.
+    Returns out (B, Hkv, G, N, D) and lse (B, Hkv, G, N); a row with no allowed key has
+    out = 0 and lse = -inf, so partial attentions merge exactly by their log-sum-exps.
+    """
+    return _BlockSparse.apply(q, k, v, key_blocks, allowed, block, scale, key_padding_mask)
+
+
+def _pad_keys(x: Tensor, block: int) -> Tensor:
+    """(B, Hkv, M, D) -> (B, Hkv, ceil(M / block) * block, D), zero rows appended if needed."""
+    missing = -x.shape[2] % block
+    return torch.nn.functional.pad(x, (0, 0, 0, missing)) if missing else x
+
+
+class _Workspace:
+    """Buffers reused from chunk to chunk: a fresh large allocation page-faults every time."""
+
+    def __init__(self, like: Tensor) -> None:
+        self.like = like
+        self.buffers: dict[str, Tensor] = {}
+
+    def __call__(self, name: str, *shape: int) -> Tensor:
+        numel = math.prod(shape)
+        buffer = self.buffers.get(name)
+        if buffer is None or buffer.numel() < numel:
+            buffer = self.buffers[name] = self.like.new_empty(numel)
+        return buffer[:numel].view(shape)
+
+
+class _Chunk:
+    """Query blocks `[c0, c1)` as tiles: T = B * Hkv * nc tiles of G * block query rows
+    against the Kb = K * block keys of the blocks listed for them.
+
+    k and v arrive padded to a whole number of blocks; `m` is the true key length.
+    """
+
+    def __init__(self, work, q, k, v, m, key_blocks, allowed, block, key_padding_mask, c0, c1):
+        batch, hkv, groups, n, dim = q.shape
+        self.work = work
+        self.shape = (batch, hkv, c1 - c0, groups, block)
+        self.rows = slice(c0 * block, c1 * block)
+        self.blocks = key_blocks[c0:c1].clamp_min(0).flatten()
+        self.n_keys = key_blocks.shape[1] * block
+        keys = key_blocks[c0:c1, :, None] * block + torch.arange(block, device=q.device)
+        valid = ((key_blocks[c0:c1, :, None] >= 0) & (keys < m)).flatten(1)
+        keys = keys.flatten(1)  # (nc, Kb) absolute key positions
+        queries = torch.arange(c0 * block, c1 * block, device=q.device).view(-1, block, 1)
+        mask = (allowed(queries, keys[:, None, :]) & valid[:, None, :])[None]  # (1, nc, block, Kb)
+        if key_padding_mask is not None:
+            real = key_padding_mask.index_select(1, torch.where(valid, keys, 0).flatten())
+            mask = mask & real.view(batch, c1 - c0, 1, self.n_keys)
+        self.masked_out = ~mask[:, None, :, None]  # broadcasts over (B, Hkv, nc, G, block, Kb)
+        self.k = self.gather(k, "k")
+        self.v = self.gather(v, "v")
+
+    def gather(self, x: Tensor, name: str) -> Tensor:
+        """The listed key blocks of x (B, Hkv, M, D) -> (T, Kb, D)."""
+        batch, hkv, m, dim = x.shape
+        block = self.shape[4]
+        tiles = self.work(name, batch * hkv, self.blocks.numel(), block, dim)
+        # One dim-0 gather of whole blocks per (batch, head) beats one gather over dim 2.
+        for source, target in zip(x.view(batch * hkv, m // block, block, dim), tiles):
+            torch.index_select(source, 0, self.blocks, out=target)
+        return tiles.view(-1, self.n_keys, dim)
+
+    def scatter_add(self, target: Tensor, tiles: Tensor) -> None:
+        """Add per-tile key gradients (T, Kb, D) into `target` (B, Hkv, M, D)."""
+        batch, hkv, m, dim = target.shape
+        block = self.shape[4]
+        sources = tiles.view(batch * hkv, self.blocks.numel(), block, dim)
+        for row, source in zip(target.view(batch * hkv, m // block, block, dim), sources):
+            row.index_add_(0, self.blocks, source)
+
+    def arrange(self, x: Tensor, name: str) -> Tensor:
+        """This chunk's rows of x (B, Hkv, G, N, *E) -> (T, G * block, *E), zero-padded."""
+        batch, hkv, nc, groups, block = self.shape
+        x = x[:, :, :, self.rows]
+        missing = nc * block - x.shape[3]
+        if missing:
+            x = torch.cat([x, x.new_zeros(*x.shape[:3], missing, *x.shape[4:])], dim=3)
+        extra = x.shape[4:]
+        tiles = self.work(name, batch, hkv, nc, groups, block, *extra)
+        tiles.copy_(x.reshape(batch, hkv, groups, nc, block, *extra).transpose(2, 3))
+        return tiles.view(batch * hkv * nc, groups * block, *extra)
+
+    def restore(self, tiles: Tensor, target: Tensor) -> None:
+        """Write tiles (T, G * block, *E) into this chunk's rows of target (B, Hkv, G, Npad, *E)."""
+        batch, hkv, nc, groups, block = self.shape
+        extra = tiles.shape[2:]
+        rows = target[:, :, :, self.rows].view(batch, hkv, groups, nc, block, *extra)
+        rows.copy_(tiles.view(batch, hkv, nc, groups, block, *extra).transpose(2, 3))
+
+    def scores(self, scaled_q: Tensor) -> Tensor:
+        """Masked scores (T, G * block, Kb) of the scaled query tiles; disallowed = -inf."""
+        scores = torch.bmm(scaled_q, self.k.transpose(1, 2),
+                           out=self.work("scores", *scaled_q.shape[:2], self.n_keys))
+        batch, hkv, nc, groups, block = self.shape
+        scores.view(batch, hkv, nc, groups, block, self.n_keys).masked_fill_(
+            self.masked_out, float("-inf")
+        )
+        return scores
+
+
+def _chunks(q: Tensor, key_blocks: Tensor, block: int):
+    batch, hkv, groups = q.shape[:3]
+    per_block = batch * hkv * groups * block * max(1, key_blocks.shape[1] * block)
+    step = max(1, CHUNK_ELEMENTS // per_block)
+    for c0 in range(0, key_blocks.shape[0], step):
+        yield c0, min(c0 + step, key_blocks.shape[0])
+
+
+class _BlockSparse(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, key_blocks, allowed, block, scale, key_padding_mask):
+        batch, hkv, groups, n, dim = q.shape
+        m = k.shape[2]
+        k, v = _pad_keys(k, block), _pad_keys(v, block)
+        padded_n = key_blocks.shape[0] * block
+        out = q.new_empty(batch, hkv, groups, padded_n, dim)
+        lse = q.new_empty(batch, hkv, groups, padded_n)
+        work = _Workspace(q)
+        for c0, c1 in _chunks(q, key_blocks, block):
+            chunk = _Chunk(work, q, k, v, m, key_blocks, allowed, block, key_padding_mask, c0, c1)
+            probs = chunk.scores(chunk.arrange(q, "q").mul_(scale))
+            row_max = probs.amax(-1, keepdim=True)
+            row_max = torch.where(row_max == float("-inf"), 0.0, row_max)
+            total = probs.sub_(row_max).exp_().sum(-1, keepdim=True)
+            tile_out = torch.bmm(probs, chunk.v, out=work("out", *probs.shape[:2], dim))
+            chunk.restore(tile_out.div_(total.clamp_min(torch.finfo(q.dtype).tiny)), out)
+            chunk.restore((row_max + total.log()).squeeze(-1), lse)
+        ctx.save_for_backward(q, k, v, key_blocks, key_padding_mask, out, lse)
+        ctx.m, ctx.allowed, ctx.block, ctx.scale = m, allowed, block, scale
+        return out[:, :, :, :n], lse[:, :, :, :n]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, key_blocks, key_padding_mask, out, lse = ctx.saved_tensors
+        n, dim, block, scale = q.shape[3], q.shape[4], ctx.block, ctx.scale
+        grad_q = torch.empty_like(out)
+        grad_k, grad_v = torch.zeros_like(k), torch.zeros_like(v)
+        # d lse_i / d s_ij = p_ij, so the lse gradient shifts the softmax-backward term delta.
+        delta = (grad_out * out[:, :, :, :n]).sum(-1) - grad_lse
+        safe_lse = torch.where(lse == float("-inf"), 0.0, lse)[:, :, :, :n]
+        work = _Workspace(q)
+        for c0, c1 in _chunks(q, key_blocks, block):
+            chunk = _Chunk(work, q, k, v, ctx.m, key_blocks, ctx.allowed, block,
+                           key_padding_mask, c0, c1)
+            scaled_q = chunk.arrange(q, "q").mul_(scale)
+            probs = chunk.scores(scaled_q).sub_(chunk.arrange(safe_lse, "lse")[..., None]).exp_()
+            tile_grad_out = chunk.arrange(grad_out, "grad_out")
+            key_tile = work("key_tile", probs.shape[0], chunk.n_keys, dim)
+            chunk.scatter_add(grad_v, torch.bmm(probs.transpose(1, 2), tile_grad_out, out=key_tile))
+            # grad_scores is d loss / d (scaled q . k): the scale goes onto the query side.
+            grad_scores = torch.bmm(tile_grad_out, chunk.v.transpose(1, 2),
+                                    out=work("grad_scores", *probs.shape))
+            grad_scores.sub_(chunk.arrange(delta, "delta")[..., None]).mul_(probs)
+            query_tile = work("query_tile", *scaled_q.shape)
+            chunk.restore(torch.bmm(grad_scores, chunk.k, out=query_tile).mul_(scale), grad_q)
+            chunk.scatter_add(grad_k, torch.bmm(grad_scores.transpose(1, 2), scaled_q,
+                                                out=key_tile))
+        m = ctx.m
+        return (grad_q[:, :, :, :n], grad_k[:, :, :m], grad_v[:, :, :m],
+                None, None, None, None, None)
+
+
+def band_key_blocks(n: int, block: int, before: int, after: int, device=None) -> Tensor:
+    """Key blocks `I - before ... I + after` of every query block `I` (-1 outside 0..nb-1).
+
+    Returns (ceil(n / block), before + after + 1) long.
+    """
+    n_blocks = -(-n // block)
+    rows = torch.arange(n_blocks, device=device)[:, None]
+    blocks = rows + torch.arange(-before, after + 1, device=device)
+    return torch.where((blocks >= 0) & (blocks < n_blocks), blocks, -1)

@@ -1,0 +1,60 @@
+"""`local`: sliding-window attention (causal: i - window <= j <= i; else |i - j| <= window)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from attn_zoo.attention import Attention
+from attn_zoo.blocksparse import Pattern, band_key_blocks, block_sparse_attention
+from attn_zoo.params import Params, require
+from attn_zoo.registry import register
+
+
+@dataclass
+class LocalParams(Params):
+    window: int = 256
+
+    def validate(self) -> None:
+        require(self.window >= 0, "window", self.window, ">= 0")
+
+
+def local_pattern(window: int, causal: bool) -> Pattern:
+    def allowed(i: Tensor, j: Tensor) -> Tensor:
+        offset = i - j
+        return (offset >= 0) & (offset <= window) if causal else offset.abs() <= window
+
+    return allowed
+
+
+def band_pairs(n: int, reach: int, causal: bool) -> int:
+    """Pairs with 0 <= i - j <= reach (causal) or |i - j| <= reach among n positions."""
+    head = min(n, reach + 1)
+    one_sided = head * (head + 1) // 2 + (n - head) * (reach + 1)
+    return one_sided if causal else 2 * one_sided - n
+
+
+@register("local")
+class LocalAttention(Attention):
+    """Sliding window: memory O(N * window) through key blocks of the band only."""
+
+    Params = LocalParams
+
+    def pattern(self, n: int, causal: bool) -> Pattern:
+        return local_pattern(self.params.window, causal)
+
+    def _forward_torch(self, q, k, v, causal, key_padding_mask, scale):
+        n, window = q.shape[3], self.params.window
+        # Blocks near the window size keep the wasted (masked) share of each tile small.
+        block = min(64, max(16, 1 << (window - 1).bit_length()))
+        reach = min(-(-window // block), -(-n // block) - 1)
+        key_blocks = band_key_blocks(n, block, reach, 0 if causal else reach, q.device)
+        out, _ = block_sparse_attention(
+            q, k, v, key_blocks, self.pattern(n, causal),
+            block=block, scale=scale, key_padding_mask=key_padding_mask,
+        )
+        return out
+
+    def scored_pairs(self, n: int, causal: bool) -> int:
+        return band_pairs(n, self.params.window, causal)
