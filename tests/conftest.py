@@ -1,0 +1,42 @@
+"""Shared helpers: registry-wide cases and random inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attn_zoo
+from attn_zoo.registry import get
+
+
+def causal_modes(name: str) -> list[bool]:
+    return [True] if get(name).causal_only else [False, True]
+
+
+VARIANT_MODES = [(name, causal) for name in attn_zoo.available() for causal in causal_modes(name)]
+STATIC_VARIANTS = [name for name in attn_zoo.available() if hasattr(get(name), "pattern")]
+
+
+def variant_id(case: tuple[str, bool]) -> str:
+    return f"{case[0]}-{'causal' if case[1] else 'bidir'}"
+
+
+@pytest.fixture(params=VARIANT_MODES, ids=[variant_id(c) for c in VARIANT_MODES])
+def variant(request) -> tuple[str, bool]:
+    """(name, causal) for every registered variant and every mode it supports."""
+    return request.param
+
+
+def qkv(batch=2, q_heads=4, kv_heads=2, n=33, dim=24, dtype=torch.float32, seed=0,
+        requires_grad=False):
+    """Random q (B, Hq, N, D), k and v (B, Hkv, N, D)."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(batch, q_heads, n, dim), (batch, kv_heads, n, dim), (batch, kv_heads, n, dim)]
+    return [torch.randn(s, generator=gen, dtype=dtype).requires_grad_(requires_grad)
+            for s in shapes]
+
+
+def call(attn, q, k, v, **kwargs):
+    """Call with a fixed torch seed, so variants that draw randomness repeat themselves."""
+    torch.manual_seed(1234)
+    return attn(q, k, v, **kwargs)
