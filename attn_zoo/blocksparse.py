@@ -88,7 +88,13 @@ class _Chunk:
         if key_padding_mask is not None:
             real = key_padding_mask.index_select(1, torch.where(valid, keys, 0).flatten())
             mask = mask & real.view(batch, c1 - c0, 1, self.n_keys)
-        self.masked_out = ~mask[:, None, :, None]  # broadcasts over (B, Hkv, nc, G, block, Kb)
+        # Only key-block slots where some tile is partly masked need masking at all.
+        n_slots = key_blocks.shape[1]
+        slot_masks = ~mask[:, None, :, None].unflatten(-1, (n_slots, block))
+        partial = slot_masks.flatten(0, -3).any(dim=(0, 2)).tolist()
+        # Each entry: (slot, mask) broadcasting over (B, Hkv, nc, G, block, block).
+        self.masked_out = [(slot, slot_masks[..., slot, :]) for slot in range(n_slots)
+                           if partial[slot]]
         self.k = self.gather(k, "k")
         self.v = self.gather(v, "v")
 
@@ -133,10 +139,9 @@ class _Chunk:
         """Masked scores (T, G * block, Kb) of the scaled query tiles; disallowed = -inf."""
         scores = torch.bmm(scaled_q, self.k.transpose(1, 2),
                            out=self.work("scores", *scaled_q.shape[:2], self.n_keys))
-        batch, hkv, nc, groups, block = self.shape
-        scores.view(batch, hkv, nc, groups, block, self.n_keys).masked_fill_(
-            self.masked_out, float("-inf")
-        )
+        tiles = scores.view(*self.shape, -1, self.shape[4])
+        for slot, masked_out in self.masked_out:
+            tiles[..., slot, :].masked_fill_(masked_out, float("-inf"))
         return scores
 
 

@@ -1,0 +1,24 @@
+"""The wheel installs `attn_zoo` alone: no top-level `experiments` or `kernels` package."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_wheel_holds_only_the_attn_zoo_package(tmp_path):
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(ROOT)],
+        check=True,
+    )
+    (wheel,) = tmp_path.glob("attn_zoo-*.whl")
+    top_level = {
+        name.split("/")[0] for name in zipfile.ZipFile(wheel).namelist()
+        if not name.split("/")[0].endswith(".dist-info")
+    }
+    assert top_level == {"attn_zoo"}
+    assert "attn_zoo/variants/local.py" in zipfile.ZipFile(wheel).namelist()
