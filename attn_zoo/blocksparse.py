@@ -217,3 +217,15 @@ def band_key_blocks(n: int, block: int, before: int, after: int, device=None) ->
     rows = torch.arange(n_blocks, device=device)[:, None]
     blocks = rows + torch.arange(-before, after + 1, device=device)
     return torch.where((blocks >= 0) & (blocks < n_blocks), blocks, -1)
+
+
+def merge_partial_attentions(parts: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """Exact softmax attention over the union of disjoint key sets, from per-set results.
+
+    parts: [(out (..., N, D), lse (..., N))], each an attention over its own keys. Returns the
+    merged (out, lse); rows that no part reaches stay out = 0, lse = -inf.
+    """
+    lse = torch.logsumexp(torch.stack([part_lse for _, part_lse in parts]), dim=0)
+    safe_lse = torch.where(lse == float("-inf"), 0.0, lse)
+    out = sum(part_out * (part_lse - safe_lse).exp()[..., None] for part_out, part_lse in parts)
+    return out, lse

@@ -7,7 +7,11 @@ import torch
 from conftest import qkv
 
 import attn_zoo
-from attn_zoo.blocksparse import band_key_blocks, block_sparse_attention
+from attn_zoo.blocksparse import (
+    band_key_blocks,
+    block_sparse_attention,
+    merge_partial_attentions,
+)
 from attn_zoo.reference import dense_mask, reference_attention
 from attn_zoo.variants.full import full_pattern
 from attn_zoo.variants.local import local_pattern
@@ -101,3 +105,20 @@ def test_flops_closed_form():
     assert attn_zoo.build("full").flops(1000, 64, causal=True) == 4 * 64 * 1000 * 1001 // 2
     local = attn_zoo.build("local", window=256)
     assert local.flops(16384, 64, causal=True) == 4 * 64 * (257 * 258 // 2 + (16384 - 257) * 257)
+
+
+def test_partial_attentions_merge_exactly():
+    q, k, v = qkv(batch=1, q_heads=1, kv_heads=1, n=40, dim=8, dtype=torch.float64,
+                  requires_grad=True)
+    grouped = q[:, :, None]
+    blocks = band_key_blocks(40, 16, 2, 2)
+    near, far = (lambda i, j: (i - j).abs() <= 6), (lambda i, j: ((i - j).abs() > 6) & (j < 5))
+    parts = [block_sparse_attention(grouped, k, v, blocks, p, block=16, scale=0.3)
+             for p in (near, far)]
+    out, _ = merge_partial_attentions(parts)
+    allowed = dense_mask(lambda i, j: near(i, j) | far(i, j), 40)
+    expected = reference_attention(q, k, v, allowed, scale=0.3)
+    torch.testing.assert_close(out[:, :, 0], expected)
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    for got, want in zip(grads, torch.autograd.grad(expected.sum(), (q, k, v))):
+        torch.testing.assert_close(got, want)
