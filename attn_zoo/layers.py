@@ -1,0 +1,139 @@
+"""Building blocks of the backbone: norms, MLPs and positional encodings (incl. RoPE)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from attn_zoo.params import require
+
+NORMS = ("rms", "layer")
+MLPS = ("gelu", "swiglu")
+POSITIONS = ("rope", "sinusoidal", "learned", "none")
+
+
+def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    """`ValueError` naming the argument unless `value` is one of `choices`."""
+    require(value in choices, name, value, "one of " + ", ".join(map(repr, choices)))
+
+
+def make_norm(kind: str, dim: int) -> nn.Module:
+    """"rms" (RMSNorm) or "layer" (LayerNorm) over the last axis of size `dim`."""
+    check_choice("norm", kind, NORMS)
+    return nn.RMSNorm(dim) if kind == "rms" else nn.LayerNorm(dim)
+
+
+class GeluMLP(nn.Module):
+    """dim -> 4 dim -> GELU -> dim. x: (..., dim) -> (..., dim)."""
+
+    def __init__(self, dim: int, bias: bool = False) -> None:
+        super().__init__()
+        self.up = nn.Linear(dim, 4 * dim, bias=bias)
+        self.down = nn.Linear(4 * dim, dim, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down(F.gelu(self.up(x)))
+
+
+class SwiGLU(nn.Module):
+    """SiLU-gated MLP. x: (..., dim) -> (..., dim).
+
+    The hidden size is 2/3 of 4 dim (rounded up to a multiple of 8) so that the three
+    matrices hold as many parameters as the two of `GeluMLP`.
+    """
+
+    def __init__(self, dim: int, bias: bool = False) -> None:
+        super().__init__()
+        hidden = 8 * math.ceil(8 * dim / 3 / 8)
+        self.gate = nn.Linear(dim, hidden, bias=bias)
+        self.up = nn.Linear(dim, hidden, bias=bias)
+        self.down = nn.Linear(hidden, dim, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+def make_mlp(kind: str, dim: int, bias: bool = False) -> nn.Module:
+    """"gelu" (`GeluMLP`) or "swiglu" (`SwiGLU`)."""
+    check_choice("mlp", kind, MLPS)
+    return GeluMLP(dim, bias) if kind == "gelu" else SwiGLU(dim, bias)
+
+
+def sinusoidal(positions: Tensor, dim: int) -> Tensor:
+    """Fixed sin/cos encodings (Vaswani et al.): positions (N,) long -> (N, dim) float32.
+
+    Frequencies `10000 ** (-2 f / dim)`; the first half of the features are sines, the
+    second half cosines (an odd `dim` drops the last cosine).
+    """
+    half = (dim + 1) // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=positions.device) * 2 / dim)
+    angles = positions.float()[:, None] * freqs
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)[:, :dim]
+
+
+class SinusoidalPositions(nn.Module):
+    """Adds `sinusoidal` encodings. forward(x (B, N, dim), start) -> (B, N, dim)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, x: Tensor, start: int = 0) -> Tensor:
+        positions = torch.arange(start, start + x.shape[1], device=x.device)
+        return x + sinusoidal(positions, self.dim).to(x.dtype)
+
+
+class LearnedPositions(nn.Module):
+    """Adds a learned embedding per position < `max_seq_len`.
+
+    forward(x (B, N, dim), start) -> (B, N, dim); positions start .. start + N - 1.
+    """
+
+    def __init__(self, max_seq_len: int, dim: int) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(max_seq_len, dim)
+
+    def forward(self, x: Tensor, start: int = 0) -> Tensor:
+        end, limit = start + x.shape[1], self.embedding.num_embeddings
+        if end > limit:
+            raise ValueError(f"sequence length must be <= max_seq_len ({limit}) with learned "
+                             f"positions, got {end}")
+        return x + self.embedding(torch.arange(start, end, device=x.device))
+
+
+def make_positions(kind: str, dim: int, max_seq_len: int) -> nn.Module | None:
+    """The additive encoding of `kind`, or None for "rope" (applied in attention) and "none"."""
+    check_choice("pos", kind, POSITIONS)
+    if kind == "sinusoidal":
+        return SinusoidalPositions(dim)
+    if kind == "learned":
+        return LearnedPositions(max_seq_len, dim)
+    return None
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (RoFormer), "rotate half" layout as in GPT-NeoX / LLaMA.
+
+    Feature pairs `(f, f + D/2)` of a head are rotated by `position * base ** (-2 f / D)`, so
+    the score of a rotated query and key depends only on their relative position.
+    forward(x (B, H, N, D), start) -> (B, H, N, D), positions start .. start + N - 1.
+    """
+
+    def __init__(self, head_dim: int, base: float = 10000.0) -> None:
+        super().__init__()
+        require(head_dim % 2 == 0, "head_dim", head_dim, "even for rotary embeddings")
+        inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, x: Tensor, start: int = 0) -> Tensor:
+        positions = torch.arange(start, start + x.shape[2], device=x.device, dtype=torch.float32)
+        angles = positions[:, None] * self.inv_freq  # (N, D / 2)
+        cos, sin = angles.cos(), angles.sin()
+        # Rotate in float32 at least: low-precision angles lose the position at long range.
+        work = torch.promote_types(x.dtype, torch.float32)
+        first, second = x.to(work).chunk(2, dim=-1)
+        rotated = torch.cat([first * cos - second * sin, second * cos + first * sin], dim=-1)
+        return rotated.to(x.dtype)
