@@ -1,0 +1,169 @@
+"""Autoregressive generation: greedy, sampling (temperature, top-k, top-p) and beam search.
+
+Models call `generate` from their own `generate` method with their forward function:
+
+    forward(tokens (B, n), cache=cache, **context) -> logits (B, n, vocab)
+
+With a `DecodeCache`, the prompt is one prefill call and every later call feeds one new token.
+With `cache=None` (asked for, or some layer's variant has no cache yet), every step re-runs
+the whole prefix: slower, same result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from attn_zoo.cache import DecodeCache
+from attn_zoo.layers import check_choice
+from attn_zoo.params import require
+
+STRATEGIES = ("greedy", "sample", "beam")
+
+Forward = Callable[..., Tensor]
+
+
+class _Sequences:
+    """The rows being generated and what the model needs to extend them.
+
+    tokens (R, L); context: per-row tensors (R, ...) for `forward` (e.g. encoder memory),
+    kept in step with the rows when beam search reorders them.
+    """
+
+    def __init__(self, forward: Forward, prompt: Tensor, cache: DecodeCache | None,
+                 context: dict[str, Tensor | None]) -> None:
+        self.forward, self.tokens, self.cache, self.context = forward, prompt, cache, context
+
+    def next_logits(self) -> Tensor:
+        """float32 logits (R, vocab) of the token after each row."""
+        if self.cache is None:
+            logits = self.forward(self.tokens, cache=None, **self.context)
+        else:
+            # The cache has consumed `seen` tokens: the first call is the prompt, then one each.
+            new = self.tokens[:, self.cache.seen:]
+            logits = self.forward(new, cache=self.cache, **self.context)
+        return logits[:, -1].float()
+
+    def append(self, token: Tensor) -> None:
+        self.tokens = torch.cat([self.tokens, token[:, None]], dim=1)
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep rows `index` (R',) long, in that order (rows may repeat)."""
+        self.tokens = self.tokens.index_select(0, index)
+        self.context = {key: None if value is None else value.index_select(0, index)
+                        for key, value in self.context.items()}
+        if self.cache is not None:
+            self.cache.reorder(index)
+
+
+def generate(
+    forward: Forward,
+    prompt: Tensor,
+    max_new_tokens: int,
+    *,
+    cache: DecodeCache | None = None,
+    context: dict[str, Tensor | None] | None = None,
+    strategy: str = "greedy",
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    num_beams: int = 4,
+    generator: torch.Generator | None = None,
+    eos_token_id: int | None = None,
+) -> Tensor:
+    """The prompt (B, P) long followed by up to `max_new_tokens` new tokens: (B, P + new).
+
+    strategy: "greedy" (argmax), "sample" (from softmax(logits / temperature), restricted to
+    the `top_k` most likely tokens and/or the smallest set holding probability `top_p`, drawn
+    with `generator`), or "beam" (`num_beams` beams per row, ranked by their plain summed
+    log-probability, no length normalisation; the best beam of each row is returned).
+    With `eos_token_id`, a row that produced it is padded with it, and generation stops early
+    once every row (every beam) has finished. `context`: extra per-row keyword arguments of
+    `forward` (None values pass through). `cache`: an empty `DecodeCache`, or None to re-run
+    the prefix every step.
+    """
+    require(isinstance(prompt, Tensor) and prompt.dim() == 2 and prompt.shape[1] >= 1
+            and not prompt.is_floating_point(), "prompt", getattr(prompt, "shape", prompt),
+            "a (B, P) integer tensor with P >= 1")
+    require(isinstance(max_new_tokens, int) and max_new_tokens >= 0, "max_new_tokens",
+            max_new_tokens, "an int >= 0")
+    check_choice("strategy", strategy, STRATEGIES)
+    require(temperature > 0, "temperature", temperature, "> 0 (use strategy='greedy')")
+    require(top_k is None or (isinstance(top_k, int) and top_k >= 1), "top_k", top_k,
+            "an int >= 1 or None")
+    require(top_p is None or 0 < top_p <= 1, "top_p", top_p, "in (0, 1] or None")
+    require(isinstance(num_beams, int) and num_beams >= 1, "num_beams", num_beams, "an int >= 1")
+    if cache is not None and cache.seen:
+        raise ValueError(f"cache must be empty, got one at position {cache.seen}")
+    sequences = _Sequences(forward, prompt, cache, dict(context or {}))
+    if strategy == "beam":
+        return _beam_search(sequences, max_new_tokens, num_beams, eos_token_id)
+    done = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
+    for _ in range(max_new_tokens):
+        logits = sequences.next_logits()
+        if strategy == "greedy":
+            token = logits.argmax(-1)
+        else:
+            token = _sample(logits, temperature, top_k, top_p, generator)
+        if eos_token_id is not None:
+            token = token.masked_fill(done, eos_token_id)
+            done = done | (token == eos_token_id)
+        sequences.append(token)
+        if done.all():
+            break
+    return sequences.tokens
+
+
+def _sample(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None,
+            generator: torch.Generator | None) -> Tensor:
+    """One token per row of logits (R, vocab)."""
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # Drop a token when the more likely ones already hold top_p: the top token always stays.
+        drop = probs.cumsum(-1) - probs >= top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+
+def _beam_search(sequences: _Sequences, max_new_tokens: int, num_beams: int,
+                 eos_token_id: int | None) -> Tensor:
+    """Beam search over rows b * num_beams + k (beam k of batch row b); see `generate`."""
+    batch = sequences.tokens.shape[0]
+    if max_new_tokens == 0:
+        return sequences.tokens
+    # One prefill per batch row, then every row splits into its beams.
+    log_probs = sequences.next_logits().log_softmax(-1)
+    device = log_probs.device
+    expand = torch.arange(batch, device=device).repeat_interleave(num_beams)
+    sequences.reorder(expand)
+    log_probs = log_probs.index_select(0, expand)
+    vocab = log_probs.shape[-1]
+    # Only beam 0 is live at first, so the first step does not pick one token num_beams times.
+    scores = torch.full((batch, num_beams), float("-inf"), device=device)
+    scores[:, 0] = 0.0
+    finished = torch.zeros(batch * num_beams, dtype=torch.bool, device=device)
+    for step in range(max_new_tokens):
+        if step:
+            log_probs = sequences.next_logits().log_softmax(-1)
+        if eos_token_id is not None:
+            # A finished beam can only be extended by eos, at no cost: its score is final.
+            log_probs[finished] = float("-inf")
+            log_probs[finished, eos_token_id] = 0.0
+        candidates = (scores.reshape(-1, 1) + log_probs).reshape(batch, num_beams * vocab)
+        scores, best = candidates.topk(num_beams, dim=-1)  # sorted: beam 0 is the best
+        parent = torch.arange(batch, device=device)[:, None] * num_beams + best // vocab
+        token = (best % vocab).reshape(-1)
+        sequences.reorder(parent.reshape(-1))
+        sequences.append(token)
+        if eos_token_id is not None:
+            finished = token == eos_token_id
+            if finished.all():
+                break
+    return sequences.tokens.reshape(batch, num_beams, -1)[:, 0]
