@@ -1,0 +1,394 @@
+"""The Transformer backbone: any registered attention variant behind one pre-norm block.
+
+    lm = TransformerLM(vocab_size=256, dim=128, depth=4, heads=4, attention="local",
+                       attention_params={"window": 64})
+    logits = lm(tokens)                       # (B, N) -> (B, N, vocab_size)
+    tokens = lm.generate(prompt, 32)          # (B, P) -> (B, P + 32), KV-cached when possible
+
+`TransformerEncoder` (bidirectional), `TransformerLM` (decoder-only) and `Seq2SeqTransformer`
+(encoder-decoder) share `Block`. Positions: "rope" rotates q and k inside every self-attention;
+"sinusoidal" and "learned" are added to the embeddings; "none" uses no positions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from attn_zoo import generation
+from attn_zoo.cache import CrossKV, DecodeCache, KVCache
+from attn_zoo.layers import RotaryEmbedding, make_mlp, make_norm, make_positions
+from attn_zoo.params import require
+from attn_zoo.registry import build, get
+
+
+def _check_sizes(dim: int, heads: int, kv_heads: int | None, dropout: float) -> int:
+    """Validate the attention sizes; returns kv_heads (None means heads)."""
+    for name, value in (("dim", dim), ("heads", heads)):
+        require(isinstance(value, int) and value >= 1, name, value, "a positive int")
+    kv_heads = heads if kv_heads is None else kv_heads
+    require(isinstance(kv_heads, int) and kv_heads >= 1 and heads % kv_heads == 0, "kv_heads",
+            kv_heads, f"a positive divisor of heads ({heads})")
+    require(dim % heads == 0, "dim", dim, f"a multiple of heads ({heads})")
+    require(0.0 <= dropout < 1.0, "dropout", dropout, "in [0, 1)")
+    return kv_heads
+
+
+class MultiheadAttention(nn.Module):
+    """Projections around a registered attention variant, with GQA and optional RoPE.
+
+    forward(x (B, N, dim), context=None (B, M, dim)) -> (B, N, dim). Without `context` it is
+    self-attention through the variant `attention`; with it, cross-attention (keys from
+    `context`), which needs a variant that `supports_cross`. `dropout` drops the output (the
+    residual branch): the variants' contract does not expose attention probabilities.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        kv_heads: int | None = None,
+        attention: str = "full",
+        attention_params: dict[str, Any] | None = None,
+        dropout: float = 0.0,
+        bias: bool = False,
+        rope: bool = False,
+    ) -> None:
+        super().__init__()
+        self.kv_heads = _check_sizes(dim, heads, kv_heads, dropout)
+        self.heads, self.head_dim = heads, dim // heads
+        self.attention = build(attention, **(attention_params or {}))
+        self.q_proj = nn.Linear(dim, dim, bias=bias)
+        self.k_proj = nn.Linear(dim, self.kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(dim, self.kv_heads * self.head_dim, bias=bias)
+        self.out_proj = nn.Linear(dim, dim, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+        self.rope = RotaryEmbedding(self.head_dim) if rope else None
+
+    def forward(
+        self,
+        x: Tensor,
+        context: Tensor | None = None,
+        *,
+        causal: bool = False,
+        key_padding_mask: Tensor | None = None,
+        cache: KVCache | CrossKV | None = None,
+    ) -> Tensor:
+        """key_padding_mask: (B, M) bool, True = real key (M = N without context).
+
+        cache: for self-attention a `KVCache` (causal only, no padding mask): the first call
+        prefills it with x as positions 0 .. N - 1, every later call takes one new position;
+        for cross-attention a `CrossKV` that keeps the context's keys/values after one call.
+        """
+        q = self._heads(self.q_proj(x), self.heads)
+        if context is None:
+            out = self._self_attention(q, x, causal, key_padding_mask, cache)
+        else:
+            if cache is not None and cache.k is not None:
+                k, v = cache.k, cache.v
+            else:
+                k, v = self._heads(self.k_proj(context)), self._heads(self.v_proj(context))
+                if cache is not None:
+                    cache.k, cache.v = k, v
+            out = self.attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask)
+        return self.dropout(self.out_proj(rearrange(out, "b h n d -> b n (h d)")))
+
+    def _heads(self, x: Tensor, heads: int | None = None) -> Tensor:
+        """(B, N, heads * D) -> (B, heads, N, D); heads defaults to kv_heads."""
+        return rearrange(x, "b n (h d) -> b h n d", h=heads or self.kv_heads)
+
+    def _self_attention(self, q: Tensor, x: Tensor, causal: bool,
+                        key_padding_mask: Tensor | None, cache: KVCache | None) -> Tensor:
+        """q (B, Hq, N, D), x (B, N, dim) -> (B, Hq, N, D)."""
+        k, v = self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
+        start = 0 if cache is None else cache.seen
+        if self.rope is not None:
+            q, k = self.rope(q, start), self.rope(k, start)
+        if cache is None:
+            return self.attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask)
+        require(causal, "causal", causal, "True with a KV cache")
+        if key_padding_mask is not None:
+            raise ValueError("key_padding_mask must be None with a KV cache, got one of shape "
+                             f"{tuple(key_padding_mask.shape)}")
+        if start:
+            return cache.step(q, k, v)
+        # Prefill through the variant itself, so the prompt sees exactly its pattern.
+        out = self.attention(q, k, v, causal=True)
+        cache.prefill(k, v)
+        return out
+
+
+class Block(nn.Module):
+    """Pre-norm block: x + attn(norm(x)) [+ cross_attn(norm(x), context)] + mlp(norm(x)).
+
+    forward(x (B, N, dim), ...) -> (B, N, dim). Cross-attention (`cross=True`, encoder-decoder)
+    always uses `full`. `dropout` drops each residual branch.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        kv_heads: int | None = None,
+        attention: str = "full",
+        attention_params: dict[str, Any] | None = None,
+        *,
+        norm: str = "rms",
+        mlp: str = "swiglu",
+        dropout: float = 0.0,
+        rope: bool = False,
+        cross: bool = False,
+        bias: bool = False,
+    ) -> None:
+        super().__init__()
+        self.attn_norm = make_norm(norm, dim)
+        self.attn = MultiheadAttention(dim, heads, kv_heads, attention, attention_params,
+                                       dropout, bias, rope)
+        self.cross_norm = make_norm(norm, dim) if cross else None
+        self.cross_attn = (MultiheadAttention(dim, heads, kv_heads, "full", None, dropout, bias)
+                           if cross else None)
+        self.mlp_norm = make_norm(norm, dim)
+        self.mlp = make_mlp(mlp, dim, bias)
+        self.mlp_dropout = nn.Dropout(dropout)
+
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        causal: bool = False,
+        key_padding_mask: Tensor | None = None,
+        context: Tensor | None = None,
+        context_mask: Tensor | None = None,
+        cache: KVCache | None = None,
+        cross_cache: CrossKV | None = None,
+    ) -> Tensor:
+        """key_padding_mask: (B, N) for self-attention; context (B, M, dim) and context_mask
+        (B, M) for cross-attention; True = real token."""
+        x = x + self.attn(self.attn_norm(x), causal=causal, key_padding_mask=key_padding_mask,
+                          cache=cache)
+        if self.cross_attn is not None:
+            x = x + self.cross_attn(self.cross_norm(x), context, key_padding_mask=context_mask,
+                                    cache=cross_cache)
+        return x + self.mlp_dropout(self.mlp(self.mlp_norm(x)))
+
+
+class _Stack(nn.Module):
+    """Positions (added to the input), `depth` blocks, final norm: (B, N, dim) -> (B, N, dim)."""
+
+    def __init__(self, dim: int, depth: int, heads: int, kv_heads: int | None, attention: str,
+                 attention_params: dict[str, Any] | None, max_seq_len: int, pos: str, norm: str,
+                 mlp: str, dropout: float, cross: bool = False) -> None:
+        super().__init__()
+        require(isinstance(depth, int) and depth >= 1, "depth", depth, "a positive int")
+        require(isinstance(max_seq_len, int) and max_seq_len >= 1, "max_seq_len", max_seq_len,
+                "a positive int")
+        self.positions = make_positions(pos, dim, max_seq_len)
+        self.dropout = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(
+            Block(dim, heads, kv_heads, attention, attention_params, norm=norm, mlp=mlp,
+                  dropout=dropout, rope=pos == "rope", cross=cross)
+            for _ in range(depth)
+        )
+        self.norm = make_norm(norm, dim)
+
+    def forward(self, x: Tensor, *, causal: bool, key_padding_mask: Tensor | None = None,
+                context: Tensor | None = None, context_mask: Tensor | None = None,
+                cache: DecodeCache | None = None) -> Tensor:
+        if self.positions is not None:
+            x = self.positions(x, 0 if cache is None else cache.seen)
+        x = self.dropout(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, causal=causal, key_padding_mask=key_padding_mask, context=context,
+                      context_mask=context_mask,
+                      cache=None if cache is None else cache.layers[i],
+                      cross_cache=None if cache is None or cache.cross is None else cache.cross[i])
+        return self.norm(x)
+
+    def init_cache(self) -> DecodeCache | None:
+        return DecodeCache.for_attentions([block.attn.attention for block in self.blocks],
+                                          cross=self.blocks[0].cross_attn is not None)
+
+
+@contextmanager
+def _generating(model: nn.Module) -> Iterator[None]:
+    """Eval mode (no dropout) and no autograd while generating; the previous mode comes back."""
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(training)
+
+
+def _init_weights(module: nn.Module) -> None:
+    # GPT-2 initialisation: small weights keep the tied output logits near uniform at start.
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=0.02)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
+
+
+def _check_bidirectional(attention: str) -> None:
+    if get(attention).causal_only:
+        raise ValueError(f"attention {attention!r} is causal only; the encoder is bidirectional")
+
+
+class TransformerEncoder(nn.Module):
+    """Bidirectional encoder: (B, N, dim) features -> (B, N, dim), with a key padding mask."""
+
+    def __init__(
+        self,
+        dim: int,
+        depth: int,
+        heads: int,
+        kv_heads: int | None = None,
+        attention: str = "full",
+        attention_params: dict[str, Any] | None = None,
+        max_seq_len: int = 2048,
+        pos: str = "rope",
+        norm: str = "rms",
+        mlp: str = "swiglu",
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        _check_bidirectional(attention)
+        self.stack = _Stack(dim, depth, heads, kv_heads, attention, attention_params,
+                            max_seq_len, pos, norm, mlp, dropout)
+        self.apply(_init_weights)
+
+    def forward(self, x: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
+        """x: (B, N, dim); key_padding_mask: (B, N) bool, True = real token. -> (B, N, dim)."""
+        return self.stack(x, causal=False, key_padding_mask=key_padding_mask)
+
+
+def _check_vocab(vocab_size: int) -> None:
+    require(isinstance(vocab_size, int) and vocab_size >= 1, "vocab_size", vocab_size,
+            "a positive int")
+
+
+class TransformerLM(nn.Module):
+    """Decoder-only causal LM with tied input/output embeddings: tokens (B, N) -> logits
+    (B, N, vocab_size)."""
+
+    def __init__(
+        self,
+        vocab_size: int,
+        dim: int,
+        depth: int,
+        heads: int,
+        kv_heads: int | None = None,
+        attention: str = "full",
+        attention_params: dict[str, Any] | None = None,
+        max_seq_len: int = 2048,
+        pos: str = "rope",
+        norm: str = "rms",
+        mlp: str = "swiglu",
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        _check_vocab(vocab_size)
+        self.embedding = nn.Embedding(vocab_size, dim)
+        self.stack = _Stack(dim, depth, heads, kv_heads, attention, attention_params,
+                            max_seq_len, pos, norm, mlp, dropout)
+        self.apply(_init_weights)
+
+    def forward(self, tokens: Tensor, cache: DecodeCache | None = None) -> Tensor:
+        """tokens: (B, N) long -> logits (B, N, vocab_size).
+
+        With `cache` (from `init_cache`), tokens are positions `cache.seen ..`: the first call
+        is the prompt, every later one a single new token.
+        """
+        x = self.stack(self.embedding(tokens), causal=True, cache=cache)
+        return x @ self.embedding.weight.T
+
+    def init_cache(self) -> DecodeCache | None:
+        """An empty KV cache for `forward`; None if a layer's variant has no cache."""
+        return self.stack.init_cache()
+
+    def generate(self, prompt: Tensor, max_new_tokens: int, *, use_cache: bool = True,
+                 **options: Any) -> Tensor:
+        """prompt (B, P) long -> (B, P + new) long, new <= max_new_tokens.
+
+        `use_cache=False` re-runs the whole prefix every step (also what happens when a
+        layer's variant has no cache). options: see `attn_zoo.generation.generate`.
+        """
+        with _generating(self):
+            cache = self.init_cache() if use_cache else None
+            return generation.generate(self, prompt, max_new_tokens, cache=cache, **options)
+
+
+class Seq2SeqTransformer(nn.Module):
+    """Encoder-decoder with one shared, tied token embedding.
+
+    forward(source (B, S), target (B, T), source_mask, target_mask) -> logits (B, T, vocab).
+    The encoder and the decoder's causal self-attention use `attention`; cross-attention uses
+    `full`. Masks are (B, S) / (B, T) bool, True = real token.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        dim: int,
+        depth: int,
+        heads: int,
+        kv_heads: int | None = None,
+        attention: str = "full",
+        attention_params: dict[str, Any] | None = None,
+        max_seq_len: int = 2048,
+        pos: str = "rope",
+        norm: str = "rms",
+        mlp: str = "swiglu",
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        _check_vocab(vocab_size)
+        _check_bidirectional(attention)
+        self.embedding = nn.Embedding(vocab_size, dim)
+        self.encoder = _Stack(dim, depth, heads, kv_heads, attention, attention_params,
+                              max_seq_len, pos, norm, mlp, dropout)
+        self.decoder = _Stack(dim, depth, heads, kv_heads, attention, attention_params,
+                              max_seq_len, pos, norm, mlp, dropout, cross=True)
+        self.apply(_init_weights)
+
+    def encode(self, source: Tensor, source_mask: Tensor | None = None) -> Tensor:
+        """source (B, S) long -> memory (B, S, dim)."""
+        return self.encoder(self.embedding(source), causal=False, key_padding_mask=source_mask)
+
+    def decode(self, target: Tensor, memory: Tensor, source_mask: Tensor | None = None,
+               target_mask: Tensor | None = None, cache: DecodeCache | None = None) -> Tensor:
+        """target (B, T) long, memory (B, S, dim) -> logits (B, T, vocab_size).
+
+        With `cache` (from `init_cache`, no target_mask): the first call is the prompt, every
+        later one a single new token.
+        """
+        x = self.decoder(self.embedding(target), causal=True, key_padding_mask=target_mask,
+                         context=memory, context_mask=source_mask, cache=cache)
+        return x @ self.embedding.weight.T
+
+    def forward(self, source: Tensor, target: Tensor, source_mask: Tensor | None = None,
+                target_mask: Tensor | None = None) -> Tensor:
+        return self.decode(target, self.encode(source, source_mask), source_mask, target_mask)
+
+    def init_cache(self) -> DecodeCache | None:
+        """An empty decoder cache for `decode`; None if a layer's variant has no cache."""
+        return self.decoder.init_cache()
+
+    def generate(self, source: Tensor, prompt: Tensor, max_new_tokens: int,
+                 source_mask: Tensor | None = None, *, use_cache: bool = True,
+                 **options: Any) -> Tensor:
+        """source (B, S), prompt (B, P) long (e.g. a start token) -> (B, P + new) long.
+
+        The source is encoded once; `use_cache` and options as in `TransformerLM.generate`.
+        """
+        with _generating(self):
+            memory = self.encode(source, source_mask)
+            context = {"memory": memory, "source_mask": source_mask}
+            cache = self.init_cache() if use_cache else None
+            return generation.generate(self.decode, prompt, max_new_tokens, cache=cache,
+                                       context=context, **options)
