@@ -1,0 +1,290 @@
+"""The backbone: learning, KV-cached generation, padding masks, every variant plugged in."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import attn_zoo
+from attn_zoo import cache as cache_module
+from attn_zoo.layers import RotaryEmbedding
+from attn_zoo.model import Seq2SeqTransformer, TransformerEncoder, TransformerLM
+from attn_zoo.registry import get
+
+VOCAB = 11
+ATTENTIONS = [("full", None), ("local", {"window": 3})]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # These models are tiny: on a busy machine, syncing two threads costs more than the work.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_lm(attention="full", attention_params=None, seed=0, **kwargs) -> TransformerLM:
+    torch.manual_seed(seed)
+    options = dict(dim=32, depth=2, heads=4, kv_heads=2, max_seq_len=64) | kwargs
+    model = TransformerLM(VOCAB, attention=attention, attention_params=attention_params,
+                          **options)
+    return varied(model).eval()
+
+
+def varied(model: torch.nn.Module) -> torch.nn.Module:
+    """Larger weights than the GPT-2 init: an untrained model then predicts varied tokens that
+    depend on the context (with the small init it mostly repeats its last input token)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            torch.nn.init.normal_(module.weight, std=0.3)
+    torch.nn.init.normal_(model.embedding.weight, std=0.5)
+    return model
+
+
+def tokens(shape, seed=1) -> torch.Tensor:
+    return torch.randint(0, VOCAB, shape, generator=torch.Generator().manual_seed(seed))
+
+
+# -- learning -------------------------------------------------------------------------------
+
+
+def test_local_attention_lm_learns_to_copy():
+    """Random tokens, a separator, the same tokens: the copy half becomes certain."""
+    length, symbols, batch = 6, VOCAB - 1, 32
+    torch.manual_seed(0)
+    # One layer suffices: with RoPE a head can attend exactly length + 1 back (window 8).
+    model = TransformerLM(VOCAB, dim=32, depth=1, heads=2, attention="local",
+                          attention_params={"window": 8})
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(120):
+        x = torch.randint(1, symbols + 1, (batch, length), generator=generator)
+        sequence = torch.cat([x, torch.zeros(batch, 1, dtype=torch.long), x], dim=1)
+        logits = model(sequence[:, :-1])[:, length:]
+        loss = F.cross_entropy(logits.reshape(-1, VOCAB), sequence[:, length + 1:].reshape(-1))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.05
+
+
+# -- KV cache -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("attention,params", ATTENTIONS, ids=["full", "local"])
+@pytest.mark.parametrize("pos", ["rope", "sinusoidal", "learned", "none"])
+def test_cached_logits_equal_full_forward(attention, params, pos):
+    model = tiny_lm(attention, params, pos=pos)
+    sequence = tokens((2, 12))
+    cache = model.init_cache()
+    with torch.no_grad():
+        steps = [model(sequence[:, :5], cache)]
+        steps += [model(sequence[:, i:i + 1], cache) for i in range(5, sequence.shape[1])]
+        expected = model(sequence)
+    torch.testing.assert_close(torch.cat(steps, dim=1), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("attention,params", ATTENTIONS, ids=["full", "local"])
+@pytest.mark.parametrize("strategy", ["greedy", "sample", "beam"])
+def test_cached_generation_equals_uncached(attention, params, strategy):
+    model = tiny_lm(attention, params)
+    prompt = tokens((3, 5))
+    outputs = [
+        model.generate(prompt, 9, strategy=strategy, top_k=6, top_p=0.95, num_beams=3,
+                       generator=torch.Generator().manual_seed(7), use_cache=use_cache)
+        for use_cache in (True, False)
+    ]
+    assert outputs[0].shape == (3, 5 + 9)
+    assert torch.equal(outputs[0][:, :5], prompt)
+    assert torch.equal(outputs[0], outputs[1])
+
+
+def test_local_cache_is_a_rolling_buffer():
+    window = 3
+    model = tiny_lm("local", {"window": window})
+    sequence = tokens((2, 15))
+    cache = model.init_cache()
+    with torch.no_grad():
+        model(sequence[:, :2], cache)
+        for i in range(2, sequence.shape[1]):
+            model(sequence[:, i:i + 1], cache)
+            for layer in cache.layers:
+                assert len(layer) == min(i + 1, window + 1)
+                assert layer.k.shape[2] == layer.v.shape[2] == window + 1
+    assert cache.seen == sequence.shape[1]
+
+
+def test_variant_without_cache_falls_back_to_recomputing(monkeypatch):
+    model = tiny_lm("local", {"window": 3})
+    prompt = tokens((2, 4))
+    cached = model.generate(prompt, 6, strategy="beam", num_beams=2)
+    monkeypatch.delitem(cache_module._CACHES, "local")
+    assert model.init_cache() is None
+    assert torch.equal(model.generate(prompt, 6, strategy="beam", num_beams=2), cached)
+
+
+def test_greedy_equals_argmax_of_forward_and_top_k_one_sampling():
+    model = tiny_lm()
+    out = model.generate(tokens((2, 3)), 5)
+    with torch.no_grad():
+        predicted = model(out[:, :-1]).argmax(-1)
+    assert torch.equal(out[:, 3:], predicted[:, 2:])
+    sampled = model.generate(tokens((2, 3)), 5, strategy="sample", top_k=1,
+                             generator=torch.Generator().manual_seed(0))
+    assert torch.equal(sampled, out)
+
+
+def test_eos_pads_finished_rows_and_stops():
+    model = tiny_lm()
+    prompt = tokens((2, 3))
+    free = model.generate(prompt, 6)
+    eos = int(free[0, 3])  # row 0 emits it first
+    out = model.generate(prompt, 6, eos_token_id=eos)
+    assert torch.equal(out[0, 3:], torch.full_like(out[0, 3:], eos))
+    assert out.shape[1] <= 3 + 6
+    finished = (out[:, 3:] == eos).cummax(dim=1).values
+    assert torch.equal(out[:, 3:][finished], torch.full_like(out[:, 3:][finished], eos))
+
+
+def test_beam_search_scores_at_least_greedy():
+    model = tiny_lm(seed=3)
+    prompt = tokens((2, 4))
+
+    def log_prob(sequence):
+        with torch.no_grad():
+            logits = model(sequence[:, :-1]).log_softmax(-1)[:, 3:]
+        return logits.gather(-1, sequence[:, 4:, None]).sum((1, 2))
+
+    greedy = model.generate(prompt, 5)
+    beam = model.generate(prompt, 5, strategy="beam", num_beams=4)
+    assert (log_prob(beam) >= log_prob(greedy) - 1e-5).all()
+
+
+# -- encoder and encoder-decoder ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("attention,params", ATTENTIONS, ids=["full", "local"])
+def test_encoder_ignores_padded_tokens(attention, params):
+    torch.manual_seed(0)
+    encoder = TransformerEncoder(16, 2, 2, attention=attention, attention_params=params).eval()
+    x = torch.randn(2, 9, 16)
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[0, 5:] = False
+    mask[1, :2] = False
+    changed = torch.where(mask[..., None], x, torch.randn(2, 9, 16))
+    torch.testing.assert_close(encoder(changed, mask)[mask], encoder(x, mask)[mask],
+                               atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("attention,params", ATTENTIONS, ids=["full", "local"])
+def test_seq2seq_respects_padding_masks(attention, params):
+    torch.manual_seed(0)
+    model = Seq2SeqTransformer(VOCAB, 16, 2, 2, attention=attention,
+                               attention_params=params).eval()
+    source, target = tokens((2, 8), seed=1), tokens((2, 6), seed=2)
+    source_mask = torch.ones(2, 8, dtype=torch.bool)
+    source_mask[0, 5:] = False
+    target_mask = torch.ones(2, 6, dtype=torch.bool)
+    target_mask[1, :2] = False  # left padding: the causal mask alone would not hide it
+    other_source = torch.where(source_mask, source, tokens((2, 8), seed=3))
+    other_target = torch.where(target_mask, target, tokens((2, 6), seed=4))
+    with torch.no_grad():
+        memory = model.encode(source, source_mask)
+        torch.testing.assert_close(model.encode(other_source, source_mask)[source_mask],
+                                   memory[source_mask], atol=1e-6, rtol=1e-6)
+        expected = model(source, target, source_mask, target_mask)[target_mask]
+        for s, t in ((other_source, target), (source, other_target)):
+            out = model(s, t, source_mask, target_mask)[target_mask]
+            torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "beam"])
+def test_seq2seq_cached_generation_equals_uncached(strategy):
+    torch.manual_seed(0)
+    model = varied(Seq2SeqTransformer(VOCAB, 16, 2, 2, attention="local",
+                                      attention_params={"window": 2}))
+    source = tokens((2, 7))
+    source_mask = torch.ones(2, 7, dtype=torch.bool)
+    source_mask[1, 4:] = False
+    start = torch.zeros(2, 1, dtype=torch.long)
+    cached, uncached = (
+        model.generate(source, start, 6, source_mask, strategy=strategy, num_beams=3,
+                       use_cache=use_cache)
+        for use_cache in (True, False)
+    )
+    assert cached.shape == (2, 7) and torch.equal(cached, uncached)
+
+
+# -- every registered variant ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", attn_zoo.available())
+def test_every_variant_plugs_into_the_backbone(name):
+    torch.manual_seed(0)
+    model = TransformerLM(VOCAB, dim=16, depth=1, heads=2, kv_heads=1, attention=name)
+    sequence = tokens((2, 21))
+    logits = model(sequence)
+    assert logits.shape == (2, 21, VOCAB)
+    F.cross_entropy(logits.reshape(-1, VOCAB), sequence.reshape(-1)).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    assert model.generate(sequence[:, :4], 3).shape == (2, 7)
+    if get(name).causal_only:
+        with pytest.raises(ValueError, match="causal only"):
+            TransformerEncoder(16, 1, 2, attention=name)
+    else:
+        encoder = TransformerEncoder(16, 1, 2, attention=name)
+        assert encoder(torch.randn(2, 21, 16)).shape == (2, 21, 16)
+
+
+# -- positions and arguments ----------------------------------------------------------------
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    rope = RotaryEmbedding(8)
+    q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
+
+    def score(query_position, key_position):
+        return (rope(q, query_position) * rope(k, key_position)).sum()
+
+    torch.testing.assert_close(score(5, 2), score(13, 10))
+    assert not torch.allclose(score(5, 2), score(5, 4))
+
+
+def test_learned_positions_stop_at_max_seq_len():
+    model = tiny_lm(pos="learned", max_seq_len=8)
+    assert model(tokens((1, 8))).shape == (1, 8, VOCAB)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model(tokens((1, 9)))
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    ({"vocab_size": 0}, "vocab_size"),
+    ({"dim": 30}, "dim"),
+    ({"kv_heads": 3}, "kv_heads"),
+    ({"depth": 0}, "depth"),
+    ({"pos": "alibi"}, "pos"),
+    ({"norm": "batch"}, "norm"),
+    ({"mlp": "relu"}, "mlp"),
+    ({"dropout": 1.5}, "dropout"),
+    ({"dim": 12, "heads": 4}, "head_dim"),  # RoPE needs an even head dimension
+    ({"attention": "nope"}, "nope"),
+    ({"attention": "local", "attention_params": {"window": -1}}, "window"),
+])
+def test_bad_arguments_name_the_parameter(kwargs, name):
+    options = dict(vocab_size=VOCAB, dim=32, depth=1, heads=4, kv_heads=2) | kwargs
+    with pytest.raises(ValueError, match=name):
+        TransformerLM(**options)
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    ({"strategy": "top"}, "strategy"),
+    ({"strategy": "sample", "temperature": 0.0}, "temperature"),
+    ({"strategy": "sample", "top_p": 0.0}, "top_p"),
+    ({"strategy": "sample", "top_k": 0}, "top_k"),
+    ({"strategy": "beam", "num_beams": 0}, "num_beams"),
+])
+def test_bad_generation_arguments_name_the_parameter(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        tiny_lm().generate(tokens((1, 3)), 2, **kwargs)
