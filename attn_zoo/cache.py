@@ -15,7 +15,9 @@ its name, in its own file:
     @register_cache("myvariant")
     class MyCache(KVCache): ...
 
-A variant without one makes `cache_for` return None, and generation re-runs the prefix.
+A cache whose newest query also reads pooled keys (hierarchical, compressive) overrides `step`
+(and `reorder` for any extra state). A variant without a cache makes `cache_for` return None,
+and generation then re-runs the whole prefix every step.
 """
 
 from __future__ import annotations
