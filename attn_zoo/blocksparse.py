@@ -104,7 +104,7 @@ class _Chunk:
         block = self.shape[4]
         tiles = self.work(name, batch * hkv, self.blocks.numel(), block, dim)
         # One dim-0 gather of whole blocks per (batch, head) beats one gather over dim 2.
-        for source, target in zip(x.view(batch * hkv, m // block, block, dim), tiles):
+        for source, target in zip(x.view(batch * hkv, m // block, block, dim), tiles, strict=True):
             torch.index_select(source, 0, self.blocks, out=target)
         return tiles.view(-1, self.n_keys, dim)
 
@@ -112,8 +112,9 @@ class _Chunk:
         """Add per-tile key gradients (T, Kb, D) into `target` (B, Hkv, M, D)."""
         batch, hkv, m, dim = target.shape
         block = self.shape[4]
+        targets = target.view(batch * hkv, m // block, block, dim)
         sources = tiles.view(batch * hkv, self.blocks.numel(), block, dim)
-        for row, source in zip(target.view(batch * hkv, m // block, block, dim), sources):
+        for row, source in zip(targets, sources, strict=True):
             row.index_add_(0, self.blocks, source)
 
     def arrange(self, x: Tensor, name: str) -> Tensor:
@@ -229,3 +230,78 @@ def merge_partial_attentions(parts: list[tuple[Tensor, Tensor]]) -> tuple[Tensor
     safe_lse = torch.where(lse == float("-inf"), 0.0, lse)
     out = sum(part_out * (part_lse - safe_lse).exp()[..., None] for part_out, part_lse in parts)
     return out, lse
+
+
+def tile_block(extent: int) -> int:
+    """A block size near `extent` (a power of two in 16..64) for tiles spanning that many keys.
+
+    Tiles close to the reach of a band or a span keep their masked share small; at least 16
+    rows keep the matmuls efficient, at most 64 keep each tile's score matrix small.
+    """
+    return min(64, max(16, 1 << max(0, extent - 1).bit_length()))
+
+
+def window_key_blocks(n: int, window: int, causal: bool, device=None) -> tuple[int, Tensor]:
+    """Block size and key-block table covering `abs(i - j) <= window` (causal: 0 <= i - j <=
+    window) among n positions: (block, (ceil(n / block), K) long, -1 padded)."""
+    block = tile_block(window)
+    reach = min(-(-window // block), -(-n // block) - 1)
+    return block, band_key_blocks(n, block, reach, 0 if causal else reach, device)
+
+
+def span_key_blocks(first: Tensor, last: Tensor) -> Tensor:
+    """Key blocks `first[I] ... last[I]` of every query block `I` (none when last < first).
+
+    first, last: (n_query_blocks,) long, first >= 0. Returns (n_query_blocks, K) long, -1
+    padded, K the longest span (at least 1).
+    """
+    width = max(1, int((last - first + 1).max()))
+    blocks = first[:, None] + torch.arange(width, device=first.device)
+    return torch.where(blocks <= last[:, None], blocks, -1)
+
+
+def layout_key_blocks(layout: Tensor) -> Tensor:
+    """The key-block table of a block layout.
+
+    layout: (n_query_blocks, n_key_blocks) bool, True = the tile is visited. Returns
+    (n_query_blocks, K) long: each row's visited key blocks in increasing order, -1 padded,
+    K the most any row visits (at least 1).
+    """
+    counts = layout.sum(1)
+    width = max(1, int(counts.max()))
+    # A stable sort of "not visited" flags lists the visited blocks first, in order.
+    order = torch.sort((~layout).to(torch.uint8), dim=1, stable=True).indices[:, :width]
+    return torch.where(torch.arange(width, device=layout.device) < counts[:, None], order, -1)
+
+
+def fold_residues(x: Tensor, stride: int, dim: int) -> Tensor:
+    """Regroup positions by their residue mod `stride` into the batch dimension.
+
+    x: (B, ..., N, ...) with positions along `dim` (> 0) -> (B * stride, ..., ceil(N / stride),
+    ...): row `b * stride + r` holds positions r, r + stride, r + 2 * stride, ... of row b,
+    zero (False) past N. A dilated pattern then runs as an ordinary one per residue class.
+    """
+    length = -(-x.shape[dim] // stride)
+    missing = length * stride - x.shape[dim]
+    if missing:
+        x = torch.cat([x, x.new_zeros(*x.shape[:dim], missing, *x.shape[dim + 1:])], dim)
+    return x.unflatten(dim, (length, stride)).movedim(dim + 1, 1).flatten(0, 1)
+
+
+def unfold_residues(x: Tensor, stride: int, dim: int, n: int) -> Tensor:
+    """Inverse of `fold_residues`: (B * stride, ..., L, ...) -> (B, ..., n, ...) along `dim`."""
+    x = x.unflatten(0, (-1, stride)).movedim(1, dim + 1).flatten(dim, dim + 1)
+    return x.narrow(dim, 0, n)
+
+
+def merge_partial_outputs(parts: list[tuple[Tensor, Tensor]]) -> Tensor:
+    """The output of `merge_partial_attentions`, with finite gradients on every row.
+
+    The logsumexp there has NaN gradients on rows that no part reaches (all lse = -inf, e.g.
+    fully padded keys); every part's output is 0 on such rows, so a finite stand-in lse
+    leaves the output unchanged and keeps the backward pass finite.
+    """
+    reached = torch.stack([lse for _, lse in parts]).amax(0) > float("-inf")
+    out, _ = merge_partial_attentions(
+        [(out, torch.where(reached, lse, 0.0)) for out, lse in parts])
+    return out

@@ -13,6 +13,11 @@ def causal_modes(name: str) -> list[bool]:
     return [True] if get(name).causal_only else [False, True]
 
 
+def pytest_configure(config) -> None:
+    # Test tensors are small: syncing threads costs more than the work, most on a busy machine.
+    torch.set_num_threads(1)
+
+
 VARIANT_MODES = [(name, causal) for name in attn_zoo.available() for causal in causal_modes(name)]
 STATIC_VARIANTS = [name for name in attn_zoo.available() if hasattr(get(name), "pattern")]
 

@@ -99,7 +99,7 @@ def test_static_pattern_matches_dense_reference(name, n):
         grad = torch.randn_like(out)
         grads = torch.autograd.grad(out, (q, k, v), grad)
         expected_grads = torch.autograd.grad(expected, (q, k, v), grad)
-        for got, want in zip(grads, expected_grads):
+        for got, want in zip(grads, expected_grads, strict=True):
             torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
 
 

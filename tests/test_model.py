@@ -16,15 +16,6 @@ VOCAB = 11
 ATTENTIONS = [("full", None), ("local", {"window": 3})]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # These models are tiny: on a busy machine, syncing two threads costs more than the work.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_lm(attention="full", attention_params=None, seed=0, **kwargs) -> TransformerLM:
     torch.manual_seed(seed)
     options = dict(dim=32, depth=2, heads=4, kv_heads=2, max_seq_len=64) | kwargs
