@@ -1,0 +1,137 @@
+"""`bigbird`: block-level window, global and random attention (Zaheer et al., 2020).
+
+Over blocks of `block` keys, `L[I, J]` holds when abs(I - J) <= window_blocks // 2, or
+I < n_global_blocks, or J < n_global_blocks, or J is one of `n_random` blocks drawn (from
+`seed`) for row I among the blocks not yet allowed (causal: among J < I). Query i attends to
+key j when L[i // block, j // block]; causal keeps j <= i.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from attn_zoo.attention import Attention
+from attn_zoo.blocksparse import (
+    Pattern,
+    block_sparse_attention,
+    layout_key_blocks,
+    span_key_blocks,
+)
+from attn_zoo.params import Params, require
+from attn_zoo.registry import register
+
+
+@dataclass
+class BigBirdParams(Params):
+    block: int = 64
+    window_blocks: int = 3
+    n_global_blocks: int = 1
+    n_random: int = 2
+    seed: int = 0
+
+    def validate(self) -> None:
+        require(self.block >= 1, "block", self.block, ">= 1")
+        require(self.window_blocks >= 1 and self.window_blocks % 2 == 1, "window_blocks",
+                self.window_blocks, "odd and >= 1")
+        require(self.n_global_blocks >= 0, "n_global_blocks", self.n_global_blocks, ">= 0")
+        require(self.n_random >= 0, "n_random", self.n_random, ">= 0")
+        require(self.seed >= 0, "seed", self.seed, ">= 0")
+
+
+@functools.lru_cache(maxsize=16)
+def bigbird_layout(n: int, block: int, window_blocks: int, n_global_blocks: int,
+                   n_random: int, seed: int, causal: bool) -> Tensor:
+    """The block layout L: (ceil(n / block),) * 2 bool on the CPU (causal: J <= I only).
+
+    Cached, so callers must not modify it.
+    """
+    n_blocks = -(-n // block)
+    rows = torch.arange(n_blocks)[:, None]
+    cols = torch.arange(n_blocks)[None, :]
+    layout = ((rows - cols).abs() <= window_blocks // 2) | (rows < n_global_blocks) | (
+        cols < n_global_blocks)
+    if causal:
+        layout &= cols <= rows
+    if n_random:
+        candidates = ~layout & (cols < rows) if causal else ~layout
+        # The n_random smallest of uniform draws over a row's candidates are a uniform
+        # sample of them; rows with fewer candidates take them all.
+        draws = torch.rand(n_blocks, n_blocks, generator=torch.Generator().manual_seed(seed))
+        drawn = draws.masked_fill(~candidates, 2.0).topk(
+            min(n_random, n_blocks), dim=1, largest=False).indices
+        chosen = torch.zeros_like(layout).scatter_(1, drawn, True)
+        layout |= chosen & candidates
+    return layout
+
+
+def layout_pattern(layout: Tensor, block: int, causal: bool) -> Pattern:
+    """Pairs whose blocks the layout allows; causal keeps j <= i. Positions outside the
+    layout (the engine's padding slots, masked anyway) are clamped into it."""
+    last = layout.shape[0] - 1
+
+    def allowed(i: Tensor, j: Tensor) -> Tensor:
+        pairs = layout[(i // block).clamp(0, last), (j // block).clamp(0, last)]
+        return pairs & (j <= i) if causal else pairs
+
+    return allowed
+
+
+@register("bigbird")
+class BigBirdAttention(Attention):
+    """Block-sparse attention over the BigBird layout.
+
+    Non-global query blocks visit window_blocks + n_global_blocks + n_random key blocks
+    (O(N * block) work and memory); the global rows, which see every key, run apart so the
+    others' key-block table stays that narrow.
+    """
+
+    Params = BigBirdParams
+
+    def layout(self, n: int, causal: bool) -> Tensor:
+        """The block layout L: (ceil(n / block), ceil(n / block)) bool; see the module doc."""
+        return self._layout(n, causal).clone()
+
+    def _layout(self, n: int, causal: bool) -> Tensor:
+        p = self.params
+        return bigbird_layout(n, p.block, p.window_blocks, p.n_global_blocks, p.n_random,
+                              p.seed, causal)
+
+    def pattern(self, n: int, causal: bool) -> Pattern:
+        return layout_pattern(self._layout(n, causal), self.params.block, causal)
+
+    def _forward_torch(self, q, k, v, causal, key_padding_mask, scale):
+        n, block = q.shape[3], self.params.block
+        layout = self._layout(n, causal).to(q.device)
+        allowed = layout_pattern(layout, block, causal)
+        n_global_blocks = min(self.params.n_global_blocks, layout.shape[0])
+        # Global rows, full rows of the layout, are left out here and computed below.
+        non_global = layout.clone()
+        non_global[:n_global_blocks] = False
+        key_blocks = layout_key_blocks(non_global)
+        out, _ = block_sparse_attention(q, k, v, key_blocks, allowed, block=block, scale=scale,
+                                        key_padding_mask=key_padding_mask)
+        if n_global_blocks == 0:
+            return out
+        global_blocks = torch.arange(n_global_blocks, device=q.device)
+        last = torch.full_like(global_blocks, layout.shape[0] - 1)
+        key_blocks = span_key_blocks(torch.zeros_like(global_blocks),
+                                     global_blocks if causal else last)
+        n_rows = min(n, n_global_blocks * block)
+        rows, _ = block_sparse_attention(q[:, :, :, :n_rows], k, v, key_blocks, allowed,
+                                         block=block, scale=scale,
+                                         key_padding_mask=key_padding_mask)
+        return torch.cat([rows, out[:, :, :, n_rows:]], dim=3)
+
+    def scored_pairs(self, n: int, causal: bool) -> int:
+        block = self.params.block
+        layout = self._layout(n, causal).long()
+        sizes = torch.full((layout.shape[0],), block)
+        sizes[-1] = n - (layout.shape[0] - 1) * block
+        pairs = sizes @ layout @ sizes
+        if causal:  # a diagonal tile holds only its lower triangle
+            pairs -= (sizes * (sizes - 1) // 2).sum()
+        return int(pairs)
