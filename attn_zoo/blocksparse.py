@@ -46,9 +46,9 @@ def block_sparse_attention(
 
 
 def _pad_keys(x: Tensor, block: int) -> Tensor:
-    """(B, Hkv, M, D) -> (B, Hkv, ceil(M / block) * block, D), zero rows appended if needed."""
+    """(B, Hkv, M, D) -> contiguous (B, Hkv, ceil(M / block) * block, D), zero rows appended."""
     missing = -x.shape[2] % block
-    return torch.nn.functional.pad(x, (0, 0, 0, missing)) if missing else x
+    return torch.nn.functional.pad(x, (0, 0, 0, missing)) if missing else x.contiguous()
 
 
 class _Workspace:
@@ -224,12 +224,18 @@ def merge_partial_attentions(parts: list[tuple[Tensor, Tensor]]) -> tuple[Tensor
     """Exact softmax attention over the union of disjoint key sets, from per-set results.
 
     parts: [(out (..., N, D), lse (..., N))], each an attention over its own keys. Returns the
-    merged (out, lse); rows that no part reaches stay out = 0, lse = -inf.
+    merged (out, lse); rows that no part reaches stay out = 0, lse = -inf, with finite
+    gradients (every part's out is 0 there, so a finite stand-in lse changes nothing).
     """
-    lse = torch.logsumexp(torch.stack([part_lse for _, part_lse in parts]), dim=0)
-    safe_lse = torch.where(lse == float("-inf"), 0.0, lse)
-    out = sum(part_out * (part_lse - safe_lse).exp()[..., None] for part_out, part_lse in parts)
-    return out, lse
+    lses = torch.stack([part_lse for _, part_lse in parts])
+    reached = lses.amax(0) > float("-inf")
+    lses = torch.where(reached, lses, 0.0)
+    lse = torch.logsumexp(lses, dim=0)
+    out = None
+    for (part_out, _), part_lse in zip(parts, lses, strict=True):
+        term = part_out * (part_lse - lse).exp()[..., None]
+        out = term if out is None else out + term
+    return out, torch.where(reached, lse, float("-inf"))
 
 
 def tile_block(extent: int) -> int:
@@ -293,16 +299,3 @@ def unfold_residues(x: Tensor, stride: int, dim: int, n: int) -> Tensor:
     """Inverse of `fold_residues`: (B * stride, ..., L, ...) -> (B, ..., n, ...) along `dim`."""
     x = x.unflatten(0, (-1, stride)).movedim(1, dim + 1).flatten(dim, dim + 1)
     return x.narrow(dim, 0, n)
-
-
-def merge_partial_outputs(parts: list[tuple[Tensor, Tensor]]) -> Tensor:
-    """The output of `merge_partial_attentions`, with finite gradients on every row.
-
-    The logsumexp there has NaN gradients on rows that no part reaches (all lse = -inf, e.g.
-    fully padded keys); every part's output is 0 on such rows, so a finite stand-in lse
-    leaves the output unchanged and keeps the backward pass finite.
-    """
-    reached = torch.stack([lse for _, lse in parts]).amax(0) > float("-inf")
-    out, _ = merge_partial_attentions(
-        [(out, torch.where(reached, lse, 0.0)) for out, lse in parts])
-    return out

@@ -110,3 +110,14 @@ def test_flops_count_the_pattern(name):
         for n in (1, 100, 700):
             pairs = int(dense_mask(attn.pattern(n, causal), n).sum())
             assert attn.flops(n, 64, causal) == 4 * 64 * pairs
+
+
+def test_non_contiguous_inputs(variant):
+    name, causal = variant
+    attn = attn_zoo.build(name)
+    q, k, v = qkv(n=128)
+    # (B, N, H, D) storage seen as (B, H, N, D), as projections split into heads produce.
+    strided = [x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v)]
+    assert not strided[1].is_contiguous()
+    torch.testing.assert_close(call(attn, *strided, causal=causal),
+                               call(attn, q, k, v, causal=causal))

@@ -12,7 +12,7 @@ import attn_zoo
 from attn_zoo.blocksparse import (
     fold_residues,
     layout_key_blocks,
-    merge_partial_outputs,
+    merge_partial_attentions,
     span_key_blocks,
     unfold_residues,
 )
@@ -228,14 +228,14 @@ def test_fold_residues_round_trip(batch, n):
     assert torch.equal(unfold_residues(folded, 4, 2, n), x)
 
 
-def test_merge_partial_outputs_has_finite_gradients_on_unreached_rows():
+def test_merge_has_finite_gradients_on_unreached_rows():
     out = torch.randn(3, 4).masked_fill(torch.tensor([False, True, True])[:, None], 0.0)
     parts = [(out.clone().requires_grad_(), torch.tensor([0.0, -torch.inf, -torch.inf])),
              (torch.zeros(3, 4, requires_grad=True), torch.tensor([1.0, -torch.inf, -torch.inf]))]
     for _, lse in parts:
         lse.requires_grad_()
-    merged = merge_partial_outputs(parts)
-    assert torch.equal(merged[1:], torch.zeros(2, 4))
+    merged, lse = merge_partial_attentions(parts)
+    assert torch.equal(merged[1:], torch.zeros(2, 4)) and torch.isneginf(lse[1:]).all()
     merged.sum().backward()
     for part_out, lse in parts:
         assert torch.isfinite(part_out.grad).all() and torch.isfinite(lse.grad).all()

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from attn_zoo.attention import Attention
-from attn_zoo.blocksparse import Pattern, band_key_blocks, block_sparse_attention
+from attn_zoo.blocksparse import Pattern, block_sparse_attention, window_key_blocks
 from attn_zoo.params import Params, require
 from attn_zoo.registry import register
 
@@ -45,11 +45,8 @@ class LocalAttention(Attention):
         return local_pattern(self.params.window, causal)
 
     def _forward_torch(self, q, k, v, causal, key_padding_mask, scale):
-        n, window = q.shape[3], self.params.window
-        # Blocks near the window size keep the wasted (masked) share of each tile small.
-        block = min(64, max(16, 1 << (window - 1).bit_length()))
-        reach = min(-(-window // block), -(-n // block) - 1)
-        key_blocks = band_key_blocks(n, block, reach, 0 if causal else reach, q.device)
+        n = q.shape[3]
+        block, key_blocks = window_key_blocks(n, self.params.window, causal, q.device)
         out, _ = block_sparse_attention(
             q, k, v, key_blocks, self.pattern(n, causal),
             block=block, scale=scale, key_padding_mask=key_padding_mask,

@@ -16,7 +16,7 @@ from attn_zoo.blocksparse import (
     Pattern,
     block_sparse_attention,
     fold_residues,
-    merge_partial_outputs,
+    merge_partial_attentions,
     span_key_blocks,
     tile_block,
     unfold_residues,
@@ -110,7 +110,7 @@ class LongformerAttention(Attention):
                                      last.minimum(query_blocks) if causal else last)
         parts.append(block_sparse_attention(q, k, v, key_blocks, global_keys, block=block,
                                             scale=scale, key_padding_mask=key_padding_mask))
-        out = merge_partial_outputs(parts)
+        out = merge_partial_attentions(parts)[0]
         rows = self._global_rows(q, k, v, n_global, causal, key_padding_mask, scale)
         return torch.cat([rows, out[:, :, :, n_global:]], dim=3)
 

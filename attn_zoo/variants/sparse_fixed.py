@@ -16,7 +16,7 @@ from attn_zoo.attention import Attention
 from attn_zoo.blocksparse import (
     Pattern,
     block_sparse_attention,
-    merge_partial_outputs,
+    merge_partial_attentions,
     span_key_blocks,
     tile_block,
 )
@@ -83,7 +83,7 @@ class SparseFixedAttention(Attention):
                 q, k.index_select(2, positions), v.index_select(2, positions), key_blocks,
                 other_segments, block=block, scale=scale, key_padding_mask=real,
             ))
-        return merge_partial_outputs(parts)
+        return merge_partial_attentions(parts)[0]
 
     def _own_segment(self, q, k, v, causal, key_padding_mask, scale) -> tuple[Tensor, Tensor]:
         """Keys of the query's own segment: (out, lse) like the engine."""

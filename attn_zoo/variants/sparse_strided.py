@@ -16,7 +16,7 @@ from attn_zoo.blocksparse import (
     Pattern,
     block_sparse_attention,
     fold_residues,
-    merge_partial_outputs,
+    merge_partial_attentions,
     span_key_blocks,
     tile_block,
     unfold_residues,
@@ -67,7 +67,7 @@ class SparseStridedAttention(Attention):
                                         key_padding_mask=key_padding_mask)]
         if n > stride:
             parts.append(self._strided(q, k, v, causal, key_padding_mask, scale))
-        return merge_partial_outputs(parts)
+        return merge_partial_attentions(parts)[0]
 
     def _strided(self, q, k, v, causal, key_padding_mask, scale) -> tuple[Tensor, Tensor]:
         """Keys at offsets that are nonzero multiples of stride: (out, lse) like the engine."""
