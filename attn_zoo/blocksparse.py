@@ -285,14 +285,14 @@ def fold_residues(x: Tensor, stride: int, dim: int) -> Tensor:
 
     x: (B, ..., N, ...) with positions along `dim` (> 0) -> (B * stride, ..., ceil(N / stride),
     ...): row `b * stride + r` holds positions r, r + stride, r + 2 * stride, ... of row b,
-    zero (False) past N. A dilated pattern then runs as an ordinary one per residue class.
-    The result is contiguous, as the engine's key gathers need.
+    zero (False) past N. A dilated pattern then runs as an ordinary one per residue class
+    (stride 1 costs nothing: the result is a view).
     """
     length = -(-x.shape[dim] // stride)
     missing = length * stride - x.shape[dim]
     if missing:
         x = torch.cat([x, x.new_zeros(*x.shape[:dim], missing, *x.shape[dim + 1:])], dim)
-    return x.unflatten(dim, (length, stride)).movedim(dim + 1, 1).flatten(0, 1).contiguous()
+    return x.unflatten(dim, (length, stride)).movedim(dim + 1, 1).flatten(0, 1)
 
 
 def unfold_residues(x: Tensor, stride: int, dim: int, n: int) -> Tensor:
