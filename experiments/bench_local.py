@@ -39,6 +39,7 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 import attn_zoo
 from experiments.measure import (
+    FWD_BWD_FACTOR,
     MIB,
     attention_inputs,
     markdown_table,
@@ -242,7 +243,8 @@ def write(out: Path, tables: dict[str, pd.DataFrame], setting: str) -> None:
     sections = [f"# attn_zoo local vs SDPA, FlexAttention, local-attention (CPU)\n\n"
                 f"float32, B={BATCH}, H={HEADS}, D={HEAD_DIM}, causal, window={WINDOW}. "
                 f"{setting}.\nUseful FLOPs: attn_zoo `local.flops` for every row; "
-                "fwd+bwd counts 3.5 forwards. Peak: forward memory growth, output included.\n"]
+                f"fwd+bwd counts {FWD_BWD_FACTOR} forwards. "
+                "Peak: forward memory growth, output included.\n"]
     sections += [f"## {title}\n\n{markdown_table(tables[key])}" for key, title in
                  (("local_bench", "Time, throughput, memory"), ("ratios", "Ratios"),
                   ("goals", f"Goals at N={GOAL_N}"))]
