@@ -34,6 +34,8 @@ class Attention(nn.Module):
     backends: ClassVar[tuple[str, ...]] = ("torch",)
     causal_only: ClassVar[bool] = False
     supports_cross: ClassVar[bool] = False
+    # True when the keys a query sees depend on the content (LSH buckets, k-means clusters).
+    content_based: ClassVar[bool] = False
 
     def __init__(self, **params: Any) -> None:
         super().__init__()

@@ -41,6 +41,11 @@ def qkv(batch=2, q_heads=4, kv_heads=2, n=33, dim=24, dtype=torch.float32, seed=
             for s in shapes]
 
 
+def build(name: str, **params):
+    """A variant in evaluation mode: stateful variants (routing) hold still between calls."""
+    return attn_zoo.build(name, **params).eval()
+
+
 def call(attn, q, k, v, **kwargs):
     """Call with a fixed torch seed, so variants that draw randomness repeat themselves."""
     torch.manual_seed(1234)
