@@ -16,7 +16,9 @@ float32, B=1, H=8, D=64, causal, window=256 (query i sees keys i - 256 .. i). Im
   `window_size=256, causal=True, look_backward=1, exact_windowsize=True`: the same pattern.
 
 Before timing, every implementation's output and gradients are checked against attn_zoo
-`local` at a small length, so that all of them do the same work. Useful GFLOP/s use one count
+`local` at a small length, so that all of them do the same work. At each length the
+implementations are timed in alternating rounds (medians), so that drifting machine load
+hits them alike. Useful GFLOP/s use one count
 for all: attn_zoo `local.flops` (forward+backward = 3.5 forwards). Peak memory is the growth
 of the forward (under `no_grad`, output included) measured by the profiler's allocation events.
 Writes `local_bench.csv`, `ratios.csv` and `local_bench.md` under --out, atomically.
@@ -42,9 +44,10 @@ from experiments.measure import (
     FWD_BWD_FACTOR,
     MIB,
     attention_inputs,
+    interleaved_median_times,
     markdown_table,
     matmul_peak,
-    measure_attention,
+    peak_memory,
     text_table,
     useful_flops,
     write_atomic,
@@ -129,26 +132,54 @@ def check_equal_work(local: attn_zoo.Attention, impls: list[Impl]) -> None:
               f"({', '.join(pairs)})", flush=True)
 
 
-def measure_row(impl: Impl, n: int, local: attn_zoo.Attention, args) -> dict:
-    row: dict = {"impl": impl.name, "N": n}
-    if impl.missing:
-        return row | {"status": impl.missing}
-    try:
-        q, k, v = attention_inputs(BATCH, HEADS, n, HEAD_DIM)
-        cost = measure_attention(impl.build(n), q, k, v, backward=impl.no_backward is None,
-                                 warmup=args.warmup, repeats=args.repeats, budget_s=args.budget)
-    except Exception as error:  # a failing point becomes a row; the bench goes on
-        return row | {"status": f"{type(error).__name__}: {error}"}
-    flops = {backward: useful_flops(local, n, HEAD_DIM, True, batch=BATCH, heads=HEADS,
-                                    backward=backward) for backward in (False, True)}
-    return row | {
-        "fwd_ms": cost.fwd_s * 1e3,
-        "fwd_bwd_ms": cost.fwd_bwd_s * 1e3,
-        "fwd_gflops": flops[False] / cost.fwd_s / 1e9,
-        "fwd_bwd_gflops": flops[True] / cost.fwd_bwd_s / 1e9,
-        "fwd_peak_mib": cost.fwd_peak_bytes / MIB,
-        "status": f"ok; fwd_bwd unavailable: {impl.no_backward}" if impl.no_backward else "ok",
-    }
+def measure_length(impls: list[Impl], n: int, local: attn_zoo.Attention, args) -> list[dict]:
+    """Rows for every implementation at length n: forward peak memory, then forward and
+    forward+backward times measured in alternating rounds across the implementations."""
+    q, k, v = attention_inputs(BATCH, HEADS, n, HEAD_DIM)
+    inputs = [x.detach().requires_grad_() for x in (q, k, v)]
+    grad_out = torch.randn_like(q)
+    status: dict[str, str] = {}
+    peaks: dict[str, int] = {}
+    timed: dict[tuple[str, str], Callable[[], object]] = {}
+    for impl in impls:
+        if impl.missing:
+            status[impl.name] = impl.missing
+            continue
+        forward = impl.build(n)
+
+        def infer(forward=forward) -> Tensor:
+            with torch.no_grad():
+                return forward(q, k, v)
+
+        def train_step(forward=forward) -> None:
+            # autograd.grad, not .backward(): gradients must not accumulate across runs.
+            torch.autograd.grad(forward(*inputs), inputs, grad_out)
+
+        try:
+            infer()  # compiles (flex) outside any timing or memory measurement
+            peaks[impl.name] = peak_memory(infer)
+        except Exception as error:  # a failing point becomes a row; the bench goes on
+            status[impl.name] = f"{type(error).__name__}: {error}"
+            continue
+        timed[(impl.name, "fwd")] = infer
+        if impl.no_backward is None:
+            timed[(impl.name, "fwd_bwd")] = train_step
+        status[impl.name] = (f"ok; fwd_bwd unavailable: {impl.no_backward}" if impl.no_backward
+                             else "ok")
+    seconds = interleaved_median_times(timed, repeats=args.repeats, budget_s=args.budget)
+    flops = {mode: useful_flops(local, n, HEAD_DIM, True, batch=BATCH, heads=HEADS,
+                                backward=mode == "fwd_bwd") for mode in ("fwd", "fwd_bwd")}
+    rows = []
+    for impl in impls:
+        row: dict = {"impl": impl.name, "N": n, "status": status[impl.name]}
+        if impl.name in peaks:
+            row["fwd_peak_mib"] = peaks[impl.name] / MIB
+        for mode in ("fwd", "fwd_bwd"):
+            if (impl.name, mode) in seconds:
+                row[f"{mode}_ms"] = seconds[(impl.name, mode)] * 1e3
+                row[f"{mode}_gflops"] = flops[mode] / seconds[(impl.name, mode)] / 1e9
+        rows.append(row)
+    return rows
 
 
 def ratios(table: pd.DataFrame) -> pd.DataFrame:
@@ -216,9 +247,9 @@ def run(args: argparse.Namespace) -> dict[str, pd.DataFrame]:
     check_equal_work(local, impls)
     rows = []
     for n in args.lengths:
-        for impl in impls:
-            rows.append(measure_row(impl, n, local, args))
-            print(f"  {impl.name:>16} N={n:<6} {rows[-1]['status']}", flush=True)
+        rows += measure_length(impls, n, local, args)
+        for row in rows[-len(impls):]:
+            print(f"  {row['impl']:>16} N={n:<6} {row['status']}", flush=True)
     columns = ["impl", "N", "fwd_ms", "fwd_bwd_ms", "fwd_gflops", "fwd_bwd_gflops",
                "fwd_peak_mib", "status"]
     table = pd.DataFrame(rows).reindex(columns=columns)

@@ -77,6 +77,34 @@ def median_time(
     return statistics.median(_time_once(fn, device) for _ in range(repeats))
 
 
+def interleaved_median_times(
+    fns: dict[str, Callable[[], Any]],
+    *,
+    device: torch.device | str = "cpu",
+    repeats: int = 5,
+    budget_s: float | None = None,
+) -> dict[str, float]:
+    """Median seconds of each callable, timed in alternating rounds after one warm-up each.
+
+    Alternating the contenders round by round exposes them all to the same drift in machine
+    load, so their ratios hold up on a shared machine better than back-to-back medians.
+    budget_s: a callable whose warm-up shows `repeats` runs would exceed it runs fewer rounds.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    device = torch.device(device)
+    rounds = {}
+    for name, fn in fns.items():
+        warm = _time_once(fn, device)
+        rounds[name] = repeats if budget_s is None else max(1, min(repeats, int(budget_s / warm)))
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for round_index in range(repeats):
+        for name, fn in fns.items():
+            if round_index < rounds[name]:
+                times[name].append(_time_once(fn, device))
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 # -- memory ---------------------------------------------------------------------------------
 
 

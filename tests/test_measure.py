@@ -106,3 +106,16 @@ def test_tables_and_atomic_write(tmp_path):
     measure.write_atomic(target, "two")
     assert target.read_text() == "two"
     assert [p.name for p in target.parent.iterdir()] == ["table.md"]
+
+
+def test_interleaved_times_alternate_and_respect_the_budget():
+    from experiments.measure import interleaved_median_times
+
+    calls: list[str] = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in ("a", "b")}
+    times = interleaved_median_times(fns, repeats=3)
+    assert set(times) == {"a", "b"} and all(t >= 0 for t in times.values())
+    assert calls == ["a", "b"] + ["a", "b"] * 3  # one warm-up each, then alternating rounds
+    calls.clear()
+    interleaved_median_times(fns, repeats=3, budget_s=0.0)
+    assert calls == ["a", "b", "a", "b"]  # over budget: one timed round each
