@@ -1,0 +1,146 @@
+"""`routing`: Routing Transformer attention (Roy et al., 2021), shared-QK with k-means routing.
+
+Keys are the normalized queries `q̂ = q / ‖q‖` (the given `k` is ignored). Each query head
+keeps `n_clusters` unit centroids μ; each centroid takes the `window` tokens of highest
+`q̂·μ` (default `ceil(N / n_clusters)`), and the members of a cluster attend to each other
+(themselves included; causal by position; padded keys never). A token's output is the mean of
+its outputs over the clusters it belongs to, zero if none.
+
+In training mode with gradients enabled, each forward then moves the centroids by one step of
+spherical EMA k-means over the real tokens: a token belongs to its nearest centroid, and
+`μ <- normalize(decay * μ + (1 - decay) * normalize(sum of its tokens' q̂))` for every centroid
+that received a token. Evaluation (eval mode, or `torch.no_grad()`) never moves them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from einops import einsum
+from torch import Tensor
+
+from attn_zoo.attention import Attention
+from attn_zoo.params import Params, require
+from attn_zoo.registry import register
+from attn_zoo.variants.lsh import kv_rows, masked_attention, tie_ignored_keys
+
+
+@dataclass
+class RoutingParams(Params):
+    n_clusters: int = 8
+    window: int | None = None
+    decay: float = 0.999
+
+    def validate(self) -> None:
+        require(self.n_clusters >= 1, "n_clusters", self.n_clusters, ">= 1")
+        require(self.window is None or self.window >= 1, "window", self.window, ">= 1 or None")
+        require(0 < self.decay < 1, "decay", self.decay, "in (0, 1)")
+
+
+@register("routing")
+class RoutingAttention(Attention):
+    """Attention inside k-means clusters of the normalized queries.
+
+    Scores n_clusters * window ** 2 pairs per (batch, head): with the default window
+    ceil(N / n_clusters) that is N ** 2 / n_clusters, quadratic in N at a fixed n_clusters
+    (the SPEC's default), linear at a fixed window. Memory holds n_clusters x window x window
+    scores per head, never N x N. The centroids are a buffer of shape (heads, n_clusters,
+    head_dim), drawn from the torch RNG on the first call (heads and head_dim are unknown
+    before) and saved and loaded with `state_dict` like any buffer.
+    """
+
+    Params = RoutingParams
+    content_based = True
+    centroids: Tensor | None
+
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
+        self.register_buffer("centroids", None)
+
+    def clusters(self, q: Tensor) -> Tensor:
+        """Member positions of every cluster for q (B, H, N, D): (B, H, n_clusters, window)
+        long, increasing along the last axis; the ones the next forward with this q uses."""
+        work = torch.float32 if q.dtype in (torch.bfloat16, torch.float16) else q.dtype
+        keys = F.normalize(q.to(work).contiguous(), dim=-1)
+        return self._members(self._affinity(keys))
+
+    def _window(self, n: int) -> int:
+        window = self.params.window or math.ceil(n / self.params.n_clusters)
+        return min(window, n)
+
+    def _affinity(self, keys: Tensor) -> Tensor:
+        """q̂·μ of keys (B, H, N, D) with every centroid: (B, H, n_clusters, N), no gradient."""
+        _, heads, _, dim = keys.shape
+        shape = (heads, self.params.n_clusters, dim)
+        if self.centroids is None:
+            self.centroids = F.normalize(torch.randn(shape), dim=-1).to(keys.device)
+        if self.centroids.shape != shape:
+            raise ValueError(f"routing centroids have shape (heads, n_clusters, head_dim) = "
+                             f"{tuple(self.centroids.shape)}, got q with {heads} heads of "
+                             f"dimension {dim}")
+        with torch.no_grad():  # membership is discrete: no gradient reaches the centroids
+            return einsum(keys, self.centroids.to(keys), "b h n d, h c d -> b h c n")
+
+    def _members(self, affinity: Tensor) -> Tensor:
+        window = self._window(affinity.shape[-1])
+        return affinity.topk(window, dim=-1).indices.sort(dim=-1).values
+
+    def _update_centroids(self, keys: Tensor, affinity: Tensor, real: Tensor | None) -> None:
+        """One EMA k-means step from keys (B, H, N, D); real: (B, N) bool or None."""
+        nearest = F.one_hot(affinity.argmax(2), self.params.n_clusters).to(keys)  # (B, H, N, C)
+        if real is not None:  # padding holds no token to learn from
+            nearest = nearest * real[:, None, :, None]
+        sums = einsum(nearest, keys, "b h n c, b h n d -> h c d")
+        reached = nearest.sum((0, 2)) > 0  # (H, C)
+        decay = self.params.decay
+        centroids = self.centroids.to(keys)
+        moved = F.normalize(decay * centroids + (1 - decay) * F.normalize(sums, dim=-1), dim=-1)
+        self.centroids.copy_(torch.where(reached[..., None], moved, centroids))
+
+    def _forward_torch(self, q, k, v, causal, key_padding_mask, scale):
+        batch, kv_heads, groups, n, dim = q.shape
+        heads = kv_heads * groups
+        queries = q.reshape(batch, heads, n, dim).contiguous()
+        keys = F.normalize(queries, dim=-1)
+        affinity = self._affinity(keys)
+        members = self._members(affinity)  # (B, H, C, W)
+        if self.training and torch.is_grad_enabled():
+            with torch.no_grad():
+                self._update_centroids(keys, affinity, key_padding_mask)
+
+        # Row indices into the inputs flattened to (rows, D).
+        rows = torch.arange(batch * heads, device=q.device).view(batch, heads, 1, 1) * n + members
+        value_rows = kv_rows(batch, kv_heads, groups, n, q.device)[..., None, None] + members
+        allowed = torch.ones_like(members, dtype=torch.bool)[..., None, :]
+        if key_padding_mask is not None:
+            batch_index = torch.arange(batch, device=q.device).view(batch, 1, 1, 1)
+            allowed = key_padding_mask[batch_index, members][..., None, :]
+        if causal:
+            allowed = allowed & (members[..., None, :] <= members[..., :, None])
+        out, _ = masked_attention(queries.view(-1, dim)[rows], keys.view(-1, dim)[rows],
+                                  v.reshape(-1, dim)[value_rows], allowed, scale)
+
+        # Mean over the clusters each token belongs to; tokens in none stay zero.
+        rows = rows.flatten()
+        total = out.new_zeros(batch * heads * n, dim).index_add(0, rows, out.reshape(-1, dim))
+        count = out.new_zeros(batch * heads * n).index_add_(0, rows, out.new_ones(rows.shape))
+        out = total / count.clamp_min(1)[:, None]
+        return tie_ignored_keys(out.view(batch, kv_heads, groups, n, dim), k)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # A module not called yet has no centroids: take their shape from the checkpoint.
+        saved = state_dict.get(prefix + "centroids")
+        if self.centroids is None and saved is not None:
+            self.centroids = torch.empty_like(saved)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def scored_pairs(self, n: int, causal: bool) -> int:
+        """Pairs scored per (batch, head): window ** 2 per cluster; causal, window * (window +
+        1) / 2 (the members are distinct positions, so this is exact)."""
+        window = self._window(n)
+        per_cluster = window * (window + 1) // 2 if causal else window * window
+        return self.params.n_clusters * per_cluster
