@@ -33,16 +33,23 @@ def block_sparse_attention(
     block: int,
     scale: float,
     key_padding_mask: Tensor | None = None,
+    key_bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Exact attention over the pairs `allowed(i, j)` inside the listed key blocks.
 
     q: (B, Hkv, G, N, D), G query heads per kv head; k, v: (B, Hkv, M, D).
     key_blocks: (ceil(N / block), K) long, key block indices per query block, -1 padding.
     key_padding_mask: (B, M) bool, True = a real key.
+    key_bias: float broadcastable to (B, M), finite: added to the score of key j for every
+    query and head, so scores are `scale * q·k_j + key_bias[b, j]` (e.g. log(block_len) of a
+    pooled key); differentiable.
     Returns out (B, Hkv, G, N, D) and lse (B, Hkv, G, N); a row with no allowed key has
     out = 0 and lse = -inf, so partial attentions merge exactly by their log-sum-exps.
     """
-    return _BlockSparse.apply(q, k, v, key_blocks, allowed, block, scale, key_padding_mask)
+    if key_bias is not None:
+        key_bias = key_bias.to(q.dtype).expand(q.shape[0], k.shape[2])
+    return _BlockSparse.apply(q, k, v, key_blocks, allowed, block, scale, key_padding_mask,
+                              key_bias)
 
 
 def _pad_keys(x: Tensor, block: int) -> Tensor:
@@ -84,7 +91,8 @@ class _Chunk:
     k and v arrive padded to a whole number of blocks; `m` is the true key length.
     """
 
-    def __init__(self, work, q, k, v, m, key_blocks, allowed, block, key_padding_mask, c0, c1):
+    def __init__(self, work, q, k, v, m, key_blocks, allowed, block, key_padding_mask,
+                 key_bias, c0, c1):
         batch, hkv, groups, n, dim = q.shape
         self.work = work
         self.shape = (batch, hkv, c1 - c0, groups, block)
@@ -110,6 +118,9 @@ class _Chunk:
                            if partial[slot]]
         self.k = self.gather(k, "k")
         self.v = self.gather(v, "v")
+        # (B, 1, nc, 1, Kb): broadcasts over the (B, Hkv, nc, G * block, Kb) score tiles.
+        self.bias = None if key_bias is None else key_bias.view(batch, -1, block).index_select(
+            1, self.blocks).view(batch, 1, c1 - c0, 1, self.n_keys)
 
     def gather(self, x: Tensor, name: str) -> Tensor:
         """The listed key blocks of x (B, Hkv, M, D) -> (T, Kb, D)."""
@@ -153,6 +164,8 @@ class _Chunk:
         """Masked scores (T, G * block, Kb) of the scaled query tiles; disallowed = -inf."""
         scores = torch.bmm(scaled_q, self.k.transpose(1, 2),
                            out=self.work("scores", *scaled_q.shape[:2], self.n_keys))
+        if self.bias is not None:
+            scores.view(*self.shape[:3], -1, self.n_keys).add_(self.bias)
         tiles = scores.view(*self.shape, -1, self.shape[4])
         for slot, masked_out in self.masked_out:
             tiles[..., slot, :].masked_fill_(masked_out, float("-inf"))
@@ -169,16 +182,19 @@ def _chunks(q: Tensor, key_blocks: Tensor, block: int):
 
 class _BlockSparse(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, key_blocks, allowed, block, scale, key_padding_mask):
+    def forward(ctx, q, k, v, key_blocks, allowed, block, scale, key_padding_mask, key_bias):
         batch, hkv, groups, n, dim = q.shape
         m = k.shape[2]
         k, v = _pad_keys(k, block), _pad_keys(v, block)
+        if key_bias is not None:
+            key_bias = torch.nn.functional.pad(key_bias, (0, k.shape[2] - m)).contiguous()
         padded_n = key_blocks.shape[0] * block
         out = q.new_empty(batch, hkv, groups, padded_n, dim)
         lse = q.new_empty(batch, hkv, groups, padded_n)
         work = _Workspace(q)
         for c0, c1 in _chunks(q, key_blocks, block):
-            chunk = _Chunk(work, q, k, v, m, key_blocks, allowed, block, key_padding_mask, c0, c1)
+            chunk = _Chunk(work, q, k, v, m, key_blocks, allowed, block, key_padding_mask,
+                           key_bias, c0, c1)
             scores = chunk.scores(chunk.arrange(q, "q").mul_(scale))
             row_max = scores.amax(-1)
             empty = row_max == float("-inf")
@@ -187,23 +203,24 @@ class _BlockSparse(torch.autograd.Function):
             tile_lse = (row_max - probs.amax(-1).log()).masked_fill_(empty, float("-inf"))
             chunk.restore(tile_lse, lse)
             chunk.restore(torch.bmm(probs, chunk.v, out=work("out", *probs.shape[:2], dim)), out)
-        ctx.save_for_backward(q, k, v, key_blocks, key_padding_mask, out, lse)
+        ctx.save_for_backward(q, k, v, key_blocks, key_padding_mask, key_bias, out, lse)
         ctx.m, ctx.allowed, ctx.block, ctx.scale = m, allowed, block, scale
         return out[:, :, :, :n], lse[:, :, :, :n]
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out, grad_lse):
-        q, k, v, key_blocks, key_padding_mask, out, lse = ctx.saved_tensors
+        q, k, v, key_blocks, key_padding_mask, key_bias, out, lse = ctx.saved_tensors
         n, dim, block, scale = q.shape[3], q.shape[4], ctx.block, ctx.scale
         grad_q = torch.empty_like(out)
         grad_k, grad_v = torch.zeros_like(k), torch.zeros_like(v)
+        grad_bias = torch.zeros_like(key_bias) if ctx.needs_input_grad[8] else None
         # d lse_i / d s_ij = p_ij, so the lse gradient shifts the softmax-backward term delta.
         delta = (grad_out * out[:, :, :, :n]).sum(-1) - grad_lse
         work = _Workspace(q)
         for c0, c1 in _chunks(q, key_blocks, block):
             chunk = _Chunk(work, q, k, v, ctx.m, key_blocks, ctx.allowed, block,
-                           key_padding_mask, c0, c1)
+                           key_padding_mask, key_bias, c0, c1)
             scaled_q = chunk.arrange(q, "q").mul_(scale)
             scores = chunk.scores(scaled_q)
             probs = _softmax_(scores, chunk.arrange(lse, "lse") == float("-inf"))
@@ -218,9 +235,14 @@ class _BlockSparse(torch.autograd.Function):
             chunk.restore(torch.bmm(grad_scores, chunk.k, out=query_tile).mul_(scale), grad_q)
             chunk.scatter_add(grad_k, torch.bmm(grad_scores.transpose(1, 2), scaled_q,
                                                 out=key_tile))
+            if grad_bias is not None:  # a bias reaches every query and head of its key
+                batch, hkv, nc = chunk.shape[:3]
+                per_key = grad_scores.view(batch, hkv, nc, -1, chunk.n_keys).sum((1, 3))
+                grad_bias.view(batch, -1, block).index_add_(
+                    1, chunk.blocks, per_key.view(batch, -1, block))
         m = ctx.m
         return (grad_q[:, :, :, :n], grad_k[:, :, :m], grad_v[:, :, :m],
-                None, None, None, None, None)
+                None, None, None, None, None, None if grad_bias is None else grad_bias[:, :m])
 
 
 def band_key_blocks(n: int, block: int, before: int, after: int, device=None) -> Tensor:
