@@ -1,0 +1,148 @@
+"""`hierarchical`: exact attention near the query, one pooled key per block farther away.
+
+Positions fall into blocks of `block` (the last one may be partial), I = i // block. Query i
+attends exactly to the keys of the blocks J with abs(I - J) <= window_blocks (causal:
+I - window_blocks <= J <= I, and j <= i), and to every other block J (causal:
+J < I - window_blocks) as one pooled key/value: the mean of its keys and of its values, scored
+`scale * q·k_mean + log(block_len)`, so a far block weighs as its block_len keys would if they
+all equalled their mean. With a key padding mask a block pools its real keys only (block_len =
+their count) and a block without any is skipped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from attn_zoo.attention import Attention
+from attn_zoo.blocksparse import (
+    Pattern,
+    block_sparse_attention,
+    merge_partial_attentions,
+    span_key_blocks,
+    tile_block,
+)
+from attn_zoo.params import Params, require
+from attn_zoo.registry import register
+
+
+@dataclass
+class HierarchicalParams(Params):
+    block: int = 64
+    window_blocks: int = 2
+
+    def validate(self) -> None:
+        require(self.block >= 1, "block", self.block, ">= 1")
+        require(self.window_blocks >= 0, "window_blocks", self.window_blocks, ">= 0")
+
+
+def hierarchical_exact_pattern(block: int, window_blocks: int, causal: bool) -> Pattern:
+    """Pairs (i, j) scored exactly: j in a block within `window_blocks` of i's block."""
+
+    def allowed(i: Tensor, j: Tensor) -> Tensor:
+        offset = i // block - j // block
+        if causal:
+            return (offset <= window_blocks) & (j <= i)
+        return offset.abs() <= window_blocks
+
+    return allowed
+
+
+def hierarchical_pooled_pattern(block: int, window_blocks: int, causal: bool) -> Pattern:
+    """Pairs (i, J) of a query and a pooled block J: the blocks outside i's window."""
+
+    def allowed(i: Tensor, blocks: Tensor) -> Tensor:
+        offset = i // block - blocks
+        return offset > window_blocks if causal else offset.abs() > window_blocks
+
+    return allowed
+
+
+def block_means(x: Tensor, real: Tensor | None, block: int) -> tuple[Tensor, Tensor]:
+    """Mean of each block's real rows, and their count.
+
+    x: (B, H, N, D); real: (B, N) bool or None (every row real). Returns the means
+    (B, H, ceil(N / block), D), zero for a block without real rows, and the counts
+    (B or 1, ceil(N / block)) in x's dtype.
+    """
+    batch, heads, n, dim = x.shape
+    missing = -n % block
+    if real is None:
+        real = torch.ones(1, n, dtype=torch.bool, device=x.device)
+    else:  # where, not a product: padded rows may hold anything, inf included
+        x = torch.where(real[:, None, :, None], x, 0.0)
+    sums = F.pad(x, (0, 0, 0, missing)).view(batch, heads, -1, block, dim).sum(3)
+    counts = F.pad(real, (0, missing)).view(real.shape[0], -1, block).sum(2).to(x.dtype)
+    return sums / counts.clamp_min(1)[:, None, :, None], counts
+
+
+@register("hierarchical")
+class HierarchicalAttention(Attention):
+    """Window of blocks through the block-sparse engine, plus the N / block pooled keys as a
+    second engine call (their log(block_len) as a per-key score bias), merged by log-sum-exp.
+
+    Work O(N * ((2 * window_blocks + 1) * block + N / block)), the pattern's own count;
+    memory O(N * D) plus one chunk of tiles.
+    """
+
+    Params = HierarchicalParams
+
+    def exact_pattern(self, n: int, causal: bool) -> Pattern:
+        """The exactly scored pairs (the pooled keys come on top; see the module docstring)."""
+        return hierarchical_exact_pattern(self.params.block, self.params.window_blocks, causal)
+
+    def _forward_torch(self, q, k, v, causal, key_padding_mask, scale):
+        n, block, window_blocks = q.shape[3], self.params.block, self.params.window_blocks
+        parts = [self._window(q, k, v, causal, key_padding_mask, scale)]
+        n_blocks = -(-n // block)
+        if n_blocks - 1 > window_blocks:  # some query has a block outside its window
+            pooled_k, counts = block_means(k, key_padding_mask, block)
+            pooled_v, _ = block_means(v, key_padding_mask, block)
+            tile = tile_block(n_blocks)
+            query_blocks = torch.arange(-(-n // tile), device=q.device)
+            if causal:  # blocks before the window of the tile's last row
+                last_row = (query_blocks * tile + tile - 1).clamp_max(n - 1)
+                last = (last_row // block - window_blocks - 1).div(tile, rounding_mode="floor")
+            else:
+                last = torch.full_like(query_blocks, (n_blocks - 1) // tile)
+            key_blocks = span_key_blocks(torch.zeros_like(query_blocks), last)
+            parts.append(block_sparse_attention(
+                q, pooled_k, pooled_v, key_blocks,
+                hierarchical_pooled_pattern(block, window_blocks, causal), block=tile,
+                scale=scale, key_padding_mask=None if key_padding_mask is None else counts > 0,
+                key_bias=counts.clamp_min(1).log(),
+            ))
+        return merge_partial_attentions(parts)[0]
+
+    def _window(self, q, k, v, causal, key_padding_mask, scale) -> tuple[Tensor, Tensor]:
+        """Keys of the blocks in the query's window: (out, lse) like the engine."""
+        n, block, window_blocks = q.shape[3], self.params.block, self.params.window_blocks
+        tile = tile_block(block)
+        first_row = torch.arange(0, n, tile, device=q.device)
+        last_row = (first_row + tile - 1).clamp_max(n - 1)
+        first_key = ((first_row // block - window_blocks) * block).clamp_min(0)
+        if causal:
+            last_key = last_row
+        else:
+            last_key = ((last_row // block + window_blocks + 1) * block).clamp_max(n) - 1
+        key_blocks = span_key_blocks(first_key // tile, last_key // tile)
+        return block_sparse_attention(q, k, v, key_blocks, self.exact_pattern(n, causal),
+                                      block=tile, scale=scale, key_padding_mask=key_padding_mask)
+
+    def scored_pairs(self, n: int, causal: bool) -> int:
+        block, window_blocks = self.params.block, self.params.window_blocks
+        n_blocks = -(-n // block)
+        pairs = 0
+        for i in range(n_blocks):
+            rows = min(block, n - i * block)
+            first = max(0, i - window_blocks)
+            if causal:  # row r of the block sees keys first * block ... i * block + r
+                pairs += rows * (i - first) * block + rows * (rows + 1) // 2 + rows * first
+            else:
+                last = min(n_blocks - 1, i + window_blocks)
+                exact = min(n, (last + 1) * block) - first * block
+                pairs += rows * (exact + n_blocks - (last - first + 1))
+        return pairs
