@@ -1,0 +1,187 @@
+"""`compressive`: segment recurrence with a raw and a compressed memory (Rae et al., 2020).
+
+Causal only. Query i in segment s = i // segment, start = s * segment, attends exactly to
+the keys start - mem_len <= j <= i (its segment so far and the raw memory of the mem_len keys
+before it), and to a compressed memory: the older keys [0, start - mem_len) in groups
+[g * rate, (g + 1) * rate), each pooled into one key/value by `compress`, of which the newest
+cmem_len groups count. Pooled keys are scored plainly, `scale * q·k_c`.
+
+`compress`: "mean" (the group's mean), "max" (elementwise max) or "conv": a learned depthwise
+strided convolution with kernel = stride = rate whose `rate` taps are shared by every head_dim
+channel (one set for keys, `key_conv`, one for values, `value_conv`). Sharing keeps the
+parameters independent of head_dim, so they exist at build time and the module round-trips
+through state_dict before its first call; the taps start at 1 / rate, i.e. as the mean.
+
+Padding: a group pools its real keys only (mean over them, max over them, conv with padded
+keys zeroed) and a group without any is skipped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from attn_zoo.attention import Attention
+from attn_zoo.blocksparse import (
+    Pattern,
+    block_sparse_attention,
+    merge_partial_attentions,
+    span_key_blocks,
+    tile_block,
+)
+from attn_zoo.params import Params, require
+from attn_zoo.registry import register
+
+
+@dataclass
+class CompressiveParams(Params):
+    segment: int = 128
+    mem_len: int = 256
+    cmem_len: int = 64
+    rate: int = 4
+    compress: Literal["mean", "max", "conv"] = "mean"
+
+    def validate(self) -> None:
+        require(self.segment >= 1, "segment", self.segment, ">= 1")
+        require(self.mem_len >= 0, "mem_len", self.mem_len, ">= 0")
+        require(self.cmem_len >= 0, "cmem_len", self.cmem_len, ">= 0")
+        require(self.rate >= 1, "rate", self.rate, ">= 1")
+        require(self.segment % self.rate == 0, "segment", self.segment,
+                f"a multiple of rate ({self.rate})")
+        require(self.mem_len % self.segment == 0, "mem_len", self.mem_len,
+                f"a multiple of segment ({self.segment})")
+
+
+def compressive_exact_pattern(segment: int, mem_len: int) -> Pattern:
+    """Pairs (i, j) scored exactly: i's segment up to i and the mem_len keys before it."""
+
+    def allowed(i: Tensor, j: Tensor) -> Tensor:
+        return (j <= i) & (j >= i // segment * segment - mem_len)
+
+    return allowed
+
+
+def compressive_pooled_end(segment: int, mem_len: int, rate: int) -> Callable[[Tensor], Tensor]:
+    """end(i): the groups g < end(i) lie before query i's raw memory (end <= 0: none).
+
+    start - mem_len is a multiple of rate (segment and mem_len are), so they are complete.
+    """
+
+    def end(i: Tensor) -> Tensor:
+        return (i // segment * segment - mem_len).div(rate, rounding_mode="floor")
+
+    return end
+
+
+def compressive_pooled_pattern(segment: int, mem_len: int, cmem_len: int, rate: int) -> Pattern:
+    """Pairs (i, g) of a query and a compressed group: the newest cmem_len groups before
+    i's raw memory."""
+    end = compressive_pooled_end(segment, mem_len, rate)
+
+    def allowed(i: Tensor, groups: Tensor) -> Tensor:
+        last = end(i)
+        return (groups < last) & (groups >= last - cmem_len)
+
+    return allowed
+
+
+@register("compressive")
+class CompressiveAttention(Attention):
+    """Segment and raw memory through the block-sparse engine, plus the N / rate compressed
+    keys as a second engine call, merged by log-sum-exp.
+
+    Work O(N * (mem_len + segment + cmem_len)), the pattern's own count; memory O(N * D)
+    plus one chunk of tiles.
+    """
+
+    Params = CompressiveParams
+    causal_only = True
+
+    def __init__(self, **params) -> None:
+        super().__init__(**params)
+        if self.params.compress == "conv":
+            rate = self.params.rate
+            self.key_conv = nn.Parameter(torch.full((rate,), 1.0 / rate))
+            self.value_conv = nn.Parameter(torch.full((rate,), 1.0 / rate))
+
+    def exact_pattern(self, n: int, causal: bool) -> Pattern:
+        """The exactly scored pairs (the compressed memory comes on top)."""
+        return compressive_exact_pattern(self.params.segment, self.params.mem_len)
+
+    def pool_groups(self, x: Tensor, real: Tensor | None, weight: Tensor | None) -> Tensor:
+        """The complete groups of `rate` rows of x pooled: (B, H, N, D) -> (B, H, N // rate, D).
+
+        real: (B, N) bool or None; padded rows are left out of a group and a group without
+        real rows becomes zeros (it is skipped). weight: the (rate,) taps of "conv".
+        """
+        rate, mode = self.params.rate, self.params.compress
+        length = x.shape[2] // rate * rate
+        x = x[:, :, :length]
+        if real is not None:
+            real = real[:, None, :length, None]
+            # where, not a product: padded rows may hold anything, inf included
+            x = torch.where(real, x, float("-inf") if mode == "max" else 0.0)
+        groups = x.unflatten(2, (-1, rate))  # (B, H, P, rate, D)
+        if mode == "conv":
+            return torch.einsum("bhprd,r->bhpd", groups, weight.to(x.dtype))
+        if real is None:
+            return groups.amax(3) if mode == "max" else groups.mean(3)
+        counts = real.unflatten(2, (-1, rate)).sum(3)
+        if mode == "max":
+            return torch.where(counts > 0, groups.amax(3), 0.0)
+        return groups.sum(3) / counts.clamp_min(1)
+
+    def _forward_torch(self, q, k, v, causal, key_padding_mask, scale):
+        n = q.shape[3]
+        segment, mem_len = self.params.segment, self.params.mem_len
+        cmem_len, rate = self.params.cmem_len, self.params.rate
+        parts = [self._segment_and_memory(q, k, v, key_padding_mask, scale)]
+        last_start = (n - 1) // segment * segment
+        if cmem_len and last_start - mem_len >= rate:  # some query has a compressed key
+            conv = self.params.compress == "conv"
+            pooled_k = self.pool_groups(k, key_padding_mask, self.key_conv if conv else None)
+            pooled_v = self.pool_groups(v, key_padding_mask, self.value_conv if conv else None)
+            real = None
+            if key_padding_mask is not None:
+                real = key_padding_mask[:, :pooled_k.shape[2] * rate].unflatten(
+                    1, (-1, rate)).any(2)
+            tile = tile_block(cmem_len)
+            first_row = torch.arange(0, n, tile, device=q.device)
+            last_row = (first_row + tile - 1).clamp_max(n - 1)
+            end = compressive_pooled_end(segment, mem_len, rate)
+            first = (end(first_row) - cmem_len).clamp_min(0)
+            last = (end(last_row) - 1).div(tile, rounding_mode="floor")
+            key_blocks = span_key_blocks(first // tile, last)
+            parts.append(block_sparse_attention(
+                q, pooled_k, pooled_v, key_blocks,
+                compressive_pooled_pattern(segment, mem_len, cmem_len, rate), block=tile,
+                scale=scale, key_padding_mask=real,
+            ))
+        return merge_partial_attentions(parts)[0]
+
+    def _segment_and_memory(self, q, k, v, key_padding_mask, scale) -> tuple[Tensor, Tensor]:
+        """Keys start - mem_len ... i of every query: (out, lse) like the engine."""
+        n, segment, mem_len = q.shape[3], self.params.segment, self.params.mem_len
+        tile = tile_block(segment)
+        first_row = torch.arange(0, n, tile, device=q.device)
+        last_row = (first_row + tile - 1).clamp_max(n - 1)
+        first_key = (first_row // segment * segment - mem_len).clamp_min(0)
+        key_blocks = span_key_blocks(first_key // tile, last_row // tile)
+        return block_sparse_attention(q, k, v, key_blocks, self.exact_pattern(n, True),
+                                      block=tile, scale=scale, key_padding_mask=key_padding_mask)
+
+    def scored_pairs(self, n: int, causal: bool) -> int:
+        segment, mem_len = self.params.segment, self.params.mem_len
+        cmem_len, rate = self.params.cmem_len, self.params.rate
+        pairs = 0
+        for start in range(0, n, segment):
+            rows = min(segment, n - start)
+            first = max(0, start - mem_len)
+            compressed = min(cmem_len, max(0, (start - mem_len) // rate))
+            # row r sees keys first ... start + r and `compressed` pooled keys
+            pairs += rows * (start - first + compressed) + rows * (rows + 1) // 2
+        return pairs
