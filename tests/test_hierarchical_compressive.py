@@ -1,0 +1,297 @@
+"""`hierarchical` and `compressive` against a dense float64 reference with pooled keys (forward
+and gradients, GQA, padding masks with empty blocks and empty rows, every compress mode),
+pair counts, bad parameters, the conv's parameters, linear memory; and the engine's
+per-key score bias they rest on."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import qkv
+
+import attn_zoo
+from attn_zoo.blocksparse import band_key_blocks, block_sparse_attention
+from attn_zoo.reference import PooledKeys, dense_mask, reference_attention
+from experiments.measure import peak_memory
+
+
+def padding_mask(batch: int, n: int, seed: int) -> torch.Tensor:
+    """(batch, n) bool: random real keys in row 0 with a padded stretch covering whole blocks
+    and groups, every key real in row 1, none in the last row."""
+    real = torch.rand(batch, n, generator=torch.Generator().manual_seed(seed)) > 0.3
+    real[0, 20:45] = False
+    real[1] = True
+    real[-1] = False
+    return real
+
+
+def check_gradients(out, expected, inputs) -> None:
+    grad = torch.randn_like(out)
+    grads = torch.autograd.grad(out, inputs, grad, allow_unused=True)
+    expected_grads = torch.autograd.grad(expected, inputs, grad, allow_unused=True)
+    for got, want, x in zip(grads, expected_grads, inputs, strict=True):
+        # a conv tap that no query reaches gets no gradient at all from the engine
+        got = torch.zeros_like(x) if got is None else got
+        want = torch.zeros_like(x) if want is None else want
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+
+
+# -- hierarchical ---------------------------------------------------------------------------
+
+
+def hierarchical_reference(q, k, v, real, block, window_blocks, causal, scale=None):
+    """Dense float64 hierarchical attention: exact window plus one mean key per far block."""
+    n = q.shape[2]
+    positions = torch.arange(n)
+    rows, cols = (positions // block)[:, None], (positions // block)[None, :]
+    exact = ((rows - cols <= window_blocks) & (positions[None, :] <= positions[:, None])
+             if causal else (rows - cols).abs() <= window_blocks)
+    blocks = torch.arange(-(-n // block))
+    far = (rows - blocks > window_blocks) if causal else (rows - blocks).abs() > window_blocks
+    members = (positions[None, :] // block == blocks[:, None])[None] & real[:, None, :]  # (B, P, N)
+    counts = members.sum(-1).double()
+    weights = members.double() / counts.clamp_min(1)[..., None]
+    pooled = PooledKeys(
+        torch.einsum("bpn,bhnd->bhpd", weights, k.double()),
+        torch.einsum("bpn,bhnd->bhpd", weights, v.double()),
+        far[None, None] & (counts > 0)[:, None, None, :],
+        counts.clamp_min(1).log()[:, None, None, :],
+    )
+    return reference_attention(q, k, v, exact, scale=scale, key_padding_mask=real, pooled=pooled)
+
+
+HIERARCHICAL_CASES = [
+    {"block": 5, "window_blocks": 1},
+    {"block": 8, "window_blocks": 0},
+    {"block": 3, "window_blocks": 2},
+    {"block": 16, "window_blocks": 2, "scale": 0.3},
+    {"block": 1, "window_blocks": 4},
+]
+
+
+def params_id(params: dict) -> str:
+    return "-".join(f"{key}{value}" for key, value in params.items())
+
+
+@pytest.mark.parametrize("params", HIERARCHICAL_CASES, ids=params_id)
+@pytest.mark.parametrize("n", [1, 97, 300])
+def test_hierarchical_matches_dense_reference(params, n):
+    attn = attn_zoo.build("hierarchical", **params)
+    for causal, kv_heads in ((False, 2), (True, 1)):
+        q, k, v = qkv(batch=3, q_heads=4, kv_heads=kv_heads, n=n, dim=8, dtype=torch.float64,
+                      seed=n, requires_grad=True)
+        real = padding_mask(3, n, seed=n)
+        out = attn(q, k, v, causal=causal, key_padding_mask=real)
+        expected = hierarchical_reference(q, k, v, real, params["block"],
+                                          params["window_blocks"], causal, params.get("scale"))
+        torch.testing.assert_close(out, expected, atol=1e-10, rtol=1e-10)
+        check_gradients(out, expected, (q, k, v))
+
+
+def test_hierarchical_far_block_weighs_as_its_keys():
+    # Keys equal within each block: the pooled key scores exactly as its block_len keys would.
+    q, k, v = qkv(batch=1, q_heads=2, kv_heads=2, n=50, dim=8)
+    k = k[:, :, ::5].repeat_interleave(5, 2)
+    v = v[:, :, ::5].repeat_interleave(5, 2)
+    out = attn_zoo.build("hierarchical", block=5, window_blocks=1)(q, k, v)
+    torch.testing.assert_close(out, attn_zoo.build("full")(q, k, v), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("params", HIERARCHICAL_CASES + [{}], ids=params_id)
+def test_hierarchical_scored_pairs(params):
+    attn = attn_zoo.build("hierarchical", **params)
+    block, window_blocks = attn.params.block, attn.params.window_blocks
+    for n in (1, 23, 97, 300):
+        for causal in (False, True):
+            exact = int(dense_mask(attn.exact_pattern(n, causal), n).sum())
+            rows = torch.arange(n)[:, None] // block
+            offset = rows - torch.arange(-(-n // block))
+            pooled = int((offset > window_blocks if causal else offset.abs() > window_blocks)
+                         .sum())
+            assert attn.scored_pairs(n, causal) == exact + pooled, (n, causal)
+
+
+# -- compressive ----------------------------------------------------------------------------
+
+
+def compressive_reference(q, k, v, real, attn):
+    """Dense float64 compressive attention; each group pooled on its own from its real keys."""
+    segment, mem_len = attn.params.segment, attn.params.mem_len
+    cmem_len, rate, mode = attn.params.cmem_len, attn.params.rate, attn.params.compress
+    n = q.shape[2]
+    i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    exact = (j <= i) & (j >= i // segment * segment - mem_len)
+    n_groups = n // rate
+    end = (i // segment * segment - mem_len) // rate
+    groups = torch.arange(n_groups)[None, :]
+    recent = (groups < end) & (groups >= end - cmem_len)
+
+    def pool(x, taps):
+        pooled = torch.zeros(*x.shape[:2], n_groups, x.shape[3], dtype=torch.float64)
+        for b in range(x.shape[0]):
+            for g in range(n_groups):
+                keep = real[b, g * rate:(g + 1) * rate]
+                members = x[b, :, g * rate:(g + 1) * rate].double()
+                if not keep.any():
+                    continue
+                if mode == "mean":
+                    pooled[b, :, g] = members[:, keep].mean(1)
+                elif mode == "max":
+                    pooled[b, :, g] = members[:, keep].amax(1)
+                else:
+                    pooled[b, :, g] = torch.einsum("hrd,r->hd", members[:, keep], taps[keep])
+        return pooled
+
+    conv = mode == "conv"
+    has_real = real[:, :n_groups * rate].reshape(real.shape[0], n_groups, rate).any(-1)
+    pooled = PooledKeys(pool(k, attn.key_conv if conv else None),
+                        pool(v, attn.value_conv if conv else None),
+                        recent[None, None] & has_real[:, None, None, :], torch.zeros(()))
+    return reference_attention(q, k, v, exact, key_padding_mask=real, pooled=pooled)
+
+
+COMPRESSIVE_CASES = [
+    {"segment": 6, "mem_len": 12, "cmem_len": 3, "rate": 2, "compress": "mean"},
+    {"segment": 8, "mem_len": 0, "cmem_len": 5, "rate": 4, "compress": "max"},
+    {"segment": 4, "mem_len": 8, "cmem_len": 100, "rate": 4, "compress": "conv"},
+    {"segment": 5, "mem_len": 5, "cmem_len": 2, "rate": 1, "compress": "conv"},
+    {"segment": 6, "mem_len": 6, "cmem_len": 0, "rate": 3, "compress": "mean"},
+    {"segment": 32, "mem_len": 64, "cmem_len": 16, "rate": 4, "compress": "max"},
+]
+
+
+def compressive(params: dict):
+    """A float64 compressive module; random conv taps so that they differ from the mean."""
+    attn = attn_zoo.build("compressive", **params).double()
+    if params.get("compress") == "conv":
+        gen = torch.Generator().manual_seed(5)
+        with torch.no_grad():
+            for taps in (attn.key_conv, attn.value_conv):
+                taps.copy_(torch.randn(taps.shape, generator=gen))
+    return attn
+
+
+@pytest.mark.parametrize("params", COMPRESSIVE_CASES, ids=params_id)
+@pytest.mark.parametrize("n", [1, 97, 300])
+def test_compressive_matches_dense_reference(params, n):
+    attn = compressive(params)
+    for kv_heads in (1, 2):
+        q, k, v = qkv(batch=3, q_heads=4, kv_heads=kv_heads, n=n, dim=8, dtype=torch.float64,
+                      seed=n + kv_heads, requires_grad=True)
+        real = padding_mask(3, n, seed=n)
+        out = attn(q, k, v, causal=True, key_padding_mask=real)
+        expected = compressive_reference(q, k, v, real, attn)
+        torch.testing.assert_close(out, expected, atol=1e-10, rtol=1e-10)
+        check_gradients(out, expected, (q, k, v, *attn.parameters()))
+
+
+def test_compressive_conv_starts_as_the_mean_and_learns():
+    q, k, v = qkv(n=200, requires_grad=True)
+    params = {"segment": 8, "mem_len": 16, "cmem_len": 10, "rate": 4}
+    conv = attn_zoo.build("compressive", compress="conv", **params)
+    mean = attn_zoo.build("compressive", compress="mean", **params)
+    out = conv(q, k, v, causal=True)
+    torch.testing.assert_close(out, mean(q, k, v, causal=True), atol=1e-6, rtol=1e-6)
+    out.square().sum().backward()
+    assert [name for name, _ in conv.named_parameters()] == ["key_conv", "value_conv"]
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in conv.parameters())
+    assert not list(mean.parameters())
+
+
+def test_compressive_conv_state_dict_round_trip():
+    params = {"segment": 8, "mem_len": 16, "cmem_len": 10, "rate": 4, "compress": "conv"}
+    trained = compressive(params).float()
+    fresh = attn_zoo.build("compressive", **params)
+    fresh.load_state_dict(trained.state_dict())
+    q, k, v = qkv(n=120)
+    torch.testing.assert_close(fresh(q, k, v, causal=True), trained(q, k, v, causal=True))
+
+
+def test_compressive_is_causal_only():
+    q, k, v = qkv(n=20)
+    with pytest.raises(ValueError, match="causal only, got causal=False"):
+        attn_zoo.build("compressive")(q, k, v, causal=False)
+
+
+@pytest.mark.parametrize("params", COMPRESSIVE_CASES + [{}], ids=params_id)
+def test_compressive_scored_pairs(params):
+    attn = attn_zoo.build("compressive", **params)
+    segment, mem_len = attn.params.segment, attn.params.mem_len
+    cmem_len, rate = attn.params.cmem_len, attn.params.rate
+    for n in (1, 23, 97, 300, 1000):
+        exact = int(dense_mask(attn.exact_pattern(n, True), n).sum())
+        end = (torch.arange(n)[:, None] // segment * segment - mem_len) // rate
+        groups = torch.arange(n // rate)
+        pooled = int(((groups < end) & (groups >= end - cmem_len)).sum())
+        assert attn.scored_pairs(n, True) == exact + pooled, n
+
+
+# -- parameters, memory, engine -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "params", "match"), [
+    ("hierarchical", {"block": 0}, "block must be >= 1, got 0"),
+    ("hierarchical", {"window_blocks": -1}, "window_blocks must be >= 0, got -1"),
+    ("compressive", {"segment": 0}, "segment must be >= 1, got 0"),
+    ("compressive", {"mem_len": -128}, "mem_len must be >= 0, got -128"),
+    ("compressive", {"cmem_len": -1}, "cmem_len must be >= 0, got -1"),
+    ("compressive", {"rate": 0}, "rate must be >= 1, got 0"),
+    ("compressive", {"rate": 3}, r"segment must be a multiple of rate \(3\), got 128"),
+    ("compressive", {"mem_len": 200}, r"mem_len must be a multiple of segment \(128\), got 200"),
+])
+def test_bad_parameters(name, params, match):
+    with pytest.raises(ValueError, match=match):
+        attn_zoo.build(name, **params)
+
+
+@pytest.mark.parametrize(("name", "params"), [("hierarchical", {"block": 2.0}),
+                                              ("compressive", {"compress": "sum"}),
+                                              ("compressive", {"rate": None})])
+def test_parameter_types(name, params):
+    with pytest.raises(TypeError, match=next(iter(params))):
+        attn_zoo.build(name, **params)
+
+
+@pytest.mark.parametrize(("name", "params", "causal"), [
+    ("hierarchical", {"block": 16}, False),
+    ("compressive", {"segment": 32, "mem_len": 64, "cmem_len": 16}, True),
+])
+def test_memory_is_linear(name, params, causal):
+    attn = attn_zoo.build(name, **params)
+
+    def peak(n: int) -> tuple[int, int]:
+        q, k, v = (torch.randn(1, 8, n, 32, requires_grad=True) for _ in range(3))
+        return (peak_memory(lambda: attn(q, k, v, causal=causal).sum().backward()),
+                q.numel() * q.element_size())
+
+    small, _ = peak(1024)
+    large, out_bytes = peak(4096)
+    assert large / small < 4.5  # 4x the length: 4x the memory, not 16x
+    assert large < 40 * out_bytes  # an N x N score matrix alone would be 128x
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_engine_key_bias_matches_dense_reference(batched):
+    n, block = 45, 8
+    q, k, v = qkv(batch=2, q_heads=4, kv_heads=2, n=n, dim=8, dtype=torch.float64,
+                  requires_grad=True)
+    real = padding_mask(2, n, seed=1)
+    bias = torch.randn(2 if batched else 1, n, dtype=torch.float64, requires_grad=True)
+
+    def band(i, j):
+        return (i - j).abs() <= 10
+
+    out, lse = block_sparse_attention(
+        q.unflatten(1, (2, 2)), k, v, band_key_blocks(n, block, 2, 2), band, block=block,
+        scale=0.5, key_padding_mask=real, key_bias=bias)
+    out = out.flatten(1, 2)
+    # The reference adds a bias to pooled keys only: offer every key as a pooled one.
+    allowed = dense_mask(band, n)
+    expected = reference_attention(
+        q, k, v, torch.zeros(n, n, dtype=torch.bool), scale=0.5,
+        pooled=PooledKeys(k, v, allowed & real[:, None, None, :], bias[:, None, None, :]))
+    torch.testing.assert_close(out, expected, atol=1e-10, rtol=1e-10)
+    check_gradients(out, expected, (q, k, v, bias))
+    scores = torch.einsum("bhnd,bhmd->bhnm", q, k.repeat_interleave(2, 1)) * 0.5
+    scores = (scores + bias[:, None, None]).masked_fill(~(allowed & real[:, None, None]), -torch.inf)
+    torch.testing.assert_close(lse.flatten(1, 2), scores.logsumexp(-1))
