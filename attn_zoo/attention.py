@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from attn_zoo.flex import flex_block_mask, flex_forward
 from attn_zoo.params import Params
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -47,6 +48,7 @@ class Attention(nn.Module):
                 f"expected: {', '.join(known)}"
             )
         self.params = self.Params(**params)
+        self._flex_masks: dict[tuple, object] = {}  # block masks of the flex backend, by shape
         backend = self.params.backend
         if backend != "auto" and backend not in self.backends:
             raise ValueError(
@@ -82,11 +84,25 @@ class Attention(nn.Module):
         """The backend a call on `device` runs: the configured one, or the best for "auto"."""
         if self.params.backend != "auto":
             return self.params.backend
-        if device.type == "cuda" and "triton" in self.backends:
-            return "triton"
+        if device.type == "cuda":
+            return next((b for b in ("triton", "flex") if b in self.backends), "torch")
         return "torch"
 
     # -- what a variant provides ----------------------------------------------------------
+
+    def _forward_flex(self, q, k, v, causal, key_padding_mask, scale):
+        """FlexAttention over `self.pattern(n, causal)`, for variants listing "flex"."""
+        n, m = q.shape[3], k.shape[2]
+        if key_padding_mask is not None:
+            mask = flex_block_mask(self.pattern(n, causal), q.shape[0], n, m, q.device,
+                                   key_padding_mask)
+        else:
+            key = (n, m, causal, q.device)
+            if key not in self._flex_masks:
+                self._flex_masks[key] = flex_block_mask(self.pattern(n, causal), None, n, m,
+                                                        q.device)
+            mask = self._flex_masks[key]
+        return flex_forward(q, k, v, mask, scale)
 
     # A variant defines `scored_pairs(n, causal) -> int`: the (query, key) pairs one
     # (batch, head) forward scores, a pooled key counting as one; `register` checks it.

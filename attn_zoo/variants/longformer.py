@@ -85,6 +85,7 @@ class LongformerAttention(Attention):
     """
 
     Params = LongformerParams
+    backends = ("torch", "flex")
 
     def pattern(self, n: int, causal: bool) -> Pattern:
         p = self.params

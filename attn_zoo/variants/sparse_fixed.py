@@ -53,6 +53,7 @@ class SparseFixedAttention(Attention):
     """
 
     Params = SparseFixedParams
+    backends = ("torch", "flex")
 
     def pattern(self, n: int, causal: bool) -> Pattern:
         return fixed_pattern(self.params.stride, self.params.summary, causal)

@@ -1,0 +1,39 @@
+"""The flex backend (FlexAttention over a variant's pattern) equals the torch backend."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import qkv
+
+import attn_zoo
+from attn_zoo.registry import get
+
+FLEX_VARIANTS = [name for name in attn_zoo.available() if "flex" in get(name).backends]
+
+
+@pytest.fixture(autouse=True)
+def room_to_recompile():
+    # Every pattern is its own compiled graph; the suite compiles more than dynamo's default
+    # allows before it falls back to uncompiled FlexAttention.
+    with torch._dynamo.config.patch(recompile_limit=64):
+        yield
+
+
+@pytest.mark.parametrize("name", FLEX_VARIANTS)
+def test_flex_matches_torch(name):
+    q, k, v = qkv(n=300)
+    real = torch.rand(2, 300, generator=torch.Generator().manual_seed(0)) > 0.3
+    real[1] = False
+    causal = True  # one compile per variant keeps the suite fast; padding exercises mask_mod
+    with torch.no_grad():  # FlexAttention has no backward on CPU
+        expected = attn_zoo.build(name, backend="torch")(q, k, v, causal=causal,
+                                                         key_padding_mask=real)
+        got = attn_zoo.build(name, backend="flex")(q, k, v, causal=causal, key_padding_mask=real)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_auto_picks_torch_on_cpu_and_flex_is_only_for_patterns():
+    assert attn_zoo.build("local").resolve_backend(torch.device("cpu")) == "torch"
+    with pytest.raises(ValueError, match="backend 'flex' is not supported by attention 'full'"):
+        attn_zoo.build("full", backend="flex")
