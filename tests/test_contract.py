@@ -7,8 +7,8 @@ import torch
 from conftest import STATIC_VARIANTS, build, call, causal_modes, qkv
 
 import attn_zoo
-from attn_zoo.registry import get
 from attn_zoo.reference import dense_mask, reference_attention
+from attn_zoo.registry import get
 
 
 @pytest.mark.parametrize("n", [1, 97, 1025])
