@@ -149,7 +149,9 @@ class CompressiveAttention(Attention):
             if key_padding_mask is not None:
                 real = key_padding_mask[:, :pooled_k.shape[2] * rate].unflatten(
                     1, (-1, rate)).any(2)
-            tile = tile_block(cmem_len)
+            # The groups a query sees move by segment // rate from one segment to the next:
+            # tiles of that size (or of cmem_len, if smaller) cover them without waste.
+            tile = tile_block(min(cmem_len, segment // rate))
             first_row = torch.arange(0, n, tile, device=q.device)
             last_row = (first_row + tile - 1).clamp_max(n - 1)
             end = compressive_pooled_end(segment, mem_len, rate)
