@@ -24,10 +24,6 @@ from attn_zoo.blocksparse import merge_partial_attentions
 from attn_zoo.params import Params, require
 from attn_zoo.registry import register
 
-HASH_CHUNK_ELEMENTS = 1 << 22
-"""Rotated-key elements per hashing step: n_buckets grows with N, so hashing all rows at once
-would hold N * N / bucket_size values per head."""
-
 
 @dataclass
 class LSHParams(Params):
@@ -53,13 +49,12 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor,
     q: (..., R, D); k, v: (..., K, D); allowed: (..., R, K) bool. Returns out (..., R, D) and
     lse (..., R); a row with no allowed key has out = 0 and lse = -inf, with finite gradients.
     """
-    scores = (q @ k.transpose(-1, -2)) * scale
+    scores = (q * scale) @ k.transpose(-1, -2)
     has_key = allowed.any(-1, keepdim=True)
     # Empty rows get finite stand-in scores: a softmax of -inf alone is NaN, forward and back.
-    scores = scores.masked_fill(~allowed, float("-inf")).masked_fill(~has_key, 0.0)
-    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
-    probs = torch.exp(scores - lse).masked_fill(~has_key, 0.0)
-    return probs @ v, lse.squeeze(-1).masked_fill(~has_key.squeeze(-1), float("-inf"))
+    scores = torch.where(allowed, scores, torch.where(has_key, float("-inf"), 0.0))
+    lse = torch.logsumexp(scores, dim=-1).masked_fill(~has_key.squeeze(-1), float("-inf"))
+    return (torch.softmax(scores, dim=-1) @ v).masked_fill(~has_key, 0.0), lse
 
 
 class _ZeroGradient(torch.autograd.Function):
@@ -98,8 +93,9 @@ class LSHAttention(Attention):
     """Sorted-bucket chunks per hashing round, merged by log-sum-exp.
 
     Each query scores 2 * bucket_size keys per round: work and memory O(N * bucket_size *
-    n_hashes), plus the hashing, O(N * D * n_buckets) work in bounded steps (it dominates once
-    N exceeds about 4 * bucket_size ** 2). Gradients flow through the gathers by autograd.
+    n_hashes). Hashing costs O(N * D * n_buckets) work, which dominates once N exceeds about
+    4 * bucket_size ** 2, in steps that hold no more values than the scores. Gradients flow
+    through the gathers by autograd.
     """
 
     Params = LSHParams
@@ -124,14 +120,19 @@ class LSHAttention(Attention):
 
     def _hash(self, keys: Tensor) -> Tensor:
         """Bucket of each key (B, H, N, D) in each round: (n_hashes, B, H, N) long."""
-        batch, heads, n, dim = keys.shape
+        n, dim = keys.shape[2:]
         rotations = self._rotations(n, dim, keys)
-        step = max(1, HASH_CHUNK_ELEMENTS // (rotations.shape[0] * rotations.shape[2]
-                                              * batch * heads))
+        # n_buckets grows with N: rows in steps of 2 * bucket_size ** 2 hold about half as many
+        # rotated values (step * n_buckets / 2) as there are scores (N * 2 * bucket_size).
+        step = 2 * self.params.bucket_size ** 2
+        half = rotations.shape[-1]
         buckets = []
         for start in range(0, n, step):
             rotated = torch.einsum("bhnd,rdk->rbhnk", keys[:, :, start:start + step], rotations)
-            buckets.append(torch.cat([rotated, -rotated], dim=-1).argmax(-1))
+            # argmax([xR, -xR]) without the concatenation; a tie goes to xR, as in argmax.
+            top, top_index = rotated.max(-1)
+            bottom, bottom_index = rotated.min(-1)
+            buckets.append(torch.where(top >= -bottom, top_index, bottom_index + half))
         return torch.cat(buckets, dim=-1)
 
     def _forward_torch(self, q, k, v, causal, key_padding_mask, scale):
