@@ -75,8 +75,8 @@ def test_no_causal_leakage(name):
                 x[:, :, t] += 5.0
         out2 = call(attn, q2, k2, v2, causal=True)
         torch.testing.assert_close(out2[:, :, :t], out[:, :, :t], atol=1e-6, rtol=1e-6)
-        # ... while the change does show from t on (LSH may not read its own position).
-        assert not torch.allclose(out2[:, :, t:], out[:, :, t:])
+        if not get(name).content_based:  # a routed key may go unread by every query
+            assert not torch.allclose(out2[:, :, t], out[:, :, t])
 
 
 def test_gradients_are_finite_with_empty_rows(variant):
