@@ -115,7 +115,7 @@ def test_hierarchical_scored_pairs(params):
 
 
 def compressive_reference(q, k, v, real, attn):
-    """Dense float64 compressive attention; each group pooled on its own from its real keys."""
+    """Dense float64 compressive attention; group members gathered as strided slices."""
     segment, mem_len = attn.params.segment, attn.params.mem_len
     cmem_len, rate, mode = attn.params.cmem_len, attn.params.rate, attn.params.compress
     n = q.shape[2]
@@ -125,28 +125,27 @@ def compressive_reference(q, k, v, real, attn):
     end = (i // segment * segment - mem_len) // rate
     groups = torch.arange(n_groups)[None, :]
     recent = (groups < end) & (groups >= end - cmem_len)
+    keep = real[:, None, :n_groups * rate, None]
+    counts = sum(keep[:, :, r::rate] for r in range(rate))  # real members per group
+    has_real = counts > 0
 
     def pool(x, taps):
-        pooled = torch.zeros(*x.shape[:2], n_groups, x.shape[3], dtype=torch.float64)
-        for b in range(x.shape[0]):
-            for g in range(n_groups):
-                keep = real[b, g * rate:(g + 1) * rate]
-                members = x[b, :, g * rate:(g + 1) * rate].double()
-                if not keep.any():
-                    continue
-                if mode == "mean":
-                    pooled[b, :, g] = members[:, keep].mean(1)
-                elif mode == "max":
-                    pooled[b, :, g] = members[:, keep].amax(1)
-                else:
-                    pooled[b, :, g] = torch.einsum("hrd,r->hd", members[:, keep], taps[keep])
-        return pooled
+        x = x[:, :, :n_groups * rate].double()
+        if mode == "max":
+            members = torch.where(keep, x, -torch.inf)
+            pooled = torch.stack([members[:, :, r::rate] for r in range(rate)]).amax(0)
+        else:
+            members = torch.where(keep, x, 0.0)
+            if mode == "conv":
+                pooled = sum(members[:, :, r::rate] * taps[r].double() for r in range(rate))
+            else:
+                pooled = sum(members[:, :, r::rate] for r in range(rate)) / counts.clamp_min(1)
+        return torch.where(has_real, pooled, 0.0)
 
     conv = mode == "conv"
-    has_real = real[:, :n_groups * rate].reshape(real.shape[0], n_groups, rate).any(-1)
     pooled = PooledKeys(pool(k, attn.key_conv if conv else None),
                         pool(v, attn.value_conv if conv else None),
-                        recent[None, None] & has_real[:, None, None, :], torch.zeros(()))
+                        recent[None, None] & has_real[:, :, :, 0][:, :, None, :], torch.zeros(()))
     return reference_attention(q, k, v, exact, key_padding_mask=real, pooled=pooled)
 
 
@@ -293,5 +292,6 @@ def test_engine_key_bias_matches_dense_reference(batched):
     torch.testing.assert_close(out, expected, atol=1e-10, rtol=1e-10)
     check_gradients(out, expected, (q, k, v, bias))
     scores = torch.einsum("bhnd,bhmd->bhnm", q, k.repeat_interleave(2, 1)) * 0.5
-    scores = (scores + bias[:, None, None]).masked_fill(~(allowed & real[:, None, None]), -torch.inf)
+    scores = (scores + bias[:, None, None]).masked_fill(~(allowed & real[:, None, None]),
+                                                        -torch.inf)
     torch.testing.assert_close(lse.flatten(1, 2), scores.logsumexp(-1))
