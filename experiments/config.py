@@ -1,0 +1,122 @@
+"""Structured-config schemas of the Hydra apps, registered in Hydra's ConfigStore.
+
+Every yaml under `conf/` is backed by a dataclass here, so that a misspelt key or a value of
+the wrong type fails when Hydra composes the config, before anything runs:
+
+* `schema/bench`: the bench app's top-level keys (their values live in `conf/bench.yaml`).
+* `schema/logger`: the `logger` group (`conf/logger/{wandb,none}.yaml`).
+* `schema/attention/<name>`: one per registered variant, generated from its `Params`
+  dataclass: a `name` field plus every parameter but `backend`, which is the top-level
+  `backend` key (one axis for all variants). `conf/attention/<name>.yaml` lists the values.
+
+Call `register_configs()` before Hydra composes (the apps do it at import).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import functools
+import types
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+import attn_zoo
+from attn_zoo.params import BACKENDS
+from attn_zoo.registry import get
+
+Dtype = enum.Enum("Dtype", ["float32", "bfloat16", "float16"])
+Mode = enum.Enum("Mode", ["fwd", "fwd_bwd", "both"])
+Backend = enum.Enum("Backend", list(BACKENDS))
+WandbMode = enum.Enum("WandbMode", ["offline", "online", "disabled"])
+
+BENCH_AXES = ("batch", "heads", "kv_heads", "head_dim", "dtype", "device", "causal", "backend",
+              "mode")
+"""Top-level keys that, with the variant, its parameters and `seq_len`, identify a point."""
+
+
+@dataclasses.dataclass
+class LoggerConfig:
+    """`logger` group: `name` is "wandb" or "none"; the rest configures `wandb.init`."""
+
+    name: str = MISSING
+    project: str = "attn-zoo"
+    entity: str | None = None
+    mode: WandbMode = WandbMode.offline
+    tags: list[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class BenchConfig:
+    """Keys of `conf/bench.yaml`; values (and what they mean) live in the yaml only."""
+
+    attention: Any = MISSING
+    logger: LoggerConfig = MISSING
+    sweep_name: str = MISSING
+    out_dir: str = MISSING
+    seq_len: int = MISSING
+    batch: int = MISSING
+    heads: int = MISSING
+    kv_heads: int = MISSING
+    head_dim: int = MISSING
+    dtype: Dtype = MISSING
+    device: str = MISSING
+    causal: bool = MISSING
+    backend: Backend = MISSING
+    mode: Mode = MISSING
+    warmup: int = MISSING
+    repeats: int = MISSING
+    budget_s: float | None = MISSING
+    threads: int | None = MISSING
+    seed: int = MISSING
+    retry_failed: bool = MISSING
+
+
+def _omegaconf_type(hint: Any, field: str) -> Any:
+    """The closest type OmegaConf validates for a `Params` field's type hint."""
+    origin = get_origin(hint)
+    if origin in (Union, types.UnionType):
+        args = [arg for arg in get_args(hint) if arg is not type(None)]
+        inner = _omegaconf_type(args[0], field) if len(args) == 1 else Any
+        return inner | None if len(args) < len(get_args(hint)) else inner
+    if origin is Literal:
+        # OmegaConf has no Literal: an Enum of the allowed strings rejects the others.
+        return enum.Enum(f"{field}_choices", [str(choice) for choice in get_args(hint)])
+    if hint in (int, float, bool, str):
+        return hint
+    return Any
+
+
+def attention_schema(name: str) -> type:
+    """A dataclass with `name` plus the variant's parameters (but `backend`), same defaults."""
+    params = get(name).Params
+    hints = get_type_hints(params)
+    fields: list[tuple[str, Any, Any]] = [("name", str, dataclasses.field(default=name))]
+    for field in dataclasses.fields(params):
+        if field.name == "backend":
+            continue
+        kind = _omegaconf_type(hints[field.name], field.name)
+        default = field.default
+        if isinstance(kind, type) and issubclass(kind, enum.Enum):
+            default = kind[default]
+        fields.append((field.name, kind, dataclasses.field(default=default)))
+    return dataclasses.make_dataclass(f"{params.__name__}Config", fields)
+
+
+def attention_params(attention: Any) -> dict[str, Any]:
+    """The keyword arguments of `attn_zoo.build` from a composed `attention` node."""
+    params = {key: value for key, value in dict(attention).items() if key != "name"}
+    return {key: value.name if isinstance(value, enum.Enum) else value
+            for key, value in params.items()}
+
+
+@functools.cache
+def register_configs() -> None:
+    """Store every schema in Hydra's ConfigStore (once per process)."""
+    store = ConfigStore.instance()
+    store.store(group="schema", name="bench", node=BenchConfig)
+    store.store(group="schema", name="logger", node=LoggerConfig)
+    for name in attn_zoo.available():
+        store.store(group="schema/attention", name=name, node=attention_schema(name))

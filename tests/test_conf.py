@@ -1,0 +1,92 @@
+"""Every Hydra config composes, on CPU with logging off, and typos fail at composition."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from pathlib import Path
+from typing import Literal
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+
+import attn_zoo
+from attn_zoo.registry import get
+from experiments.config import _omegaconf_type, attention_params, register_configs
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
+ATTENTION_YAMLS = sorted(path.stem for path in (CONF / "attention").glob("*.yaml"))
+
+
+def composed(*overrides: str, hydra: bool = False):
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("bench", overrides=["logger=none", *overrides], return_hydra_config=hydra)
+
+
+def test_every_registered_variant_has_a_yaml():
+    missing = sorted(set(attn_zoo.available()) - set(ATTENTION_YAMLS))
+    assert not missing, f"add conf/attention/<name>.yaml (name + every parameter) for {missing}"
+
+
+@pytest.mark.parametrize("name", ATTENTION_YAMLS)
+def test_attention_yaml_holds_the_registry_defaults(name):
+    cfg = composed(f"attention={name}", "seq_len=16")
+    defaults = get(name).Params().to_dict()
+    assert cfg.attention.name == name
+    assert attention_params(cfg.attention) == {k: v for k, v in defaults.items()
+                                               if k != "backend"}
+    assert cfg.backend.name == defaults["backend"]
+
+
+@pytest.mark.parametrize("logger", ["wandb", "none"])
+def test_logger_group_composes(logger):
+    cfg = composed(f"logger={logger}")
+    assert cfg.logger.name == logger
+    if logger == "wandb":
+        assert cfg.logger.mode.name == "offline"
+
+
+@pytest.mark.parametrize("launcher, target", [
+    ("basic", "BasicLauncher"), ("joblib", "JoblibLauncher"),
+    ("submitit_slurm", "SlurmLauncher"), ("submitit_local", "LocalLauncher"),
+    ("slurm", "SlurmLauncher"),
+])
+def test_launcher_group_composes(launcher, target):
+    cfg = composed(f"hydra/launcher={launcher}", hydra=True)
+    assert cfg.hydra.launcher._target_.endswith(target)
+    if launcher == "slurm":
+        assert cfg.hydra.launcher.gpus_per_node == 1 and cfg.hydra.launcher.tasks_per_node == 1
+
+
+def test_bench_defaults_and_the_default_sweep():
+    cfg = composed(hydra=True)
+    assert (cfg.device, cfg.dtype.name, cfg.mode.name, cfg.kv_heads) == ("cpu", "float32",
+                                                                          "both", cfg.heads)
+    assert cfg.out_dir == f"results/{cfg.sweep_name}"
+    assert cfg.hydra.sweep.dir.startswith(cfg.out_dir)
+    assert dict(cfg.hydra.sweeper.params) == {"attention": "glob(*)",
+                                              "seq_len": "1024,2048,4096,8192,16384"}
+
+
+@pytest.mark.parametrize("override", [
+    "attention.windw=3", "attention.window=abc", "mode=fwdbwd", "batch=x", "dtype=float64",
+    "backend=cuda", "logger.mode=offlin", "seq_len=", "repeat=3",
+])
+def test_typos_and_wrong_types_fail_at_composition(override):
+    with pytest.raises(ConfigCompositionException):
+        composed("attention=local", override)
+
+
+def test_parameter_types_map_to_what_omegaconf_checks():
+    assert _omegaconf_type(int | None, "seed") == int | None
+    assert _omegaconf_type(float | None, "scale") == float | None
+    choices = _omegaconf_type(Literal["mean", "max"], "compress")
+    assert issubclass(choices, enum.Enum) and [c.name for c in choices] == ["mean", "max"]
+
+
+def test_schema_fields_follow_params():
+    cfg = composed("attention=bigbird")
+    names = [f.name for f in dataclasses.fields(get("bigbird").Params) if f.name != "backend"]
+    assert sorted(cfg.attention) == sorted(["name", *names])
