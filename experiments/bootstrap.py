@@ -1,6 +1,6 @@
 """Set up this checkout's virtual environment and run a job in it (standard library only).
 
-    python3 -m experiments.bootstrap demo     # the main job
+    python3 -m experiments.bootstrap sweep    # the main job: the default sweep and its report
     python3 -m experiments.bootstrap test     # the whole test suite (extra args go to pytest)
 
 The first run creates `.venv/` beside pyproject.toml and installs attn-zoo into it, editable,
@@ -26,7 +26,7 @@ CPU_TORCH = "torch==2.13.0"
 CPU_INDEX_HOST = "download.pytorch.org"
 CPU_INDEX = f"https://{CPU_INDEX_HOST}/whl/cpu"
 JOBS = {
-    "demo": ["-m", "experiments.demo"],
+    "sweep": ["-m", "experiments.bench", "-m"],
     "test": ["-m", "pytest", "-q"],
 }
 
