@@ -97,10 +97,15 @@ class _Chunk:
         self.work = work
         self.shape = (batch, hkv, c1 - c0, groups, block)
         self.rows = slice(c0 * block, c1 * block)
-        self.blocks = key_blocks[c0:c1].clamp_min(0).flatten()
-        self.n_keys = key_blocks.shape[1] * block
-        keys = key_blocks[c0:c1, :, None] * block + torch.arange(block, device=q.device)
-        valid = ((key_blocks[c0:c1, :, None] >= 0) & (keys < m)).flatten(1)
+        table = key_blocks[c0:c1]
+        # Tables list used blocks first: slots empty in every row of this chunk cost nothing.
+        used = (table >= 0).any(0).nonzero()
+        table = table[:, : int(used.max()) + 1 if used.numel() else 1]
+        n_slots = table.shape[1]
+        self.blocks = table.clamp_min(0).flatten()
+        self.n_keys = n_slots * block
+        keys = table[:, :, None] * block + torch.arange(block, device=q.device)
+        valid = ((table[:, :, None] >= 0) & (keys < m)).flatten(1)
         keys = keys.flatten(1)  # (nc, Kb) absolute key positions
         queries = torch.arange(c0 * block, c1 * block, device=q.device).view(-1, block, 1)
         mask = (allowed(queries, keys[:, None, :]) & valid[:, None, :])[None]  # (1, nc, block, Kb)
@@ -108,7 +113,6 @@ class _Chunk:
             real = key_padding_mask.index_select(1, torch.where(valid, keys, 0).flatten())
             mask = mask & real.view(batch, c1 - c0, 1, self.n_keys)
         # Only key-block slots where some tile is partly masked need masking at all.
-        n_slots = key_blocks.shape[1]
         masked_out = ~mask
         # Reduce the contiguous innermost axis first: a strided boolean reduction is slow.
         partial = masked_out.view(-1, n_slots, block).any(2).any(0).tolist()
