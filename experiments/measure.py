@@ -1,4 +1,4 @@
-"""Measuring primitives shared by the demo, the benchmarks and the sweeps.
+"""Measuring primitives shared by the benchmarks and the sweeps.
 
 * Time: median wall seconds after warm-up runs (`time.perf_counter` on CPU, CUDA events on a
   GPU). Warm-up absorbs compilation and autotuning, so they are never timed.
