@@ -82,6 +82,15 @@ def tie_ignored_keys(out: Tensor, k: Tensor) -> Tensor:
     return _ZeroGradient.apply(out, k) if k.requires_grad else out
 
 
+def gather_rows(x: Tensor, rows: Tensor) -> Tensor:
+    """Rows of x (..., D) flattened to (rows, D) at the indices `rows` (*S): (*S, D).
+
+    `index_select`, whose backward adds whole rows, where advanced indexing's would expand
+    the indices to one per element.
+    """
+    return x.reshape(-1, x.shape[-1]).index_select(0, rows.flatten()).view(*rows.shape, -1)
+
+
 def kv_rows(batch: int, kv_heads: int, groups: int, n: int, device) -> Tensor:
     """(B, H) row offsets into v flattened to (B * Hkv * N, D): query head h reads h // G."""
     heads = torch.arange(kv_heads * groups, device=device) // groups
@@ -148,36 +157,32 @@ class LSHAttention(Attention):
         positions = torch.arange(n, device=q.device)
         order = (buckets * n + positions).argsort(dim=-1)  # (R, B, H, N)
         sorted_pos = F.pad(order, (0, n_chunks * chunk - n), value=n)
+        query_pos = rearrange(sorted_pos, "r b h (c w) -> r b h c w", w=chunk)
+        # Key slots of each chunk: its own (in query order, so slot i is query i's own key),
+        # then the previous chunk's (chunk 0 looks back to the last); one gather, no copies.
+        slots = torch.arange(n_chunks * chunk, device=q.device).view(n_chunks, chunk)
+        if n_chunks > 1:
+            slots = torch.cat([slots, slots.roll(1, dims=0)], dim=1)
+        key_pos = sorted_pos[..., slots]  # (R, B, H, C, W) with W = 2 * chunk (or chunk)
         real = (torch.ones(batch, n, dtype=torch.bool, device=q.device)
                 if key_padding_mask is None else key_padding_mask)
         real = F.pad(real, (0, 1), value=False)  # the sentinel is never a key
-        key_ok = real[torch.arange(batch, device=q.device).view(1, batch, 1, 1), sorted_pos]
+        key_ok = real[torch.arange(batch, device=q.device).view(1, batch, 1, 1, 1), key_pos]
 
-        # Row indices into the flattened (rows, D) inputs; sentinels read any row, masked later.
-        index = sorted_pos.clamp_max(n - 1)
-        head_rows = torch.arange(batch * heads, device=q.device).view(batch, heads, 1) * n
-        value_rows = kv_rows(batch, kv_heads, groups, n, q.device)[..., None]
-        chunked = "r b h (c w) ... -> r b h c w ..."
-        q_sorted = rearrange(queries.view(-1, dim)[head_rows + index], chunked, w=chunk)
-        k_sorted = rearrange(keys.view(-1, dim)[head_rows + index], chunked, w=chunk)
-        v_sorted = rearrange(v.reshape(-1, dim)[value_rows + index], chunked, w=chunk)
-        query_pos = rearrange(sorted_pos, chunked, w=chunk)
-        key_pos, key_ok = query_pos, rearrange(key_ok, chunked, w=chunk)
-        if n_chunks > 1:  # each chunk also sees the previous one, chunk 0 the last
+        # Row indices into the flattened (rows, D) inputs; sentinels read any row, masked.
+        head_rows = torch.arange(batch * heads, device=q.device).view(batch, heads, 1, 1) * n
+        value_rows = kv_rows(batch, kv_heads, groups, n, q.device)[..., None, None]
+        key_index = key_pos.clamp_max(n - 1)
+        q_sorted = gather_rows(queries, head_rows + query_pos.clamp_max(n - 1))
+        k_sorted = gather_rows(keys, head_rows + key_index)
+        v_sorted = gather_rows(v, value_rows + key_index)
 
-            def look_back(x: Tensor) -> Tensor:
-                return torch.cat([x, x.roll(1, dims=3)], dim=4)
-
-            k_sorted, v_sorted, key_pos, key_ok = map(look_back,
-                                                      (k_sorted, v_sorted, key_pos, key_ok))
-
-        query_pos, key_pos, key_ok = query_pos[..., None], key_pos[..., None, :], key_ok[
-            ..., None, :]
-        others = key_ok & (key_pos != query_pos)
-        if causal:  # by original position, whatever the sorted order
-            others &= key_pos <= query_pos
-        itself = key_ok & (key_pos == query_pos)
-        allowed = others | (itself & ~others.any(-1, keepdim=True))
+        # Other keys by original position (causal: the earlier ones); a query's own key, the
+        # diagonal of its chunk's own slots, only when it has no other.
+        query_pos, key_pos = query_pos[..., None], key_pos[..., None, :]
+        allowed = key_ok[..., None, :] & (key_pos < query_pos if causal else key_pos != query_pos)
+        alone = ~allowed.any(-1) & key_ok[..., :chunk]
+        allowed[..., :chunk].diagonal(dim1=-2, dim2=-1).copy_(alone)
         out, lse = masked_attention(q_sorted, k_sorted, v_sorted, allowed, scale)
 
         # Back to the original order: slot of position p in round r is inverse[r, b, h, p].

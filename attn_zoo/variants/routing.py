@@ -26,7 +26,7 @@ from torch import Tensor
 from attn_zoo.attention import Attention
 from attn_zoo.params import Params, require
 from attn_zoo.registry import register
-from attn_zoo.variants.lsh import kv_rows, masked_attention, tie_ignored_keys
+from attn_zoo.variants.lsh import gather_rows, kv_rows, masked_attention, tie_ignored_keys
 
 
 @dataclass
@@ -121,8 +121,8 @@ class RoutingAttention(Attention):
             allowed = key_padding_mask[batch_index, members][..., None, :]
         if causal:
             allowed = allowed & (members[..., None, :] <= members[..., :, None])
-        out, _ = masked_attention(queries.view(-1, dim)[rows], keys.view(-1, dim)[rows],
-                                  v.reshape(-1, dim)[value_rows], allowed, scale)
+        out, _ = masked_attention(gather_rows(queries, rows), gather_rows(keys, rows),
+                                  gather_rows(v, value_rows), allowed, scale)
 
         # Mean over the clusters each token belongs to; tokens in none stay zero.
         rows = rows.flatten()
