@@ -7,6 +7,7 @@ import math
 
 import pandas as pd
 import pytest
+import wandb
 
 from experiments import report
 from experiments.wandb_logger import read_offline_run
@@ -97,6 +98,8 @@ def test_missing_folder_is_a_clear_error(tmp_path):
 def test_cli_logs_the_sweep_to_offline_wandb(folder, capsys):
     report.main([str(folder), "--wandb"])
     assert "forward time (ms)" in capsys.readouterr().out
+    # The W&B service writes the run file asynchronously; shutting it down flushes it.
+    wandb.teardown()
     (run_dir,) = (folder / "wandb").glob("offline-run-*")
     run = read_offline_run(run_dir)
     assert run["job_type"] == "report" and run["name"] == "report-sweep"
