@@ -16,11 +16,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from attn_zoo.attention import Attention
-from attn_zoo.blocksparse import merge_partial_attentions
+from attn_zoo.blocksparse import CHUNK_ELEMENTS, _softmax_, _Workspace, merge_partial_attentions
 from attn_zoo.params import Params, require
 from attn_zoo.registry import register
 
@@ -97,14 +97,125 @@ def kv_rows(batch: int, kv_heads: int, groups: int, n: int, device) -> Tensor:
     return (torch.arange(batch, device=device)[:, None] * kv_heads + heads) * n
 
 
+class _Groups:
+    """Index tables of the sorted chunks, flattened over (round, batch, head, chunk) groups.
+
+    Each group is W = bucket_size query rows against its Wk keys (its own chunk's, in query
+    order, then the previous chunk's). Rows index the flattened inputs: queries and keys
+    (B * H * N, D), values (B * Hkv * N, D), and the output (R * B * H * (N + 1), D), whose row
+    N of each head takes the sentinel queries that pad the last chunk.
+    """
+
+    def __init__(self, q_rows: Tensor, k_rows: Tensor, v_rows: Tensor, out_rows: Tensor,
+                 query_pos: Tensor, key_after: Tensor, alone: Tensor, causal: bool,
+                 n: int) -> None:
+        self.q_rows, self.k_rows, self.v_rows, self.out_rows = q_rows, k_rows, v_rows, out_rows
+        # query_pos (groups, W); key_after (groups, Wk): the key's position, or n + 1 for no
+        # key (padding, sentinel), so that each mask is a single comparison.
+        self.query_pos, self.key_after = query_pos, key_after
+        self.alone, self.causal, self.n = alone, causal, n  # alone (groups, W) bool
+
+    def chunks(self):
+        """Group ranges [g0, g1) whose scores hold about CHUNK_ELEMENTS values."""
+        groups, width = self.q_rows.shape
+        step = max(1, CHUNK_ELEMENTS // (width * self.k_rows.shape[1]))
+        for g0 in range(0, groups, step):
+            yield g0, min(g0 + step, groups)
+
+    @staticmethod
+    def gather(work: _Workspace, name: str, x: Tensor, rows: Tensor) -> Tensor:
+        """Rows of x (rows, D) at `rows` (G, S) into a reused buffer: (G, S, D)."""
+        tiles = work(name, rows.numel(), x.shape[1])
+        return torch.index_select(x, 0, rows.flatten(), out=tiles).view(*rows.shape, -1)
+
+    def scores(self, work: _Workspace, queries: Tensor, keys: Tensor, scale: float,
+               g0: int, g1: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Masked scores (G, W, Wk) of groups [g0, g1), disallowed = -inf, with the scaled
+        query tiles (G, W, D) and the key tiles (G, Wk, D) they came from."""
+        q = self.gather(work, "q", queries, self.q_rows[g0:g1]).mul_(scale)
+        k = self.gather(work, "k", keys, self.k_rows[g0:g1])
+        scores = torch.bmm(q, k.transpose(1, 2),
+                           out=work("scores", g1 - g0, q.shape[1], k.shape[1]))
+        key_after = self.key_after[g0:g1, None, :]
+        # Non-keys, and causal: later keys; both keep a query's own key, decided just below.
+        limit = self.query_pos[g0:g1, :, None] if self.causal else self.n
+        scores.masked_fill_(key_after > limit, float("-inf"))
+        # A real position appears once among a group's keys: its own key is the diagonal.
+        own = scores[:, :, :q.shape[1]].diagonal(dim1=-2, dim2=-1)
+        own.masked_fill_(~self.alone[g0:g1], float("-inf"))
+        return scores, q, k
+
+
+class _SortedChunkAttention(torch.autograd.Function):
+    """Attention of every group's queries over its keys, chunk by chunk in reused buffers;
+    the backward pass recomputes the scores, so memory stays O(R * N * D) plus one chunk."""
+
+    @staticmethod
+    def forward(ctx, queries: Tensor, keys: Tensor, values: Tensor, groups: _Groups,
+                scale: float, out_rows: int) -> tuple[Tensor, Tensor]:
+        """queries, keys (B * H * N, D); values (B * Hkv * N, D). Returns out (out_rows, D)
+        and lse (out_rows,) at the groups' output rows; a query with no allowed key has
+        out 0 and lse -inf."""
+        out = queries.new_zeros(out_rows, queries.shape[1])
+        lse = queries.new_full((out_rows,), float("-inf"))
+        work = _Workspace(queries)
+        for g0, g1 in groups.chunks():
+            scores, _, _ = groups.scores(work, queries, keys, scale, g0, g1)
+            row_max = scores.amax(-1)
+            empty = row_max == float("-inf")
+            probs = _softmax_(scores, empty)
+            # p_ij = exp(s_ij - lse_i), so the row's largest p gives its lse.
+            tile_lse = (row_max - probs.amax(-1).log()).masked_fill_(empty, float("-inf"))
+            v = groups.gather(work, "v", values, groups.v_rows[g0:g1])
+            tile_out = torch.bmm(probs, v, out=work("out", *probs.shape[:2], v.shape[2]))
+            rows = groups.out_rows[g0:g1].flatten()
+            out.index_copy_(0, rows, tile_out.view(-1, v.shape[2]))
+            lse.index_copy_(0, rows, tile_lse.flatten())
+        ctx.save_for_backward(queries, keys, values, out, lse)
+        ctx.groups, ctx.scale = groups, scale
+        return out, lse
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor, grad_lse: Tensor):
+        queries, keys, values, out, lse = ctx.saved_tensors
+        groups, scale = ctx.groups, ctx.scale
+        grad_q, grad_k, grad_v = (torch.zeros_like(x) for x in (queries, keys, values))
+        # d lse_i / d s_ij = p_ij, so the lse gradient shifts the softmax-backward term delta;
+        # rows without keys have no probabilities, and a zero delta keeps them finite.
+        delta = ((grad_out * out).sum(-1) - grad_lse).masked_fill_(lse == float("-inf"), 0.0)
+        work = _Workspace(queries)
+        for g0, g1 in groups.chunks():
+            scores, q, k = groups.scores(work, queries, keys, scale, g0, g1)
+            rows = groups.out_rows[g0:g1]
+            probs = _softmax_(scores, lse[rows] == float("-inf"))
+            tile_grad = groups.gather(work, "grad_out", grad_out, rows)
+            v = groups.gather(work, "v", values, groups.v_rows[g0:g1])
+            dim = v.shape[2]
+            key_tile = work("key_tile", *v.shape)
+            grad_v.index_add_(0, groups.v_rows[g0:g1].flatten(),
+                              torch.bmm(probs.transpose(1, 2), tile_grad, out=key_tile).view(-1, dim))
+            # grad_scores is d loss / d (scaled q . k): the scale goes onto the query side.
+            grad_scores = torch.bmm(tile_grad, v.transpose(1, 2),
+                                    out=work("grad_scores", *probs.shape))
+            grad_scores.sub_(delta[rows][..., None]).mul_(probs)
+            query_tile = torch.bmm(grad_scores, k, out=work("query_tile", *q.shape))
+            grad_q.index_add_(0, groups.q_rows[g0:g1].flatten(), query_tile.view(-1, dim),
+                              alpha=scale)
+            grad_k.index_add_(0, groups.k_rows[g0:g1].flatten(),
+                              torch.bmm(grad_scores.transpose(1, 2), q, out=key_tile).view(-1, dim))
+        return grad_q, grad_k, grad_v, None, None, None
+
+
+
 @register("lsh")
 class LSHAttention(Attention):
     """Sorted-bucket chunks per hashing round, merged by log-sum-exp.
 
     Each query scores 2 * bucket_size keys per round: work and memory O(N * bucket_size *
     n_hashes). Hashing costs O(N * D * n_buckets) work, which dominates once N exceeds about
-    4 * bucket_size ** 2, in steps that hold no more values than the scores. Gradients flow
-    through the gathers by autograd.
+    4 * bucket_size ** 2, in steps that hold no more values than the scores. Attention runs
+    over bounded chunks of groups, and its backward pass recomputes their scores.
     """
 
     Params = LSHParams
@@ -149,7 +260,7 @@ class LSHAttention(Attention):
         heads = kv_heads * groups
         queries = q.reshape(batch, heads, n, dim).contiguous()
         keys = F.normalize(queries, dim=-1)
-        buckets = self._hash(keys)
+        buckets = self._hash(keys.detach())
 
         # Sorted order per round; the last chunk is padded with the sentinel position n.
         chunk = min(self.params.bucket_size, n)
@@ -157,39 +268,43 @@ class LSHAttention(Attention):
         positions = torch.arange(n, device=q.device)
         order = (buckets * n + positions).argsort(dim=-1)  # (R, B, H, N)
         sorted_pos = F.pad(order, (0, n_chunks * chunk - n), value=n)
-        query_pos = rearrange(sorted_pos, "r b h (c w) -> r b h c w", w=chunk)
+        query_pos = sorted_pos.view(-1, chunk)  # (R * B * H * C, W)
         # Key slots of each chunk: its own (in query order, so slot i is query i's own key),
         # then the previous chunk's (chunk 0 looks back to the last); one gather, no copies.
         slots = torch.arange(n_chunks * chunk, device=q.device).view(n_chunks, chunk)
         if n_chunks > 1:
             slots = torch.cat([slots, slots.roll(1, dims=0)], dim=1)
-        key_pos = sorted_pos[..., slots]  # (R, B, H, C, W) with W = 2 * chunk (or chunk)
+        key_pos = sorted_pos[..., slots]  # (R, B, H, C, Wk) with Wk = 2 * chunk (or chunk)
         real = (torch.ones(batch, n, dtype=torch.bool, device=q.device)
                 if key_padding_mask is None else key_padding_mask)
         real = F.pad(real, (0, 1), value=False)  # the sentinel is never a key
         key_ok = real[torch.arange(batch, device=q.device).view(1, batch, 1, 1, 1), key_pos]
+        key_ok = key_ok.view(-1, key_ok.shape[-1])
+        key_after = torch.where(key_ok, key_pos.view(key_ok.shape), n + 1)
+        # Alone: no key other than its own is allowed, so its own is.
+        if causal:
+            alone = key_after.amin(-1, keepdim=True) >= query_pos
+        else:
+            alone = key_ok.sum(-1, keepdim=True) == key_ok[:, :chunk].long()
 
-        # Row indices into the flattened (rows, D) inputs; sentinels read any row, masked.
-        head_rows = torch.arange(batch * heads, device=q.device).view(batch, heads, 1, 1) * n
-        value_rows = kv_rows(batch, kv_heads, groups, n, q.device)[..., None, None]
-        key_index = key_pos.clamp_max(n - 1)
-        q_sorted = gather_rows(queries, head_rows + query_pos.clamp_max(n - 1))
-        k_sorted = gather_rows(keys, head_rows + key_index)
-        v_sorted = gather_rows(v, value_rows + key_index)
-
-        # Other keys by original position (causal: the earlier ones); a query's own key, the
-        # diagonal of its chunk's own slots, only when it has no other.
-        query_pos, key_pos = query_pos[..., None], key_pos[..., None, :]
-        allowed = key_ok[..., None, :] & (key_pos < query_pos if causal else key_pos != query_pos)
-        alone = ~allowed.any(-1) & key_ok[..., :chunk]
-        allowed[..., :chunk].diagonal(dim1=-2, dim2=-1).copy_(alone)
-        out, lse = masked_attention(q_sorted, k_sorted, v_sorted, allowed, scale)
-
-        # Back to the original order: slot of position p in round r is inverse[r, b, h, p].
-        inverse = torch.empty_like(order).scatter_(-1, order, positions.expand_as(order))
-        out = rearrange(out, "r b h c w d -> r b h (c w) d")
-        out = out.gather(3, inverse[..., None].expand(*inverse.shape, dim))
-        lse = rearrange(lse, "r b h c w -> r b h (c w)").gather(3, inverse)
+        # Row indices into the flattened inputs; sentinels read any row, masked.
+        rounds = buckets.shape[0]
+        head_rows = torch.arange(batch * heads, device=q.device).view(batch, heads, 1) * n
+        value_rows = kv_rows(batch, kv_heads, groups, n, q.device)[..., None]
+        out_rows = torch.arange(rounds * batch * heads, device=q.device).view(
+            rounds, batch, heads, 1) * (n + 1)
+        key_index = key_pos.clamp_max(n - 1).flatten(-2)  # (R, B, H, C * Wk)
+        table = _Groups(
+            q_rows=(head_rows + sorted_pos.clamp_max(n - 1)).view(query_pos.shape),
+            k_rows=(head_rows + key_index).view(key_ok.shape),
+            v_rows=(value_rows + key_index).view(key_ok.shape),
+            out_rows=(out_rows + sorted_pos).view(query_pos.shape),
+            query_pos=query_pos, key_after=key_after, alone=alone, causal=causal, n=n)
+        out, lse = _SortedChunkAttention.apply(
+            queries.view(-1, dim), keys.view(-1, dim), v.reshape(-1, dim), table, scale,
+            out_rows.numel() * (n + 1))
+        out = out.view(rounds, batch, heads, n + 1, dim)[:, :, :, :n]
+        lse = lse.view(rounds, batch, heads, n + 1)[:, :, :, :n]
         merged, _ = merge_partial_attentions(list(zip(out.unbind(0), lse.unbind(0),
                                                       strict=True)))
         return tie_ignored_keys(merged.view(batch, kv_heads, groups, n, dim), k)
