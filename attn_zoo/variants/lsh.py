@@ -240,27 +240,33 @@ class LSHAttention(Attention):
 
     def _hash(self, keys: Tensor) -> Tensor:
         """Bucket of each key (B, H, N, D) in each round: (n_hashes, B, H, N) long."""
-        n, dim = keys.shape[2:]
+        batch, heads, n, dim = keys.shape
         rotations = self._rotations(n, dim, keys)
-        # n_buckets grows with N: rows in steps of 2 * bucket_size ** 2 hold about half as many
-        # rotated values (step * n_buckets / 2) as there are scores (N * 2 * bucket_size).
-        step = 2 * self.params.bucket_size ** 2
-        half = rotations.shape[-1]
+        rounds, half = rotations.shape[0], rotations.shape[2]
+        # Every round in one matmul: (D, R * n_buckets / 2) columns.
+        rotations = rotations.transpose(0, 1).reshape(dim, rounds * half)
+        rows = keys.detach().reshape(-1, dim)  # buckets are discrete: no gradient
+        # Steps of about CHUNK_ELEMENTS rotated values stay in cache for the max and min passes,
+        # and their reused buffer bounds the memory however n_buckets grows with N.
+        step = max(1, CHUNK_ELEMENTS // (rounds * half))
+        work = _Workspace(keys)
         buckets = []
-        for start in range(0, n, step):
-            rotated = torch.einsum("bhnd,rdk->rbhnk", keys[:, :, start:start + step], rotations)
+        for start in range(0, rows.shape[0], step):
+            part = rows[start:start + step]
+            rotated = torch.mm(part, rotations, out=work("rotated", part.shape[0], rounds * half))
+            rotated = rotated.view(-1, rounds, half)
             # argmax([xR, -xR]) without the concatenation; a tie goes to xR, as in argmax.
             top, top_index = rotated.max(-1)
             bottom, bottom_index = rotated.min(-1)
             buckets.append(torch.where(top >= -bottom, top_index, bottom_index + half))
-        return torch.cat(buckets, dim=-1)
+        return torch.cat(buckets).t().contiguous().view(rounds, batch, heads, n)
 
     def _forward_torch(self, q, k, v, causal, key_padding_mask, scale):
         batch, kv_heads, groups, n, dim = q.shape
         heads = kv_heads * groups
         queries = q.reshape(batch, heads, n, dim).contiguous()
         keys = F.normalize(queries, dim=-1)
-        buckets = self._hash(keys.detach())
+        buckets = self._hash(keys)
 
         # Sorted order per round; the last chunk is padded with the sentinel position n.
         chunk = min(self.params.bucket_size, n)
