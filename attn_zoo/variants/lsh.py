@@ -152,12 +152,12 @@ class _SortedChunkAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, queries: Tensor, keys: Tensor, values: Tensor, groups: _Groups,
-                scale: float, out_rows: int) -> tuple[Tensor, Tensor]:
-        """queries, keys (B * H * N, D); values (B * Hkv * N, D). Returns out (out_rows, D)
-        and lse (out_rows,) at the groups' output rows; a query with no allowed key has
+                scale: float, n_rows: int) -> tuple[Tensor, Tensor]:
+        """queries, keys (B * H * N, D); values (B * Hkv * N, D). Returns out (n_rows, D)
+        and lse (n_rows,) at the groups' output rows; a query with no allowed key has
         out 0 and lse -inf."""
-        out = queries.new_zeros(out_rows, queries.shape[1])
-        lse = queries.new_full((out_rows,), float("-inf"))
+        out = queries.new_zeros(n_rows, queries.shape[1])
+        lse = queries.new_full((n_rows,), float("-inf"))
         work = _Workspace(queries)
         for g0, g1 in groups.chunks():
             scores, _, _ = groups.scores(work, queries, keys, scale, g0, g1)
@@ -188,13 +188,15 @@ class _SortedChunkAttention(torch.autograd.Function):
         for g0, g1 in groups.chunks():
             scores, q, k = groups.scores(work, queries, keys, scale, g0, g1)
             rows = groups.out_rows[g0:g1]
+            # A head's sentinels share one output row, but they all sit in its last group and
+            # see the same keys, so they are empty alike.
             probs = _softmax_(scores, lse[rows] == float("-inf"))
             tile_grad = groups.gather(work, "grad_out", grad_out, rows)
             v = groups.gather(work, "v", values, groups.v_rows[g0:g1])
             dim = v.shape[2]
             key_tile = work("key_tile", *v.shape)
-            grad_v.index_add_(0, groups.v_rows[g0:g1].flatten(),
-                              torch.bmm(probs.transpose(1, 2), tile_grad, out=key_tile).view(-1, dim))
+            tile_grad_v = torch.bmm(probs.transpose(1, 2), tile_grad, out=key_tile)
+            grad_v.index_add_(0, groups.v_rows[g0:g1].flatten(), tile_grad_v.view(-1, dim))
             # grad_scores is d loss / d (scaled q . k): the scale goes onto the query side.
             grad_scores = torch.bmm(tile_grad, v.transpose(1, 2),
                                     out=work("grad_scores", *probs.shape))
