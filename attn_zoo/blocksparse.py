@@ -58,7 +58,7 @@ def _pad_keys(x: Tensor, block: int) -> Tensor:
     return torch.nn.functional.pad(x, (0, 0, 0, missing)) if missing else x.contiguous()
 
 
-def _softmax_(scores: Tensor, empty: Tensor) -> Tensor:
+def masked_softmax_(scores: Tensor, empty: Tensor) -> Tensor:
     """Row softmax of (T, R, Kb) scores in place; rows flagged `empty` (T, R) become 0.
 
     The fused softmax costs about a third of separate max, subtract, exp and sum passes.
@@ -69,7 +69,7 @@ def _softmax_(scores: Tensor, empty: Tensor) -> Tensor:
     return probs
 
 
-class _Workspace:
+class Workspace:
     """Buffers reused from chunk to chunk: a fresh large allocation page-faults every time."""
 
     def __init__(self, like: Tensor) -> None:
@@ -195,14 +195,14 @@ class _BlockSparse(torch.autograd.Function):
         padded_n = key_blocks.shape[0] * block
         out = q.new_empty(batch, hkv, groups, padded_n, dim)
         lse = q.new_empty(batch, hkv, groups, padded_n)
-        work = _Workspace(q)
+        work = Workspace(q)
         for c0, c1 in _chunks(q, key_blocks, block):
             chunk = _Chunk(work, q, k, v, m, key_blocks, allowed, block, key_padding_mask,
                            key_bias, c0, c1)
             scores = chunk.scores(chunk.arrange(q, "q").mul_(scale))
             row_max = scores.amax(-1)
             empty = row_max == float("-inf")
-            probs = _softmax_(scores, empty)
+            probs = masked_softmax_(scores, empty)
             # p_ij = exp(s_ij - lse_i), so the row's largest p gives its lse.
             tile_lse = (row_max - probs.amax(-1).log()).masked_fill_(empty, float("-inf"))
             chunk.restore(tile_lse, lse)
@@ -221,13 +221,13 @@ class _BlockSparse(torch.autograd.Function):
         grad_bias = torch.zeros_like(key_bias) if ctx.needs_input_grad[8] else None
         # d lse_i / d s_ij = p_ij, so the lse gradient shifts the softmax-backward term delta.
         delta = (grad_out * out[:, :, :, :n]).sum(-1) - grad_lse
-        work = _Workspace(q)
+        work = Workspace(q)
         for c0, c1 in _chunks(q, key_blocks, block):
             chunk = _Chunk(work, q, k, v, ctx.m, key_blocks, ctx.allowed, block,
                            key_padding_mask, key_bias, c0, c1)
             scaled_q = chunk.arrange(q, "q").mul_(scale)
             scores = chunk.scores(scaled_q)
-            probs = _softmax_(scores, chunk.arrange(lse, "lse") == float("-inf"))
+            probs = masked_softmax_(scores, chunk.arrange(lse, "lse") == float("-inf"))
             tile_grad_out = chunk.arrange(grad_out, "grad_out")
             key_tile = work("key_tile", probs.shape[0], chunk.n_keys, dim)
             chunk.scatter_add(grad_v, torch.bmm(probs.transpose(1, 2), tile_grad_out, out=key_tile))

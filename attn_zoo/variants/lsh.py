@@ -20,7 +20,12 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from attn_zoo.attention import Attention
-from attn_zoo.blocksparse import CHUNK_ELEMENTS, _softmax_, _Workspace, merge_partial_attentions
+from attn_zoo.blocksparse import (
+    CHUNK_ELEMENTS,
+    Workspace,
+    masked_softmax_,
+    merge_partial_attentions,
+)
 from attn_zoo.params import Params, require
 from attn_zoo.registry import register
 
@@ -123,12 +128,12 @@ class _Groups:
             yield g0, min(g0 + step, groups)
 
     @staticmethod
-    def gather(work: _Workspace, name: str, x: Tensor, rows: Tensor) -> Tensor:
+    def gather(work: Workspace, name: str, x: Tensor, rows: Tensor) -> Tensor:
         """Rows of x (rows, D) at `rows` (G, S) into a reused buffer: (G, S, D)."""
         tiles = work(name, rows.numel(), x.shape[1])
         return torch.index_select(x, 0, rows.flatten(), out=tiles).view(*rows.shape, -1)
 
-    def scores(self, work: _Workspace, queries: Tensor, keys: Tensor, scale: float,
+    def scores(self, work: Workspace, queries: Tensor, keys: Tensor, scale: float,
                g0: int, g1: int) -> tuple[Tensor, Tensor, Tensor]:
         """Masked scores (G, W, Wk) of groups [g0, g1), disallowed = -inf, with the scaled
         query tiles (G, W, D) and the key tiles (G, Wk, D) they came from."""
@@ -158,12 +163,12 @@ class _SortedChunkAttention(torch.autograd.Function):
         out 0 and lse -inf."""
         out = queries.new_zeros(n_rows, queries.shape[1])
         lse = queries.new_full((n_rows,), float("-inf"))
-        work = _Workspace(queries)
+        work = Workspace(queries)
         for g0, g1 in groups.chunks():
             scores, _, _ = groups.scores(work, queries, keys, scale, g0, g1)
             row_max = scores.amax(-1)
             empty = row_max == float("-inf")
-            probs = _softmax_(scores, empty)
+            probs = masked_softmax_(scores, empty)
             # p_ij = exp(s_ij - lse_i), so the row's largest p gives its lse.
             tile_lse = (row_max - probs.amax(-1).log()).masked_fill_(empty, float("-inf"))
             v = groups.gather(work, "v", values, groups.v_rows[g0:g1])
@@ -184,13 +189,13 @@ class _SortedChunkAttention(torch.autograd.Function):
         # d lse_i / d s_ij = p_ij, so the lse gradient shifts the softmax-backward term delta;
         # rows without keys have no probabilities, and a zero delta keeps them finite.
         delta = ((grad_out * out).sum(-1) - grad_lse).masked_fill_(lse == float("-inf"), 0.0)
-        work = _Workspace(queries)
+        work = Workspace(queries)
         for g0, g1 in groups.chunks():
             scores, q, k = groups.scores(work, queries, keys, scale, g0, g1)
             rows = groups.out_rows[g0:g1]
             # A head's sentinels share one output row, but they all sit in its last group and
             # see the same keys, so they are empty alike.
-            probs = _softmax_(scores, lse[rows] == float("-inf"))
+            probs = masked_softmax_(scores, lse[rows] == float("-inf"))
             tile_grad = groups.gather(work, "grad_out", grad_out, rows)
             v = groups.gather(work, "v", values, groups.v_rows[g0:g1])
             dim = v.shape[2]
@@ -251,7 +256,7 @@ class LSHAttention(Attention):
         # Steps of about CHUNK_ELEMENTS rotated values stay in cache for the max and min passes,
         # and their reused buffer bounds the memory however n_buckets grows with N.
         step = max(1, CHUNK_ELEMENTS // (rounds * half))
-        work = _Workspace(keys)
+        work = Workspace(keys)
         buckets = []
         for start in range(0, rows.shape[0], step):
             part = rows[start:start + step]
