@@ -45,12 +45,11 @@ from experiments.measure import (
     MIB,
     attention_inputs,
     interleaved_median_times,
-    markdown_table,
     matmul_peak,
     peak_memory,
-    text_table,
+    print_tables,
     useful_flops,
-    write_atomic,
+    write_tables,
 )
 
 try:
@@ -269,25 +268,20 @@ def environment() -> str:
 
 
 def write(out: Path, tables: dict[str, pd.DataFrame], setting: str) -> None:
-    write_atomic(out / "local_bench.csv", tables["local_bench"].to_csv(index=False))
-    write_atomic(out / "ratios.csv", tables["ratios"].to_csv(index=False))
-    sections = [f"# attn_zoo local vs SDPA, FlexAttention, local-attention (CPU)\n\n"
-                f"float32, B={BATCH}, H={HEADS}, D={HEAD_DIM}, causal, window={WINDOW}. "
-                f"{setting}.\nUseful FLOPs: attn_zoo `local.flops` for every row; "
-                f"fwd+bwd counts {FWD_BWD_FACTOR} forwards. "
-                "Peak: forward memory growth, output included.\n"]
-    sections += [f"## {title}\n\n{markdown_table(tables[key])}" for key, title in
-                 (("local_bench", "Time, throughput, memory"), ("ratios", "Ratios"),
-                  ("goals", f"Goals at N={GOAL_N}"))]
-    write_atomic(out / "local_bench.md", "\n".join(sections))
+    header = (f"# attn_zoo local vs SDPA, FlexAttention, local-attention (CPU)\n\n"
+              f"float32, B={BATCH}, H={HEADS}, D={HEAD_DIM}, causal, window={WINDOW}. "
+              f"{setting}.\nUseful FLOPs: attn_zoo `local.flops` for every row; "
+              f"fwd+bwd counts {FWD_BWD_FACTOR} forwards. "
+              "Peak: forward memory growth, output included.\n")
+    titles = {"local_bench": "Time, throughput, memory", "ratios": "Ratios",
+              "goals": f"Goals at N={GOAL_N}"}
+    write_tables(out, "local_bench", header,
+                 {key: (title, tables[key]) for key, title in titles.items()})
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    tables = run(args)
-    for title, table in tables.items():
-        print(f"\n{title}\n{text_table(table)}")
-    print(f"\nwritten under {args.out}/")
+    print_tables(run(args), args.out)
 
 
 if __name__ == "__main__":

@@ -71,11 +71,10 @@ from experiments.measure import (
     MIB,
     attention_inputs,
     interleaved_median_times,
-    markdown_table,
     peak_memory,
-    text_table,
+    print_tables,
     useful_flops,
-    write_atomic,
+    write_tables,
 )
 
 try:
@@ -497,27 +496,22 @@ def run(args: argparse.Namespace) -> dict[str, pd.DataFrame]:
 
 
 def write(out: Path, tables: dict[str, pd.DataFrame], setting: str) -> None:
-    for key in ("variants_bench", "ratios", "goals"):
-        write_atomic(out / f"{key}.csv", tables[key].to_csv(index=False))
-    sections = [f"# attn_zoo variants and peers (CPU)\n\n"
-                f"float32, B={BATCH}, H={HEADS}, D={HEAD_DIM}; variants at their defaults, "
-                f"causal; peers in their partner's mode. {setting}.\nUseful FLOPs: each "
-                f"variant's `flops` (a peer counts its partner's); fwd+bwd counts "
-                f"{FWD_BWD_FACTOR} forwards. Peak: forward memory growth, output included. "
-                "Peers and what is timed: `experiments/bench_variants.py`.\n"]
-    sections += [f"## {title}\n\n{markdown_table(tables[key])}" for key, title in
-                 (("variants_bench", "Time, throughput, memory"),
-                  ("ratios", "Ratios (speedup: peer time / ours; peak ratio: ours / peer)"),
-                  ("goals", f"Goals at N={GOAL_N}"))]
-    write_atomic(out / "variants_bench.md", "\n".join(sections))
+    header = (f"# attn_zoo variants and peers (CPU)\n\n"
+              f"float32, B={BATCH}, H={HEADS}, D={HEAD_DIM}; variants at their defaults, "
+              f"causal; peers in their partner's mode. {setting}.\nUseful FLOPs: each "
+              f"variant's `flops` (a peer counts its partner's); fwd+bwd counts "
+              f"{FWD_BWD_FACTOR} forwards. Peak: forward memory growth, output included. "
+              "Peers and what is timed: `experiments/bench_variants.py`.\n")
+    titles = {"variants_bench": "Time, throughput, memory",
+              "ratios": "Ratios (speedup: peer time / ours; peak ratio: ours / peer)",
+              "goals": f"Goals at N={GOAL_N}"}
+    write_tables(out, "variants_bench", header,
+                 {key: (title, tables[key]) for key, title in titles.items()})
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    tables = run(args)
-    for title, table in tables.items():
-        print(f"\n{title}\n{text_table(table)}")
-    print(f"\nwritten under {args.out}/")
+    print_tables(run(args), args.out)
 
 
 if __name__ == "__main__":

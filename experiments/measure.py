@@ -294,3 +294,24 @@ def write_atomic(path: str | os.PathLike, text: str) -> None:
     # NamedTemporaryFile creates the file private (0600); results are meant to be shared.
     os.chmod(tmp.name, 0o644)
     os.replace(tmp.name, path)
+
+
+def write_tables(out: Path, name: str, header: str,
+                 tables: dict[str, tuple[str, pd.DataFrame]]) -> None:
+    """Each table as `<out>/<key>.csv`, and all of them under `header` in `<out>/<name>.md`.
+
+    tables: key -> (section title, frame); every file is written atomically.
+    """
+    for key, (_, frame) in tables.items():
+        write_atomic(out / f"{key}.csv", frame.to_csv(index=False))
+    sections = [header] + [f"## {title}\n\n{markdown_table(frame)}"
+                           for title, frame in tables.values()]
+    write_atomic(out / f"{name}.md", "\n".join(sections))
+
+
+def print_tables(tables: dict[str, pd.DataFrame], out: Path) -> None:
+    """Print every table under its key, then where the files went."""
+    for title, table in tables.items():
+        print(f"\n{title}\n{text_table(table)}")
+    print(f"\nwritten under {out}/")
+
