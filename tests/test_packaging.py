@@ -1,4 +1,5 @@
-"""The wheel installs `attn_zoo` alone: no top-level `experiments` or `kernels` package."""
+"""The wheel installs `attn_zoo` alone (kernels as `attn_zoo.kernels`): no top-level
+`experiments` or `kernels` package."""
 
 from __future__ import annotations
 
@@ -21,4 +22,6 @@ def test_wheel_holds_only_the_attn_zoo_package(tmp_path):
         if not name.split("/")[0].endswith(".dist-info")
     }
     assert top_level == {"attn_zoo"}
-    assert "attn_zoo/variants/local.py" in zipfile.ZipFile(wheel).namelist()
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "attn_zoo/variants/local.py" in names
+    assert "attn_zoo/kernels/__init__.py" in names
