@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
-import pytest
+import os
+
 import torch
 
-import attn_zoo
-from attn_zoo.registry import get
+# Without a GPU, Triton kernels run in its interpreter; triton reads the switch when a kernel
+# is defined, so it is set before anything imports attn_zoo.kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import attn_zoo  # noqa: E402
+from attn_zoo.registry import get  # noqa: E402
 
 
 def causal_modes(name: str) -> list[bool]:
