@@ -1,40 +1,50 @@
-"""Key/value caches for incremental (causal) decoding, one cache class per attention variant.
+"""Key/value caches for incremental (causal) decoding: one `KVCache` class per attention variant.
 
 A self-attention layer's cache lives through one generation:
 
-    cache = cache_for(attention)           # None: the variant has no cache (decode uncached)
-    out = attention(q, k, v, causal=True)  # prefill: the prompt through the variant itself,
-    cache.prefill(k, v)                    # then its keys/values go into the cache
-    out = cache.step(q1, k1, v1)           # each new position, (B, H, 1, D), against the cache
+    cache = cache_for(attention)        # empty; every registered variant has one
+    out = cache.extend(q, k, v)         # T new positions (B, H, T, D) attend to the cache and
+                                        # to themselves under the variant's pattern
+    out = cache.step(q1, k1, v1)        # extend with T = 1; `prefill` is extend on an empty cache
 
-`step` returns exactly what the variant computes for that last position of the whole
-sequence (up to float rounding). Keys arrive as the attention sees them, i.e. after RoPE.
-A variant gets a cache by registering a `KVCache` subclass (`fill`, `append`, `__len__`) under
-its name, in its own file:
+Keys arrive as the attention sees them (after RoPE). Extending by T positions gives what T
+single steps give. A cache whose class has `exact = True` reproduces the variant's
+teacher-forced forward: the output of position i equals row i of `attention(q, k, v,
+causal=True)` over any longer sequence. The others state their decode rule in their docstring
+(bigbird: each row follows the layout of the prefix that ends at it; lsh, routing: the new query
+selects cached keys by content).
+
+A variant gets its cache by registering a `KVCache` subclass in its own file:
 
     @register_cache("myvariant")
     class MyCache(KVCache): ...
 
-A cache whose newest query also reads pooled keys (hierarchical, compressive) overrides `step`
-(and `reorder` for any extra state). A variant without a cache makes `cache_for` return None,
-and generation then re-runs the whole prefix every step.
+Most caches build on the storages here: `GrowingCache` (every position, capacity doubling),
+`PatternCache` (a growing cache read through the variant's `allowed(i, j)` pattern of
+positions) and `RingCache` (a rolling buffer of the last `ring` positions plus the first
+`sinks` positions kept for good, read through the pattern). Shared logic: `attend` (masked or
+biased softmax attention of T rows, chunked), `merge_rounds`, `split_at_multiples`.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import TypeVar
+from typing import ClassVar, TypeVar
 
 import torch
 from torch import Tensor
 
 from attn_zoo.attention import Attention
-from attn_zoo.registry import build
+from attn_zoo.blocksparse import CHUNK_ELEMENTS, Pattern
 
 _CACHES: dict[str, type[KVCache]] = {}
 
 C = TypeVar("C", bound="type[KVCache]")
+
+Bias = Callable[[int, int], Tensor]
+"""bias(t0, t1): for query rows t0 .. t1 - 1 of an `attend` call, a bool `allowed` or a float
+additive score bias (-inf = not allowed), broadcastable to (B, Hkv, G, t1 - t0, M)."""
 
 
 def register_cache(name: str) -> Callable[[C], C]:
@@ -52,107 +62,290 @@ def register_cache(name: str) -> Callable[[C], C]:
     return decorator
 
 
-def cache_for(attention: Attention) -> KVCache | None:
-    """A fresh, empty cache for causal decoding with `attention`; None if its variant has none."""
-    cls = _CACHES.get(type(attention).name)
-    return None if cls is None else cls(attention)
+def cached_variants() -> list[str]:
+    """Sorted names of the variants that have a registered cache."""
+    return sorted(_CACHES)
+
+
+def cache_for(attention: Attention) -> KVCache:
+    """A fresh, empty cache for causal decoding with `attention`."""
+    if not isinstance(attention, Attention):
+        raise TypeError(f"attention must be an attn_zoo.Attention, got {type(attention).__name__}")
+    name = type(attention).name
+    if name not in _CACHES:
+        raise ValueError(f"attention {name!r} has no registered cache; caches exist for: "
+                         f"{', '.join(cached_variants())}")
+    return _CACHES[name](attention)
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, bias: Bias, scale: float) -> tuple[Tensor, Tensor]:
+    """Softmax attention of T queries over M keys under a per-row mask or bias, row-chunked.
+
+    q: (B, Hq, T, D); k: (B, Hkv, M, D) or (B, Hq, M, D) (per-query-head keys, shared-QK);
+    v: (B, Hkv, M, D). Scores `scale * q·k` plus `bias(t0, t1)` (see `Bias`). Returns out
+    (B, Hq, T, D) and lse (B, Hq, T), both float; a row with no allowed key has out 0 and
+    lse -inf. Rows are taken in chunks that hold about `CHUNK_ELEMENTS` scores.
+    """
+    batch, q_heads, rows, dim = q.shape
+    kv_heads, keys = v.shape[1], v.shape[2]
+    groups = q_heads // kv_heads
+    q = q.reshape(batch, kv_heads, groups, rows, dim)
+    k = k.reshape(batch, kv_heads, -1, keys, dim)  # -1: 1 (shared over the group) or G
+    v = v[:, :, None]
+    step = max(1, CHUNK_ELEMENTS // max(1, batch * q_heads * keys))
+    outs, lses = [], []
+    for t0 in range(0, rows, step):
+        t1 = min(rows, t0 + step)
+        scores = (q[:, :, :, t0:t1] * scale) @ k.transpose(-1, -2)
+        extra = bias(t0, t1)
+        if extra.dtype == torch.bool:
+            scores = scores.masked_fill(~extra, float("-inf"))
+        else:
+            scores = scores + extra
+        lse = torch.logsumexp(scores, dim=-1)
+        empty = lse == float("-inf")
+        probs = torch.exp(scores - lse.masked_fill(empty, 0.0)[..., None])
+        outs.append(probs @ v)
+        lses.append(lse)
+    out = torch.cat(outs, dim=3).reshape(batch, q_heads, rows, dim)
+    return out, torch.cat(lses, dim=3).reshape(batch, q_heads, rows)
+
+
+def merge_rounds(parts: list[tuple[Tensor, Tensor]]) -> Tensor:
+    """o = sum_r softmax_r(lse_r) o_r over partial attentions (out (..., T, D), lse (..., T));
+    rows empty in every part stay zero."""
+    lse = torch.stack([part[1] for part in parts])
+    top = lse.amax(0).masked_fill(lse.amax(0) == float("-inf"), 0.0)
+    weights = torch.exp(lse - top)
+    weights = weights / weights.sum(0).clamp_min(torch.finfo(weights.dtype).tiny)
+    return sum(w[..., None] * part[0] for w, part in zip(weights, parts, strict=True))
+
+
+def recent_same_group(key_groups: Tensor, row_groups: Tensor, rows: Tensor, cap: int | Tensor,
+                      inclusive: bool) -> Tensor:
+    """Content-based selection: the `cap` most recent keys j < i (j <= i when `inclusive`)
+    in the group (LSH bucket, k-means cluster) of row i.
+
+    key_groups (..., M), row_groups (..., T) long, rows (T,) the row positions (key j sits at
+    index j); cap: an int or a (T, 1) tensor. Returns allowed (..., T, M) bool.
+    """
+    keys = torch.arange(key_groups.shape[-1], device=rows.device)
+    before = keys <= rows[:, None] if inclusive else keys < rows[:, None]
+    same = (key_groups[..., None, :] == row_groups[..., :, None]) & before
+    newer = same.flip(-1).cumsum(-1).flip(-1)  # same-group keys at j or later (before i)
+    return same & (newer <= cap)
+
+
+def work_dtype(x: Tensor) -> torch.dtype:
+    """Softmax and accumulation run in float32 (float64 stays float64), as in the variants."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 class KVCache(ABC):
-    """Keys and values of one causal self-attention layer, for decoding one position at a time.
+    """The state one causal self-attention layer keeps between decoding calls.
 
-    Buffers `k`, `v`: (B, Hkv, capacity, D), positions in the first `len(self)` slots (their
-    order is the subclass's business: softmax attention does not depend on the key order).
     `seen`: positions consumed so far (prompt + generated); the next one is at `seen`.
+    `buffers`: the state tensors by name, batch first, which `reorder` and `nbytes` walk.
+    Subclasses implement `_extend`.
     """
 
+    exact: ClassVar[bool] = True
+    """True when every output equals the variant's teacher-forced forward at that position."""
+
     def __init__(self, attention: Attention) -> None:
-        # The decode step is plain softmax attention over the kept keys, at the variant's scale.
-        self.attend = build("full", scale=attention.params.scale)
-        self.k: Tensor | None = None
-        self.v: Tensor | None = None
+        self.attention = attention
         self.seen = 0
+        self.buffers: dict[str, Tensor] = {}
+
+    def scale(self, dim: int) -> float:
+        """The variant's score scale for head_dim `dim`."""
+        scale = self.attention.params.scale
+        return scale if scale is not None else dim**-0.5
+
+    @abstractmethod
+    def _extend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Output (B, Hq, T, D) of positions seen .. seen + T - 1 (inputs in the work dtype);
+        stores what later positions need. `seen` is advanced by the caller."""
 
     @abstractmethod
     def __len__(self) -> int:
-        """Number of positions currently held."""
+        """Key positions held now (exact keys, plus pooled keys where a variant has them)."""
 
-    @abstractmethod
-    def fill(self, k: Tensor, v: Tensor) -> None:
-        """Store what decoding needs of the prompt's keys/values (B, Hkv, P, D)."""
+    def extend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """q (B, Hq, T, D), k, v (B, Hkv, T, D) of positions seen .. seen + T - 1 -> their
+        attention outputs (B, Hq, T, D) in q's dtype."""
+        for label, x in (("q", q), ("k", k), ("v", v)):
+            if not isinstance(x, Tensor) or x.dim() != 4:
+                raise ValueError(f"{label} must be a (B, H, T, D) tensor, got "
+                                 f"{getattr(x, 'shape', type(x).__name__)}")
+        if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:] or (
+                q.shape[1] % k.shape[1]) or q.shape[2] < 1:
+            raise ValueError(f"extend needs q (B, Hq, T, D) and k, v (B, Hkv, T, D) with "
+                             f"Hq % Hkv == 0 and T >= 1, got q {tuple(q.shape)}, "
+                             f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+        work = work_dtype(q)
+        out = self._extend(q.to(work), k.to(work), v.to(work))
+        self.seen += q.shape[2]
+        return out.to(q.dtype)
 
-    @abstractmethod
-    def append(self, k: Tensor, v: Tensor) -> None:
-        """Store the keys/values (B, Hkv, 1, D) of position `seen` (the caller then advances it)."""
-
-    def prefill(self, k: Tensor, v: Tensor) -> None:
-        """Take the keys/values (B, Hkv, P, D) of a whole prompt (positions 0 .. P - 1)."""
+    def prefill(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """`extend` on an empty cache: the prompt, positions 0 .. P - 1."""
         if self.seen:
             raise ValueError(f"prefill needs an empty cache, got one at position {self.seen}")
-        self.fill(k, v)
-        self.seen = k.shape[2]
+        return self.extend(q, k, v)
 
     def step(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """Output (B, Hq, 1, D) of the query at position `seen` (k, v: (B, Hkv, 1, D))."""
-        if self.seen == 0:
-            raise ValueError("step needs a prefilled cache, got an empty one")
-        if q.shape[2] != 1 or k.shape[2] != 1:
-            raise ValueError(f"a cache step takes one position, got q {tuple(q.shape)} and "
-                             f"k {tuple(k.shape)}")
-        self.append(k, v)
-        self.seen += 1
-        held = len(self)
-        # Every held key is allowed for the newest query, so no causal mask is needed.
-        return self.attend(q, self.k[:, :, :held], self.v[:, :, :held])
+        """`extend` by the one position `seen` (q (B, Hq, 1, D), k, v (B, Hkv, 1, D))."""
+        if q.shape[2] != 1:
+            raise ValueError(f"a cache step takes one position, got q {tuple(q.shape)}")
+        return self.extend(q, k, v)
 
     def reorder(self, index: Tensor) -> None:
         """Keep batch rows `index` (B',) long, in that order (beam search; may repeat rows)."""
-        self.k, self.v = self.k.index_select(0, index), self.v.index_select(0, index)
+        self.buffers = {name: x.index_select(0, index) for name, x in self.buffers.items()}
+
+    def nbytes(self) -> int:
+        """Bytes of the state tensors."""
+        return sum(x.numel() * x.element_size() for x in self.buffers.values())
 
 
-@register_cache("full")
-class FullCache(KVCache):
-    """Every past key: grows with the sequence (capacity doubles, so appends are amortised O(1))."""
+class GrowingCache(KVCache):
+    """Every past position, in buffers (B, H, capacity, X) whose capacity doubles (appends
+    amortised O(1)): "k" and "v", and whatever else a subclass appends with `_append`.
+    """
 
     def __len__(self) -> int:
         return self.seen
 
-    def fill(self, k: Tensor, v: Tensor) -> None:
-        self.k, self.v = k, v
+    def _append(self, **new: Tensor) -> None:
+        """Write positions seen .. seen + T - 1 of each named (B, H, T, X) tensor."""
+        end = self.seen + next(iter(new.values())).shape[2]
+        for name, x in new.items():
+            old = self.buffers.get(name)
+            if old is None or end > old.shape[2]:
+                capacity = max(end, 2 * (0 if old is None else old.shape[2]))
+                grown = x.new_empty(*x.shape[:2], capacity, *x.shape[3:])
+                if old is not None:
+                    grown[:, :, :self.seen] = old[:, :, :self.seen]
+                self.buffers[name] = old = grown
+            old[:, :, self.seen:end] = x
 
-    def append(self, k: Tensor, v: Tensor) -> None:
-        if self.seen == self.k.shape[2]:
-            self.k, self.v = (torch.cat([x, torch.empty_like(x)], dim=2) for x in (self.k, self.v))
-        self.k[:, :, self.seen] = k[:, :, 0]
-        self.v[:, :, self.seen] = v[:, :, 0]
+    def held(self, name: str, end: int | None = None) -> Tensor:
+        """Buffer `name` over positions 0 .. end - 1 (default: every held position)."""
+        return self.buffers[name][:, :, :self.seen if end is None else end]
+
+    def nbytes(self) -> int:
+        """Bytes of the held positions (the buffers' spare capacity is not counted)."""
+        return sum(self.held(name).numel() * x.element_size()
+                   for name, x in self.buffers.items())
 
 
-@register_cache("local")
-class LocalCache(KVCache):
-    """Rolling buffer of the last `window + 1` positions: memory independent of the length.
+class PatternCache(GrowingCache):
+    """Every past key on a growing cache; the new rows attend to the keys 0 .. their position
+    that the variant's causal `pattern()` allows (full, and the sparse patterns)."""
 
-    Position p lives in slot `p % (window + 1)`, so after a step the buffer holds exactly the
-    keys `seen - 1 - window .. seen - 1` that causal `local` lets the newest query see.
+    @abstractmethod
+    def pattern(self) -> Pattern:
+        """The causal pattern allowed(i, j) of query position i and key position j."""
+
+    def _extend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        self._append(k=k, v=v)
+        end = self.seen + q.shape[2]
+        rows = torch.arange(self.seen, end, device=q.device)
+        keys = torch.arange(end, device=q.device)
+        allowed = self.pattern()
+        out, _ = attend(q, self.held("k", end), self.held("v", end),
+                        lambda t0, t1: allowed(rows[t0:t1, None], keys), self.scale(q.shape[3]))
+        return out
+
+
+class RingCache(KVCache):
+    """The first `sinks` positions kept for good plus a rolling buffer of the last `ring`
+    positions: memory independent of the length.
+
+    Position p < sinks lives in slot p, any later one in slot sinks + (p - sinks) % ring;
+    `position` (slots,) holds each slot's position (-1: empty). New rows attend to the held
+    keys and to each other under the causal `pattern()`, which must never allow a key more than
+    `ring - 1` positions older than its query, sinks apart.
     """
 
-    def __init__(self, attention: Attention) -> None:
+    def __init__(self, attention: Attention, sinks: int, ring: int) -> None:
         super().__init__(attention)
-        self.slots = attention.params.window + 1
+        self.sinks, self.ring = sinks, ring
+        self.position: Tensor | None = None
+
+    @abstractmethod
+    def pattern(self) -> Pattern:
+        """The causal pattern allowed(i, j) of query position i and key position j."""
+
+    def nbytes(self) -> int:
+        extra = 0 if self.position is None else self.position.numel() * 8
+        return super().nbytes() + extra
 
     def __len__(self) -> int:
-        return min(self.seen, self.slots)
+        return 0 if self.position is None else int((self.position >= 0).sum())
 
-    def fill(self, k: Tensor, v: Tensor) -> None:
-        batch, heads, length, dim = k.shape
-        self.k, self.v = (x.new_zeros(batch, heads, self.slots, dim) for x in (k, v))
-        kept = torch.arange(max(0, length - self.slots), length, device=k.device)
-        self.k[:, :, kept % self.slots] = k[:, :, kept]
-        self.v[:, :, kept % self.slots] = v[:, :, kept]
+    def _slots(self, positions: Tensor) -> Tensor:
+        return torch.where(positions < self.sinks, positions,
+                           self.sinks + (positions - self.sinks) % self.ring)
 
-    def append(self, k: Tensor, v: Tensor) -> None:
-        slot = self.seen % self.slots
-        self.k[:, :, slot] = k[:, :, 0]
-        self.v[:, :, slot] = v[:, :, 0]
+    def held_positions(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values (B, Hkv, len(positions), D) of held positions."""
+        slots = self._slots(positions)
+        return self.buffers["k"][:, :, slots], self.buffers["v"][:, :, slots]
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor,
+                pooled: tuple[Tensor, Tensor, float] | None = None) -> Tensor:
+        """Rows seen .. seen + T - 1 over the held and new keys, and over `pooled` keys and
+        values (B, Hkv, P, D) with their score bias, allowed for every row; then stores the
+        new keys (the sinks, and the last `ring` of the others)."""
+        batch, heads, rows, dim = k.shape
+        if self.position is None:
+            slots = self.sinks + self.ring
+            self.buffers = {name: x.new_zeros(batch, heads, slots, dim)
+                            for name, x in (("k", k), ("v", v))}
+            self.position = torch.full((slots,), -1, dtype=torch.long, device=k.device)
+        new = torch.arange(self.seen, self.seen + rows, device=k.device)
+        keys = torch.cat([self.buffers["k"], k], dim=2)
+        values = torch.cat([self.buffers["v"], v], dim=2)
+        positions = torch.cat([self.position, new])
+        mask = self.pattern()(new[:, None], positions) & (positions >= 0)
+        if pooled is None:
+            def bias(t0: int, t1: int) -> Tensor:
+                return mask[t0:t1]
+        else:
+            pooled_k, pooled_v, pooled_bias = pooled
+            keys, values = torch.cat([keys, pooled_k], 2), torch.cat([values, pooled_v], 2)
+            scores = torch.zeros(rows, mask.shape[1] + pooled_k.shape[2], dtype=q.dtype,
+                                 device=q.device)
+            scores[:, :mask.shape[1]].masked_fill_(~mask, float("-inf"))
+            scores[:, mask.shape[1]:] = pooled_bias
+
+            def bias(t0: int, t1: int) -> Tensor:
+                return scores[t0:t1]
+
+        out, _ = attend(q, keys, values, bias, self.scale(dim))
+        keep = (new < self.sinks) | (new > new[-1] - self.ring)
+        slots = self._slots(new[keep])
+        self.buffers["k"][:, :, slots] = k[:, :, keep]
+        self.buffers["v"][:, :, slots] = v[:, :, keep]
+        self.position[slots] = new[keep]
+        return out
+
+    def _extend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return self._attend(q, k, v)
+
+
+def split_at_multiples(start: int, length: int, period: int) -> list[tuple[int, int]]:
+    """Pieces [a, b) (offsets from `start`) of positions start .. start + length - 1 that
+    never cross a multiple of `period`."""
+    pieces, offset = [], 0
+    while offset < length:
+        position = start + offset
+        end = min(length, offset + period - position % period)
+        pieces.append((offset, end))
+        offset = end
+    return pieces
 
 
 class CrossKV:
@@ -176,17 +369,19 @@ class DecodeCache:
         self.cross = cross
 
     @classmethod
-    def for_attentions(cls, attentions: list[Attention], cross: bool = False) -> DecodeCache | None:
-        """Caches for these self-attentions (one per layer); None if any variant has no cache."""
+    def for_attentions(cls, attentions: list[Attention], cross: bool = False) -> DecodeCache:
+        """Caches for these self-attentions (one per layer)."""
         layers = [cache_for(attention) for attention in attentions]
-        if any(layer is None for layer in layers):
-            return None
         return cls(layers, [CrossKV() for _ in layers] if cross else None)
 
     @property
     def seen(self) -> int:
         """Positions consumed so far; the next token is at this position."""
         return self.layers[0].seen
+
+    def nbytes(self) -> int:
+        """Bytes of every layer's self-attention state (cross-attention keys not counted)."""
+        return sum(layer.nbytes() for layer in self.layers)
 
     def reorder(self, index: Tensor) -> None:
         """Keep batch rows `index` (B',) long, in that order, in every layer."""

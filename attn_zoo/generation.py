@@ -4,9 +4,8 @@ Models call `generate` from their own `generate` method with their forward funct
 
     forward(tokens (B, n), cache=cache, **context) -> logits (B, n, vocab)
 
-With a `DecodeCache`, the prompt is one prefill call and every later call feeds one new token.
-With `cache=None` (asked for, or some layer's variant has no cache yet), every step re-runs
-the whole prefix: slower, same result.
+Every variant has a cache (`attn_zoo.cache`): the prompt is one prefill call through the
+`DecodeCache`, and every later call feeds one new token.
 """
 
 from __future__ import annotations
@@ -32,19 +31,15 @@ class _Sequences:
     kept in step with the rows when beam search reorders them.
     """
 
-    def __init__(self, forward: Forward, prompt: Tensor, cache: DecodeCache | None,
+    def __init__(self, forward: Forward, prompt: Tensor, cache: DecodeCache,
                  context: dict[str, Tensor | None]) -> None:
         self.forward, self.tokens, self.cache, self.context = forward, prompt, cache, context
 
     def next_logits(self) -> Tensor:
         """float32 logits (R, vocab) of the token after each row."""
-        if self.cache is None:
-            logits = self.forward(self.tokens, cache=None, **self.context)
-        else:
-            # The cache has consumed `seen` tokens: the first call is the prompt, then one each.
-            new = self.tokens[:, self.cache.seen:]
-            logits = self.forward(new, cache=self.cache, **self.context)
-        return logits[:, -1].float()
+        # The cache has consumed `seen` tokens: the first call is the prompt, then one each.
+        new = self.tokens[:, self.cache.seen:]
+        return self.forward(new, cache=self.cache, **self.context)[:, -1].float()
 
     def append(self, token: Tensor) -> None:
         self.tokens = torch.cat([self.tokens, token[:, None]], dim=1)
@@ -54,8 +49,7 @@ class _Sequences:
         self.tokens = self.tokens.index_select(0, index)
         self.context = {key: None if value is None else value.index_select(0, index)
                         for key, value in self.context.items()}
-        if self.cache is not None:
-            self.cache.reorder(index)
+        self.cache.reorder(index)
 
 
 def generate(
@@ -63,7 +57,7 @@ def generate(
     prompt: Tensor,
     max_new_tokens: int,
     *,
-    cache: DecodeCache | None = None,
+    cache: DecodeCache,
     context: dict[str, Tensor | None] | None = None,
     strategy: str = "greedy",
     temperature: float = 1.0,
@@ -81,8 +75,8 @@ def generate(
     log-probability, no length normalisation; the best beam of each row is returned).
     With `eos_token_id`, a row that produced it is padded with it, and generation stops early
     once every row (every beam) has finished. `context`: extra per-row keyword arguments of
-    `forward` (None values pass through). `cache`: an empty `DecodeCache`, or None to re-run
-    the prefix every step.
+    `forward` (None values pass through). `cache`: an empty `DecodeCache` (the model's
+    `init_cache()`).
     """
     require(isinstance(prompt, Tensor) and prompt.dim() == 2 and prompt.shape[1] >= 1
             and not prompt.is_floating_point(), "prompt", getattr(prompt, "shape", prompt),
@@ -95,7 +89,9 @@ def generate(
             "an int >= 1 or None")
     require(top_p is None or 0 < top_p <= 1, "top_p", top_p, "in (0, 1] or None")
     require(isinstance(num_beams, int) and num_beams >= 1, "num_beams", num_beams, "an int >= 1")
-    if cache is not None and cache.seen:
+    if not isinstance(cache, DecodeCache):
+        raise TypeError(f"cache must be a DecodeCache, got {type(cache).__name__}")
+    if cache.seen:
         raise ValueError(f"cache must be empty, got one at position {cache.seen}")
     sequences = _Sequences(forward, prompt, cache, dict(context or {}))
     if strategy == "beam":

@@ -3,7 +3,7 @@
     lm = TransformerLM(vocab_size=256, dim=128, depth=4, heads=4, attention="local",
                        attention_params={"window": 64})
     logits = lm(tokens)                       # (B, N) -> (B, N, vocab_size)
-    tokens = lm.generate(prompt, 32)          # (B, P) -> (B, P + 32), KV-cached when possible
+    tokens = lm.generate(prompt, 32)          # (B, P) -> (B, P + 32), through KV caches
 
 `TransformerEncoder` (bidirectional), `TransformerLM` (decoder-only) and `Seq2SeqTransformer`
 (encoder-decoder) share `Block`. Positions: "rope" rotates q and k inside every self-attention;
@@ -81,9 +81,10 @@ class MultiheadAttention(nn.Module):
     ) -> Tensor:
         """key_padding_mask: (B, M) bool, True = real key (M = N without context).
 
-        cache: for self-attention a `KVCache` (causal only, no padding mask): the first call
-        prefills it with x as positions 0 .. N - 1, every later call takes one new position;
-        for cross-attention a `CrossKV` that keeps the context's keys/values after one call.
+        cache: for self-attention a `KVCache` (causal only, no padding mask): x holds the
+        positions cache.seen .. cache.seen + N - 1 (a prompt, a chunk of one, or one new
+        token); for cross-attention a `CrossKV` that keeps the context's keys/values after one
+        call.
         """
         q = self._heads(self.q_proj(x), self.heads)
         if context is None:
@@ -115,12 +116,7 @@ class MultiheadAttention(nn.Module):
         if key_padding_mask is not None:
             raise ValueError("key_padding_mask must be None with a KV cache, got one of shape "
                              f"{tuple(key_padding_mask.shape)}")
-        if start:
-            return cache.step(q, k, v)
-        # Prefill through the variant itself, so the prompt sees exactly its pattern.
-        out = self.attention(q, k, v, causal=True)
-        cache.prefill(k, v)
-        return out
+        return cache.extend(q, k, v)
 
 
 class Block(nn.Module):
@@ -209,7 +205,7 @@ class _Stack(nn.Module):
                       cross_cache=None if cache is None or cache.cross is None else cache.cross[i])
         return self.norm(x)
 
-    def init_cache(self) -> DecodeCache | None:
+    def init_cache(self) -> DecodeCache:
         return DecodeCache.for_attentions([block.attn.attention for block in self.blocks],
                                           cross=self.blocks[0].cross_attn is not None)
 
@@ -301,26 +297,24 @@ class TransformerLM(nn.Module):
     def forward(self, tokens: Tensor, cache: DecodeCache | None = None) -> Tensor:
         """tokens: (B, N) long -> logits (B, N, vocab_size).
 
-        With `cache` (from `init_cache`), tokens are positions `cache.seen ..`: the first call
-        is the prompt, every later one a single new token.
+        With `cache` (from `init_cache`), tokens are positions `cache.seen ..`: a prompt, a
+        chunk of one, or a single new token.
         """
         x = self.stack(self.embedding(tokens), causal=True, cache=cache)
         return x @ self.embedding.weight.T
 
-    def init_cache(self) -> DecodeCache | None:
-        """An empty KV cache for `forward`; None if a layer's variant has no cache."""
+    def init_cache(self) -> DecodeCache:
+        """An empty KV cache for `forward` (every variant has one)."""
         return self.stack.init_cache()
 
-    def generate(self, prompt: Tensor, max_new_tokens: int, *, use_cache: bool = True,
-                 **options: Any) -> Tensor:
-        """prompt (B, P) long -> (B, P + new) long, new <= max_new_tokens.
+    def generate(self, prompt: Tensor, max_new_tokens: int, **options: Any) -> Tensor:
+        """prompt (B, P) long -> (B, P + new) long, new <= max_new_tokens, through KV caches.
 
-        `use_cache=False` re-runs the whole prefix every step (also what happens when a
-        layer's variant has no cache). options: see `attn_zoo.generation.generate`.
+        options: see `attn_zoo.generation.generate`.
         """
         with _generating(self):
-            cache = self.init_cache() if use_cache else None
-            return generation.generate(self, prompt, max_new_tokens, cache=cache, **options)
+            return generation.generate(self, prompt, max_new_tokens, cache=self.init_cache(),
+                                       **options)
 
 
 class Seq2SeqTransformer(nn.Module):
@@ -364,8 +358,8 @@ class Seq2SeqTransformer(nn.Module):
                target_mask: Tensor | None = None, cache: DecodeCache | None = None) -> Tensor:
         """target (B, T) long, memory (B, S, dim) -> logits (B, T, vocab_size).
 
-        With `cache` (from `init_cache`, no target_mask): the first call is the prompt, every
-        later one a single new token.
+        With `cache` (from `init_cache`, no target_mask): positions `cache.seen ..`, a prompt,
+        a chunk of one, or a single new token.
         """
         x = self.decoder(self.embedding(target), causal=True, key_padding_mask=target_mask,
                          context=memory, context_mask=source_mask, cache=cache)
@@ -375,20 +369,18 @@ class Seq2SeqTransformer(nn.Module):
                 target_mask: Tensor | None = None) -> Tensor:
         return self.decode(target, self.encode(source, source_mask), source_mask, target_mask)
 
-    def init_cache(self) -> DecodeCache | None:
-        """An empty decoder cache for `decode`; None if a layer's variant has no cache."""
+    def init_cache(self) -> DecodeCache:
+        """An empty decoder cache for `decode`."""
         return self.decoder.init_cache()
 
     def generate(self, source: Tensor, prompt: Tensor, max_new_tokens: int,
-                 source_mask: Tensor | None = None, *, use_cache: bool = True,
-                 **options: Any) -> Tensor:
+                 source_mask: Tensor | None = None, **options: Any) -> Tensor:
         """source (B, S), prompt (B, P) long (e.g. a start token) -> (B, P + new) long.
 
-        The source is encoded once; `use_cache` and options as in `TransformerLM.generate`.
+        The source is encoded once; options as in `TransformerLM.generate`.
         """
         with _generating(self):
             memory = self.encode(source, source_mask)
             context = {"memory": memory, "source_mask": source_mask}
-            cache = self.init_cache() if use_cache else None
-            return generation.generate(self.decode, prompt, max_new_tokens, cache=cache,
-                                       context=context, **options)
+            return generation.generate(self.decode, prompt, max_new_tokens,
+                                       cache=self.init_cache(), context=context, **options)

@@ -136,3 +136,60 @@ class BigBirdAttention(Attention):
         if causal:  # a diagonal tile holds only its lower triangle
             pairs -= (sizes * (sizes - 1) // 2).sum()
         return int(pairs)
+
+
+# -- decoding cache -------------------------------------------------------------------------
+
+from attn_zoo.cache import GrowingCache, attend, register_cache  # noqa: E402
+
+
+def prefix_layout_row(attention: BigBirdAttention, row_block: int) -> Tensor:
+    """Row `row_block` of the causal layout of a sequence that ends in that block:
+    (row_block + 1,) bool, the key blocks a query of block I = row_block sees when decoding."""
+    p = attention.params
+    return bigbird_layout((row_block + 1) * p.block, p.block, p.window_blocks,
+                          p.n_global_blocks, p.n_random, p.seed, True)[row_block]
+
+
+@register_cache("bigbird")
+class BigBirdCache(GrowingCache):
+    """Every past key; the decode rule: query i reads the key blocks of row I = i // block of
+    the causal layout of a sequence that ends in block I, `layout((I + 1) * block)[I]`.
+
+    The random blocks of a row are drawn from a (n_blocks x n_blocks) table, so row I of the
+    teacher-forced layout changes with the total length N; only the layout of the prefix that
+    ends at i is known when i is decoded. Decoding therefore equals, at every position, the
+    last row of the forward over the prefix ending there (exactly the teacher-forced forward
+    when n_random = 0, or for the rows of the last block). Memory grows with the sequence.
+    """
+
+    exact = False
+
+    def __init__(self, attention: Attention) -> None:
+        super().__init__(attention)
+        self.rows: list[Tensor] = []  # rows[I]: prefix_layout_row(I), drawn once per block
+
+    def _layout_rows(self, last_block: int, device: torch.device) -> Tensor:
+        """Rows 0 .. last_block of the decode layout, zero-padded: (last_block + 1,) * 2."""
+        while len(self.rows) <= last_block:
+            self.rows.append(prefix_layout_row(self.attention, len(self.rows)))
+        n = last_block + 1
+        table = torch.zeros(n, n, dtype=torch.bool)
+        for index, row in enumerate(self.rows[:n]):
+            table[index, :row.shape[0]] = row
+        return table.to(device)
+
+    def _extend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        self._append(k=k, v=v)
+        block, end = self.attention.params.block, self.seen + q.shape[2]
+        rows = torch.arange(self.seen, end, device=q.device)
+        keys = torch.arange(end, device=q.device)
+        layout = self._layout_rows((end - 1) // block, q.device)
+
+        def allowed(t0: int, t1: int) -> Tensor:
+            i = rows[t0:t1, None]
+            return layout[i // block, keys // block] & (keys <= i)
+
+        out, _ = attend(q, self.held("k", end), self.held("v", end), allowed,
+                        self.scale(q.shape[3]))
+        return out

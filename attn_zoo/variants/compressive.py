@@ -187,3 +187,63 @@ class CompressiveAttention(Attention):
             # row r sees keys first ... start + r and `compressed` pooled keys
             pairs += rows * (start - first + compressed) + rows * (rows + 1) // 2
         return pairs
+
+
+# -- decoding cache -------------------------------------------------------------------------
+
+from attn_zoo.cache import RingCache, register_cache, split_at_multiples  # noqa: E402
+
+
+@register_cache("compressive")
+class CompressiveCache(RingCache):
+    """Raw memory, a rolling buffer of the last mem_len + segment positions, plus the
+    compressed memory, the newest cmem_len pooled groups: constant size.
+
+    New positions are taken segment by segment: when segment s starts, the segment of keys
+    leaving the raw memory, [start - mem_len - segment, start - mem_len), is pooled in groups of
+    `rate` by the variant's own `pool_groups` ("conv" with its learned taps) and appended to the
+    compressed memory, of which the newest cmem_len groups stay: the ones the forward lets
+    segment s see.
+    """
+
+    def __init__(self, attention: Attention) -> None:
+        p = attention.params
+        super().__init__(attention, sinks=0, ring=p.mem_len + p.segment)
+
+    def pattern(self) -> Pattern:
+        return compressive_exact_pattern(self.attention.params.segment,
+                                         self.attention.params.mem_len)
+
+    def __len__(self) -> int:
+        pooled = self.buffers.get("pooled_k")
+        return super().__len__() + (0 if pooled is None else pooled.shape[2])
+
+    def _compress_leaving_segment(self, start: int) -> None:
+        """At the start of the segment at position `start`, compress what leaves raw memory."""
+        attention, p = self.attention, self.attention.params
+        first = start - p.mem_len - p.segment
+        if first < 0 or p.cmem_len == 0:
+            return
+        positions = torch.arange(first, first + p.segment, device=self.position.device)
+        conv = p.compress == "conv"
+        weights = (attention.key_conv, attention.value_conv) if conv else (None, None)
+        for name, x, weight in zip(("pooled_k", "pooled_v"), self.held_positions(positions),
+                                   weights, strict=True):
+            pooled = attention.pool_groups(x, None, weight)
+            old = self.buffers.get(name)
+            merged = pooled if old is None else torch.cat([old, pooled], dim=2)
+            self.buffers[name] = merged[:, :, -p.cmem_len:]
+
+    def _extend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        segment, outs = self.attention.params.segment, []
+        start = self.seen
+        for a, b in split_at_multiples(start, q.shape[2], segment):
+            self.seen = start + a
+            if self.seen % segment == 0:
+                self._compress_leaving_segment(self.seen)
+            pooled = None
+            if "pooled_k" in self.buffers:
+                pooled = (self.buffers["pooled_k"], self.buffers["pooled_v"], 0.0)
+            outs.append(self._attend(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], pooled))
+        self.seen = start
+        return torch.cat(outs, dim=2)

@@ -53,3 +53,16 @@ class FullAttention(Attention):
 
     def scored_pairs(self, n: int, causal: bool) -> int:
         return n * (n + 1) // 2 if causal else n * n
+
+
+# -- decoding cache -------------------------------------------------------------------------
+
+from attn_zoo.cache import PatternCache, register_cache  # noqa: E402
+
+
+@register_cache("full")
+class FullCache(PatternCache):
+    """Every past key: grows with the sequence; a new row attends to every key up to itself."""
+
+    def pattern(self) -> Pattern:
+        return full_pattern(True)

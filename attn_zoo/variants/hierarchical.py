@@ -146,3 +146,60 @@ class HierarchicalAttention(Attention):
                 exact = min(n, (last + 1) * block) - first * block
                 pairs += rows * (exact + n_blocks - (last - first + 1))
         return pairs
+
+
+# -- decoding cache -------------------------------------------------------------------------
+
+import math  # noqa: E402
+
+from attn_zoo.cache import RingCache, register_cache, split_at_multiples  # noqa: E402
+
+
+@register_cache("hierarchical")
+class HierarchicalCache(RingCache):
+    """The exact window, a rolling buffer of the last (window_blocks + 1) * block positions,
+    plus one pooled key/value per older block (their means, scored with + log(block), as the
+    forward scores a complete far block): the pooled part grows by one key per block.
+
+    New positions are taken block by block: when block I starts, block I - window_blocks - 1
+    leaves the window and is pooled, exactly as the forward pools it.
+    """
+
+    def __init__(self, attention: Attention) -> None:
+        p = attention.params
+        super().__init__(attention, sinks=0, ring=(p.window_blocks + 1) * p.block)
+
+    def pattern(self) -> Pattern:
+        p = self.attention.params
+        return hierarchical_exact_pattern(p.block, p.window_blocks, True)
+
+    def __len__(self) -> int:
+        pooled = self.buffers.get("pooled_k")
+        return super().__len__() + (0 if pooled is None else pooled.shape[2])
+
+    def _pool_leaving_block(self, start: int) -> None:
+        """At the start of the block at position `start`, pool the block leaving the window."""
+        block, window_blocks = self.attention.params.block, self.attention.params.window_blocks
+        leaving = start // block - window_blocks - 1
+        if leaving < 0:
+            return
+        positions = torch.arange(leaving * block, (leaving + 1) * block,
+                                 device=self.position.device)
+        means = [block_means(x, None, block)[0] for x in self.held_positions(positions)]
+        for name, mean in zip(("pooled_k", "pooled_v"), means, strict=True):
+            old = self.buffers.get(name)
+            self.buffers[name] = mean if old is None else torch.cat([old, mean], dim=2)
+
+    def _extend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        block, outs = self.attention.params.block, []
+        start = self.seen
+        for a, b in split_at_multiples(start, q.shape[2], block):
+            self.seen = start + a
+            if self.seen % block == 0:
+                self._pool_leaving_block(self.seen)
+            pooled = None
+            if "pooled_k" in self.buffers:
+                pooled = (self.buffers["pooled_k"], self.buffers["pooled_v"], math.log(block))
+            outs.append(self._attend(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], pooled))
+        self.seen = start
+        return torch.cat(outs, dim=2)

@@ -56,3 +56,20 @@ class LocalAttention(Attention):
 
     def scored_pairs(self, n: int, causal: bool) -> int:
         return band_pairs(n, self.params.window, causal)
+
+
+# -- decoding cache -------------------------------------------------------------------------
+
+from attn_zoo.cache import RingCache, register_cache  # noqa: E402
+
+
+@register_cache("local")
+class LocalCache(RingCache):
+    """Rolling buffer of the last `window + 1` positions: memory independent of the length
+    (a new row needs keys back to its position - window only)."""
+
+    def __init__(self, attention: Attention) -> None:
+        super().__init__(attention, sinks=0, ring=attention.params.window + 1)
+
+    def pattern(self) -> Pattern:
+        return local_pattern(self.attention.params.window, True)

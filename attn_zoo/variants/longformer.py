@@ -148,3 +148,24 @@ class LongformerAttention(Attention):
     def scored_pairs(self, n: int, causal: bool) -> int:
         p = self.params
         return longformer_pairs(n, p.window, p.dilation, p.n_global, causal)
+
+
+# -- decoding cache -------------------------------------------------------------------------
+
+from attn_zoo.cache import RingCache, register_cache  # noqa: E402
+
+
+@register_cache("longformer")
+class LongformerCache(RingCache):
+    """The `n_global` global tokens kept as sinks plus a rolling buffer of the last
+    `window * dilation + 1` positions (the reach of the dilated band; the band's dilation is
+    applied by the pattern): memory independent of the length. A global row i < n_global sees
+    every key up to itself, all of them sinks."""
+
+    def __init__(self, attention: Attention) -> None:
+        p = attention.params
+        super().__init__(attention, sinks=p.n_global, ring=p.window * p.dilation + 1)
+
+    def pattern(self) -> Pattern:
+        p = self.attention.params
+        return longformer_pattern(p.window, p.dilation, p.n_global, True)

@@ -334,3 +334,76 @@ class LSHAttention(Attention):
         back = 0 if n_chunks == 1 else sum(a * b for a, b in zip(sizes, sizes[-1:] + sizes[:-1],
                                                                  strict=True))
         return self.params.n_hashes * (own + (back // 2 if causal else back))
+
+
+# -- decoding cache -------------------------------------------------------------------------
+
+from attn_zoo.cache import (  # noqa: E402
+    GrowingCache,
+    attend,
+    merge_rounds,
+    recent_same_group,
+    register_cache,
+)
+
+DECODE_BUCKETS_PER_CHUNK = 32
+"""Decoding hashes into n_buckets(32 * bucket_size) buckets (32): see `LSHCache`."""
+
+
+@register_cache("lsh")
+class LSHCache(GrowingCache):
+    """Every past normalized query (the shared-QK keys), value and bucket; the decode rule:
+
+    Round r hashes a position once, when it arrives, with fixed rotations R_r
+    (D x n_buckets / 2, drawn like the forward's: from `seed` when set, else from the torch RNG
+    at the first call) into n_buckets = n_buckets(32 * bucket_size) = 32 buckets, bucket =
+    argmax([x R_r, -x R_r]). The forward's bucket count follows the length N; a cache cannot
+    re-hash its keys every time N grows, so decoding fixes it. Query i attends, in round r,
+    to the 2 * bucket_size most recent keys j < i of its own bucket (the forward's own chunk
+    plus the previous one), to its own key only when there is none; the rounds combine by
+    their log-sum-exps as in the forward, `o = sum_r softmax_r(lse_r) o_r`. Memory grows with
+    the sequence.
+    """
+
+    exact = False
+
+    def __init__(self, attention: Attention) -> None:
+        super().__init__(attention)
+        self.rotations: Tensor | None = None  # (D, n_hashes * n_buckets / 2)
+
+    def _buckets(self, keys: Tensor) -> Tensor:
+        """Buckets (B, H, T, n_hashes) of normalized keys (B, H, T, D)."""
+        p = self.attention.params
+        dim = keys.shape[-1]
+        if self.rotations is None:
+            half = n_buckets(DECODE_BUCKETS_PER_CHUNK * p.bucket_size, p.bucket_size) // 2
+            generator = None if p.seed is None else torch.Generator().manual_seed(p.seed)
+            rotations = torch.randn((p.n_hashes, dim, half), generator=generator)
+            self.rotations = rotations.transpose(0, 1).reshape(dim, -1).to(keys)
+        half = self.rotations.shape[1] // p.n_hashes
+        rotated = (keys @ self.rotations.to(keys)).unflatten(-1, (p.n_hashes, half))
+        return torch.cat([rotated, -rotated], dim=-1).argmax(-1)
+
+    def _extend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        keys = F.normalize(q, dim=-1)
+        self._append(k=keys, v=v, buckets=self._buckets(keys))
+        end = self.seen + q.shape[2]
+        rows = torch.arange(self.seen, end, device=q.device)
+        key_buckets = self.held("buckets", end)  # (B, H, M, R)
+        cap = 2 * self.attention.params.bucket_size
+        batch, heads = q.shape[:2]
+        kv_heads = v.shape[1]
+        parts = []
+        for r in range(key_buckets.shape[-1]):
+            round_buckets = key_buckets[..., r]
+
+            def allowed(t0: int, t1: int, round_buckets: Tensor = round_buckets) -> Tensor:
+                chosen = recent_same_group(round_buckets, round_buckets[:, :, rows[t0:t1]],
+                                            rows[t0:t1], cap, inclusive=False)
+                own = rows[t0:t1, None] == torch.arange(end, device=q.device)
+                chosen = chosen | (own & ~chosen.any(-1, keepdim=True))
+                return chosen.view(batch, kv_heads, heads // kv_heads, *chosen.shape[2:])
+
+            parts.append(attend(q, self.held("k", end), self.held("v", end), allowed,
+                                self.scale(q.shape[3])))
+        return merge_rounds(parts)

@@ -144,3 +144,55 @@ class RoutingAttention(Attention):
         window = self._window(n)
         per_cluster = window * (window + 1) // 2 if causal else window * window
         return self.params.n_clusters * per_cluster
+
+
+# -- decoding cache -------------------------------------------------------------------------
+
+from attn_zoo.cache import GrowingCache, attend, recent_same_group, register_cache  # noqa: E402
+
+
+@register_cache("routing")
+class RoutingCache(GrowingCache):
+    """Every past normalized query (the shared-QK keys), value and nearest centroid; the decode
+    rule:
+
+    Position j belongs to one cluster, its nearest centroid (argmax q̂_j·μ, the centroids the
+    module holds now; decoding never moves them). Query i attends to the `cap` most recent
+    positions j <= i of its own cluster, itself included, with cap = `window`, or
+    ceil((i + 1) / n_clusters) when `window` is None (the forward's default window for the
+    prefix that ends at i). The forward instead lets each centroid take its top-`window`
+    tokens of the whole sequence, which a causal decoder cannot know. Memory grows with the
+    sequence.
+    """
+
+    exact = False
+
+    def _clusters(self, keys: Tensor) -> Tensor:
+        """Nearest centroid (B, H, T, 1) of normalized keys (B, H, T, D)."""
+        if self.attention.centroids is None:  # drawn on the first call, as the forward does
+            self.attention.clusters(keys[:, :, :1])
+        affinity = einsum(keys, self.attention.centroids.to(keys), "b h n d, h c d -> b h n c")
+        return affinity.argmax(-1, keepdim=True)
+
+    def _extend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        keys = F.normalize(q, dim=-1)
+        self._append(k=keys, v=v, clusters=self._clusters(keys))
+        end = self.seen + q.shape[2]
+        rows = torch.arange(self.seen, end, device=q.device)
+        clusters = self.held("clusters", end)[..., 0]  # (B, H, M)
+        p = self.attention.params
+        batch, heads = q.shape[:2]
+        kv_heads = v.shape[1]
+
+        def allowed(t0: int, t1: int) -> Tensor:
+            row = rows[t0:t1]
+            cap = p.window or (row + p.n_clusters) // p.n_clusters  # ceil((i + 1) / C)
+            cap = torch.as_tensor(cap, device=q.device)
+            if cap.dim():
+                cap = cap[:, None]
+            chosen = recent_same_group(clusters, clusters[:, :, row], row, cap, inclusive=True)
+            return chosen.view(batch, kv_heads, heads // kv_heads, *chosen.shape[2:])
+
+        out, _ = attend(q, self.held("k", end), self.held("v", end), allowed,
+                        self.scale(q.shape[3]))
+        return out

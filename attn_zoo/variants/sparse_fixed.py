@@ -113,3 +113,18 @@ class SparseFixedAttention(Attention):
         total = full * summary + rest_summary
         own = full * stride * stride + rest * rest
         return own + full * stride * (total - summary) + rest * (total - rest_summary)
+
+
+# -- decoding cache -------------------------------------------------------------------------
+
+from attn_zoo.cache import PatternCache, register_cache  # noqa: E402
+
+
+@register_cache("sparse_fixed")
+class SparseFixedCache(PatternCache):
+    """Every past key (the summary columns reach back to position 0); a new row reads its own
+    segment and every earlier summary column."""
+
+    def pattern(self) -> Pattern:
+        p = self.attention.params
+        return fixed_pattern(p.stride, p.summary, True)

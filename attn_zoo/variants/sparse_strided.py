@@ -99,3 +99,17 @@ class SparseStridedAttention(Attention):
         far = (n - 1) // stride  # offsets stride, 2 * stride, ..., far * stride fit
         one_sided = far * n - stride * far * (far + 1) // 2
         return band_pairs(n, stride - 1, causal) + (one_sided if causal else 2 * one_sided)
+
+
+# -- decoding cache -------------------------------------------------------------------------
+
+from attn_zoo.cache import PatternCache, register_cache  # noqa: E402
+
+
+@register_cache("sparse_strided")
+class SparseStridedCache(PatternCache):
+    """Every past key (the strided keys reach back to position 0); a new row reads the band
+    and its strided keys."""
+
+    def pattern(self) -> Pattern:
+        return strided_pattern(self.attention.params.stride, True)
