@@ -11,11 +11,16 @@ float64). A query with no allowed key returns zeros.
 A variant subclasses `Attention`, sets `Params` (its typed parameters) and implements
 `_forward_<backend>(q, k, v, causal, key_padding_mask, scale)` for each backend in `backends`
 (q arrives grouped as (B, Hkv, G, N, D) in the working dtype; the result has that shape), plus
-`scored_pairs(n, causal)` for `flops`.
+`scored_pairs(n, causal)` for `flops`. The working dtype is float32 for 16-bit inputs, except
+on the triton backend, whose kernels read q, k, v in their own dtype and accumulate in float32.
+
+The triton backend runs on CUDA tensors, or on CPU tensors under Triton's interpreter
+(`TRITON_INTERPRET=1`, set before the first triton call: kernels are imported on first use).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any, ClassVar
 
 import torch
@@ -25,6 +30,7 @@ from attn_zoo.flex import flex_block_mask, flex_forward
 from attn_zoo.params import Params
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_TRITON_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class Attention(nn.Module):
@@ -33,6 +39,8 @@ class Attention(nn.Module):
     name: ClassVar[str] = ""
     Params: ClassVar[type[Params]] = Params
     backends: ClassVar[tuple[str, ...]] = ("torch",)
+    # What "auto" runs on a CUDA device: the first of these the variant lists, else "torch".
+    auto_backends: ClassVar[tuple[str, ...]] = ("triton", "flex")
     causal_only: ClassVar[bool] = False
     supports_cross: ClassVar[bool] = False
     # True when the keys a query sees depend on the content (LSH buckets, k-means clusters).
@@ -73,10 +81,15 @@ class Attention(nn.Module):
         self._check(q, k, v, causal, key_padding_mask)
         batch, q_heads, n, dim = q.shape
         kv_heads = k.shape[1]
-        work = torch.float32 if q.dtype in (torch.bfloat16, torch.float16) else q.dtype
+        backend = self.resolve_backend(q.device)
+        if backend == "triton":
+            _check_triton(q)
+            work = q.dtype
+        else:
+            work = torch.float32 if q.dtype in (torch.bfloat16, torch.float16) else q.dtype
         grouped = q.to(work).reshape(batch, kv_heads, q_heads // kv_heads, n, dim)
         scale = self.params.scale if self.params.scale is not None else dim**-0.5
-        run = getattr(self, f"_forward_{self.resolve_backend(q.device)}")
+        run = getattr(self, f"_forward_{backend}")
         out = run(grouped, k.to(work), v.to(work), causal, key_padding_mask, scale)
         return out.reshape(batch, q_heads, n, dim).to(q.dtype)
 
@@ -85,7 +98,7 @@ class Attention(nn.Module):
         if self.params.backend != "auto":
             return self.params.backend
         if device.type == "cuda":
-            return next((b for b in ("triton", "flex") if b in self.backends), "torch")
+            return next((b for b in self.auto_backends if b in self.backends), "torch")
         return "torch"
 
     # -- what a variant provides ----------------------------------------------------------
@@ -103,6 +116,31 @@ class Attention(nn.Module):
                                                         q.device)
             mask = self._flex_masks[key]
         return flex_forward(q, k, v, mask, scale)
+
+    def _forward_triton(self, q, k, v, causal, key_padding_mask, scale):
+        """The block-sparse kernel over `self.pattern(n, causal)`, for variants listing "triton"."""
+        out, _ = self.triton_attention(q, k, v, "pattern", self.pattern(q.shape[3], causal),
+                                       causal, key_padding_mask, scale)
+        return out
+
+    def triton_attention(self, q: Tensor, k: Tensor, v: Tensor, part: str, pattern,
+                         causal: bool, key_padding_mask: Tensor | None, scale: float,
+                         key_bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(out, lse) of the block-sparse kernel over the pairs `pattern(i, j)` of q against k.
+
+        q: (B, Hkv, G, N, D); k, v: (B, Hkv, M, D); key_bias: float broadcastable to (B, M).
+        The tile layout is built once per (variant, parameters, `part`, causal, N, M, tiles,
+        device): `part` names which of the variant's patterns this is.
+        """
+        from attn_zoo.kernels.block_sparse import block_sparse_attention, tile_config
+        from attn_zoo.kernels.layout import cached_layout
+
+        tiles = tile_config(q.dtype, q.shape[-1], q.device)
+        key = (self.name, tuple(self.params.to_dict().items()), part, causal)
+        layout = cached_layout(key, pattern, q.shape[3], k.shape[2], tiles.block_m,
+                               tiles.block_n, q.device)
+        return block_sparse_attention(q, k, v, layout, scale=scale,
+                                      key_padding_mask=key_padding_mask, key_bias=key_bias)
 
     # A variant defines `scored_pairs(n, causal) -> int`: the (query, key) pairs one
     # (batch, head) forward scores, a pooled key counting as one; `register` checks it.
@@ -155,3 +193,15 @@ class Attention(nn.Module):
             if key_padding_mask.device != q.device:
                 raise ValueError(f"key_padding_mask must be on {q.device}, got "
                                  f"{key_padding_mask.device}")
+
+
+def _check_triton(q: Tensor) -> None:
+    """The triton backend's own limits: a CUDA device (or the interpreter), dtype, head_dim."""
+    if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"backend 'triton' needs a CUDA device or TRITON_INTERPRET=1, got "
+                         f"tensors on {q.device}")
+    if q.dtype not in _TRITON_FLOATS:
+        raise TypeError(f"backend 'triton' takes float32, bfloat16 or float16, got {q.dtype}")
+    dim = q.shape[-1]
+    if dim % 8 or not 8 <= dim <= 128:
+        raise ValueError(f"backend 'triton' needs head_dim a multiple of 8 in 8..128, got {dim}")

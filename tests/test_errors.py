@@ -39,7 +39,7 @@ def test_only_complete_attention_classes_register():
         ("local", {"windw": 3}, ValueError, r"unknown parameter 'windw'.*expected: .*window"),
         ("full", {"window": 3}, ValueError, r"unknown parameter 'window' for attention 'full'"),
         ("full", {"backend": "cuda"}, ValueError, r"backend must be one of .*, got 'cuda'"),
-        ("full", {"backend": "triton"}, ValueError, r"backend 'triton' is not supported by"),
+        ("routing", {"backend": "flex"}, ValueError, r"backend 'flex' is not supported by"),
         ("full", {"scale": 0.0}, ValueError, r"scale must be > 0 or None, got 0.0"),
         ("full", {"scale": "big"}, TypeError, r"scale must be float or None, got 'big'"),
     ],

@@ -100,6 +100,7 @@ class CompressiveAttention(Attention):
 
     Params = CompressiveParams
     causal_only = True
+    backends = ("torch", "triton")
 
     def __init__(self, **params) -> None:
         super().__init__(**params)
@@ -164,6 +165,28 @@ class CompressiveAttention(Attention):
                 scale=scale, key_padding_mask=real,
             ))
         return merge_partial_attentions(parts)[0]
+
+    def _forward_triton(self, q, k, v, causal, key_padding_mask, scale):
+        n = q.shape[3]
+        segment, mem_len = self.params.segment, self.params.mem_len
+        cmem_len, rate = self.params.cmem_len, self.params.rate
+        parts = [self.triton_attention(q, k, v, "exact", self.exact_pattern(n, True), True,
+                                       key_padding_mask, scale)]
+        if cmem_len and (n - 1) // segment * segment - mem_len >= rate:
+            conv = self.params.compress == "conv"
+            pooled_k = self.pool_groups(k.float(), key_padding_mask,
+                                        self.key_conv if conv else None)
+            pooled_v = self.pool_groups(v.float(), key_padding_mask,
+                                        self.value_conv if conv else None)
+            real = None
+            if key_padding_mask is not None:
+                real = key_padding_mask[:, :pooled_k.shape[2] * rate].unflatten(
+                    1, (-1, rate)).any(2)
+            parts.append(self.triton_attention(
+                q, pooled_k.to(q.dtype), pooled_v.to(q.dtype), "pooled",
+                compressive_pooled_pattern(segment, mem_len, cmem_len, rate), True, real, scale,
+            ))
+        return merge_partial_attentions([(out.float(), lse) for out, lse in parts])[0]
 
     def _segment_and_memory(self, q, k, v, key_padding_mask, scale) -> tuple[Tensor, Tensor]:
         """Keys start - mem_len ... i of every query: (out, lse) like the engine."""

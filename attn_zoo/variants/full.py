@@ -25,6 +25,9 @@ class FullAttention(Attention):
     """Dense attention through `scaled_dot_product_attention`; also cross-attention (M != N)."""
 
     supports_cross = True
+    backends = ("torch", "triton")
+    # On CUDA, SDPA (FlashAttention) is the dense fast path; backend="triton" runs the kernel.
+    auto_backends = ("torch",)
 
     def pattern(self, n: int, causal: bool) -> Pattern:
         return full_pattern(causal)
@@ -50,6 +53,12 @@ class FullAttention(Attention):
                 q, k, v, attn_mask=allowed | ~has_key, scale=scale, enable_gqa=groups > 1
             ).masked_fill(~has_key, 0.0)
         return out.reshape(batch, kv_heads, groups, n, dim)
+
+    def _forward_triton(self, q, k, v, causal, key_padding_mask, scale):
+        n, m = q.shape[3], k.shape[2]
+        out, _ = self.triton_attention(q, k, v, "pattern", full_pattern(causal, m - n), causal,
+                                       key_padding_mask, scale)
+        return out
 
     def scored_pairs(self, n: int, causal: bool) -> int:
         return n * (n + 1) // 2 if causal else n * n

@@ -89,6 +89,7 @@ class HierarchicalAttention(Attention):
     """
 
     Params = HierarchicalParams
+    backends = ("torch", "triton")
 
     def exact_pattern(self, n: int, causal: bool) -> Pattern:
         """The exactly scored pairs (the pooled keys come on top; see the module docstring)."""
@@ -116,6 +117,21 @@ class HierarchicalAttention(Attention):
                 key_bias=counts.clamp_min(1).log(),
             ))
         return merge_partial_attentions(parts)[0]
+
+    def _forward_triton(self, q, k, v, causal, key_padding_mask, scale):
+        n, block, window_blocks = q.shape[3], self.params.block, self.params.window_blocks
+        parts = [self.triton_attention(q, k, v, "exact", self.exact_pattern(n, causal), causal,
+                                       key_padding_mask, scale)]
+        if -(-n // block) - 1 > window_blocks:  # some query has a block outside its window
+            pooled_k, counts = block_means(k.float(), key_padding_mask, block)
+            pooled_v, _ = block_means(v.float(), key_padding_mask, block)
+            parts.append(self.triton_attention(
+                q, pooled_k.to(q.dtype), pooled_v.to(q.dtype), "pooled",
+                hierarchical_pooled_pattern(block, window_blocks, causal), causal,
+                None if key_padding_mask is None else counts > 0, scale,
+                key_bias=counts.clamp_min(1).log(),
+            ))
+        return merge_partial_attentions([(out.float(), lse) for out, lse in parts])[0]
 
     def _window(self, q, k, v, causal, key_padding_mask, scale) -> tuple[Tensor, Tensor]:
         """Keys of the blocks in the query's window: (out, lse) like the engine."""

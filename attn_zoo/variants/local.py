@@ -40,7 +40,7 @@ class LocalAttention(Attention):
     """Sliding window: memory O(N * window) through key blocks of the band only."""
 
     Params = LocalParams
-    backends = ("torch", "flex")
+    backends = ("torch", "flex", "triton")
 
     def pattern(self, n: int, causal: bool) -> Pattern:
         return local_pattern(self.params.window, causal)

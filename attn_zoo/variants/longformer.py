@@ -85,7 +85,7 @@ class LongformerAttention(Attention):
     """
 
     Params = LongformerParams
-    backends = ("torch", "flex")
+    backends = ("torch", "flex", "triton")
 
     def pattern(self, n: int, causal: bool) -> Pattern:
         p = self.params

@@ -53,7 +53,7 @@ class SparseFixedAttention(Attention):
     """
 
     Params = SparseFixedParams
-    backends = ("torch", "flex")
+    backends = ("torch", "flex", "triton")
 
     def pattern(self, n: int, causal: bool) -> Pattern:
         return fixed_pattern(self.params.stride, self.params.summary, causal)

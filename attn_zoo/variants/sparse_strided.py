@@ -55,7 +55,7 @@ class SparseStridedAttention(Attention):
     """
 
     Params = SparseStridedParams
-    backends = ("torch", "flex")
+    backends = ("torch", "flex", "triton")
 
     def pattern(self, n: int, causal: bool) -> Pattern:
         return strided_pattern(self.params.stride, causal)

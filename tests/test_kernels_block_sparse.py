@@ -1,0 +1,216 @@
+"""The block-sparse Triton kernel and the `triton` backend, against dense and torch references.
+
+On a CPU-only machine the kernels run in Triton's interpreter (conftest sets
+TRITON_INTERPRET=1), so shapes stay tiny; with a GPU the same tests run natively on it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from attn_zoo.kernels.block_sparse import block_sparse_attention, tile_config
+from attn_zoo.kernels.layout import build_layout, cached_layout
+from conftest import qkv, variant_id
+from test_layout import SMALL
+
+import attn_zoo
+from attn_zoo.registry import get
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+TRITON_VARIANTS = [name for name in attn_zoo.available() if "triton" in get(name).backends
+                   and not get(name).content_based]
+CASES = [(name, causal) for name in TRITON_VARIANTS
+         for causal in ([True] if get(name).causal_only else [False, True])]
+# float32 runs in IEEE precision: only summation order separates it from float64.
+TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}
+
+
+def random(*shape, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=gen).to(DEVICE, dtype).requires_grad_()
+
+
+def dense_reference(q, k, v, allowed, scale, key_padding_mask=None, key_bias=None):
+    """float64 (out, lse) over q (B, Hkv, G, N, D), k, v (B, Hkv, M, D), allowed (N, M)."""
+    q, k, v = q.double(), k.double(), v.double()
+    scores = torch.einsum("bhgnd,bhmd->bhgnm", q, k) * scale
+    if key_bias is not None:
+        scores = scores + key_bias.double()[:, None, None, None, :]
+    keep = allowed.to(q.device)
+    if key_padding_mask is not None:
+        keep = keep & key_padding_mask[:, None, None, None, :]
+    scores = scores.masked_fill(~keep, float("-inf"))
+    lse = torch.logsumexp(scores, -1)
+    probs = torch.exp(scores - torch.where(lse.isinf(), 0.0, lse)[..., None])
+    return probs @ v[:, :, None], lse
+
+
+def grads(outputs, inputs, seed=1):
+    """Gradients of a random linear function of (out, lse), rows with lse = -inf left out."""
+    out, lse = outputs
+    gen = torch.Generator().manual_seed(seed)
+    weight_out = torch.randn(out.shape, generator=gen).to(out.device)
+    weight_lse = torch.randn(lse.shape, generator=gen).to(out.device)
+    reached = lse.isfinite()
+    loss = (out.double() * weight_out).sum() + torch.where(reached, lse.double() * weight_lse,
+                                                           0.0).sum()
+    return torch.autograd.grad(loss, inputs)
+
+
+def assert_close(got, expected, dtype):
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(got.double(), expected.double(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize(("pad", "bias"), [(False, False), (True, True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_kernel_matches_dense_reference(pad, bias, dtype):
+    # GQA (2 query heads per kv head), odd lengths, cross lengths (N != M), head_dim 24
+    # padded to 32, a window plus a global column: full and partial tiles.
+    batch, kv_heads, groups, n, m, dim = 2, 1, 2, 37, 45, 24
+
+    def pattern(i, j):
+        return ((i - j).abs() <= 6) | (j < 3)
+
+    layout = build_layout(pattern, n, m, 16, 16, DEVICE)
+    q = random(batch, kv_heads, groups, n, dim, dtype=dtype)
+    k = random(batch, kv_heads, m, dim, dtype=dtype, seed=1)
+    v = random(batch, kv_heads, m, dim, dtype=dtype, seed=2)
+    real = (torch.rand(batch, m, generator=torch.Generator().manual_seed(3)) > 0.3).to(DEVICE)
+    real = real if pad else None
+    key_bias = random(batch, m, seed=4) if bias else None
+    inputs = [q, k, v] + ([key_bias] if bias else [])
+    scale = 0.3
+    out, lse = block_sparse_attention(q, k, v, layout, scale=scale, key_padding_mask=real,
+                                      key_bias=key_bias)
+    assert out.dtype == dtype and lse.dtype == torch.float32 and out.shape == q.shape
+    allowed = pattern(torch.arange(n)[:, None], torch.arange(m))
+    expected = dense_reference(q, k, v, allowed, scale, real, key_bias)
+    assert_close(out, expected[0], dtype)
+    torch.testing.assert_close(lse.isinf(), expected[1].isinf())
+    assert_close(torch.where(lse.isinf(), 0.0, lse), torch.where(expected[1].isinf(), 0.0,
+                                                                  expected[1]), dtype)
+    for got, want in zip(grads((out, lse), inputs), grads(expected, inputs), strict=True):
+        assert_close(got, want, dtype)
+
+
+def test_rows_without_keys_are_zero_with_finite_gradients():
+    n, dim = 40, 16
+
+    def pattern(i, j):  # rows 0..19 see no key; rows 20.. see keys j <= i - 20
+        return j <= i - 20
+
+    layout = build_layout(pattern, n, n, 16, 16, DEVICE)
+    q, k, v = random(1, 1, 1, n, dim), random(1, 1, n, dim, seed=1), random(1, 1, n, dim, seed=2)
+    real = torch.zeros(1, n, dtype=torch.bool, device=DEVICE)
+    real[:, 10:15] = True  # rows 20..29 see padded keys only, rows 30.. see real ones
+    out, lse = block_sparse_attention(q, k, v, layout, scale=0.25, key_padding_mask=real)
+    empty = torch.arange(n) < 30
+    assert torch.all(out[0, 0, 0, empty.to(DEVICE)] == 0)
+    assert torch.all(lse[0, 0, 0, empty.to(DEVICE)] == float("-inf"))
+    assert torch.isfinite(lse[0, 0, 0, ~empty.to(DEVICE)]).all()
+    grad_q, grad_k, grad_v = torch.autograd.grad(out.sum(), (q, k, v))
+    assert all(torch.isfinite(g).all() for g in (grad_q, grad_k, grad_v))
+    assert torch.all(grad_q[0, 0, 0, empty.to(DEVICE)] == 0)
+
+
+@pytest.mark.parametrize(("name", "causal"), CASES, ids=[variant_id(case) for case in CASES])
+def test_triton_backend_matches_torch_backend(name, causal):
+    n = 77
+    q, k, v = (x.to(DEVICE).requires_grad_() for x in qkv(batch=1, q_heads=2, kv_heads=1, n=n,
+                                                           dim=24, seed=5))
+    real = torch.rand(1, n, generator=torch.Generator().manual_seed(6)) > 0.2
+    real = real.to(DEVICE)
+    outputs = {}
+    for backend in ("torch", "triton"):
+        attn = attn_zoo.build(name, backend=backend, **SMALL[name]).to(DEVICE)
+        out = attn(q, k, v, causal=causal, key_padding_mask=real)
+        params = [q, k, v, *attn.parameters()]
+        gen = torch.Generator().manual_seed(7)
+        weight = torch.randn(out.shape, generator=gen).to(DEVICE)
+        outputs[backend] = (out, *torch.autograd.grad((out * weight).sum(), params))
+    for got, expected in zip(outputs["triton"], outputs["torch"], strict=True):
+        assert_close(got, expected, torch.float32)
+
+
+def test_full_cross_attention_is_bottom_right_aligned():
+    q = random(1, 2, 21, 16)
+    k, v = random(1, 1, 50, 16, seed=1), random(1, 1, 50, 16, seed=2)
+    expected = attn_zoo.build("full", backend="torch")(q, k, v, causal=True)
+    got = attn_zoo.build("full", backend="triton")(q, k, v, causal=True)
+    assert_close(got, expected, torch.float32)
+
+
+def test_compressive_conv_weights_get_gradients():
+    params = {**SMALL["compressive"], "compress": "conv"}
+    q, k, v = (x.to(DEVICE) for x in qkv(batch=1, q_heads=1, kv_heads=1, n=50, dim=16))
+    grads_by_backend = []
+    for backend in ("torch", "triton"):
+        attn = attn_zoo.build("compressive", backend=backend, **params).to(DEVICE)
+        with torch.no_grad():
+            attn.key_conv.copy_(torch.tensor([0.2, 0.9]))
+        out = attn(q, k, v, causal=True)
+        grads_by_backend.append(torch.autograd.grad(out.square().sum(), list(attn.parameters())))
+    for got, expected in zip(*grads_by_backend, strict=True):
+        assert_close(got, expected, torch.float32)
+        assert got.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_backend_keeps_low_precision_inputs(dtype):
+    q, k, v = (x.to(DEVICE, dtype) for x in qkv(batch=1, q_heads=2, kv_heads=2, n=40, dim=32))
+    attn = attn_zoo.build("local", backend="triton", window=5)
+    out = attn(q, k, v, causal=True)
+    expected = attn_zoo.build("local", backend="torch", window=5)(q.double(), k.double(),
+                                                                  v.double(), causal=True)
+    assert out.dtype == dtype
+    assert_close(out, expected, dtype)
+
+
+def test_custom_op_traces_under_torch_compile():
+    n, dim = 20, 16
+    layout = cached_layout(("test-compile",), lambda i, j: j <= i, n, n, 16, 16, DEVICE)
+    q, k, v = random(1, 1, 2, n, dim), random(1, 1, n, dim, seed=1), random(1, 1, n, dim, seed=2)
+    key_bias = random(1, n, seed=3)
+
+    def loss(q, k, v, key_bias):
+        out, lse = block_sparse_attention(q, k, v, layout, scale=0.5, key_bias=key_bias)
+        return out.square().sum() + lse.sum()
+
+    expected = torch.autograd.grad(loss(q, k, v, key_bias), (q, k, v, key_bias))
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    got = torch.autograd.grad(compiled(q, k, v, key_bias), (q, k, v, key_bias))
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b)
+    args = (q.detach(), k.detach(), v.detach(), *layout.tensors(), None, key_bias.detach(),
+            0.5, 16, 16)
+    torch.library.opcheck(torch.ops.attn_zoo.block_sparse_fwd.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_triton_backend_needs_cuda_or_the_interpreter(monkeypatch):
+    q, k, v = qkv(batch=1, q_heads=1, kv_heads=1, n=8, dim=16)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="backend 'triton' needs a CUDA device or "
+                                         "TRITON_INTERPRET=1, got tensors on cpu"):
+        attn_zoo.build("local", backend="triton")(q, k, v)
+
+
+def test_triton_backend_rejects_what_the_kernel_cannot_run():
+    attn = attn_zoo.build("local", backend="triton")
+    q, k, v = (x.to(DEVICE) for x in qkv(batch=1, q_heads=1, kv_heads=1, n=8, dim=16))
+    with pytest.raises(TypeError, match="backend 'triton' takes float32, bfloat16 or float16, "
+                                        "got torch.float64"):
+        attn(q.double(), k.double(), v.double())
+    q, k, v = (x.to(DEVICE) for x in qkv(batch=1, q_heads=1, kv_heads=1, n=8, dim=20))
+    with pytest.raises(ValueError, match="head_dim a multiple of 8 in 8..128, got 20"):
+        attn(q, k, v)
+
+
+def test_auto_prefers_the_kernel_on_cuda_except_for_full():
+    cuda = torch.device("cuda")
+    assert attn_zoo.build("local").resolve_backend(cuda) == "triton"
+    assert attn_zoo.build("full").resolve_backend(cuda) == "torch"
+    assert attn_zoo.build("full", backend="triton").resolve_backend(cuda) == "triton"
+    assert attn_zoo.build("local").resolve_backend(torch.device("cpu")) == "torch"
+    assert tile_config(torch.float32, 24, torch.device("cpu")).block_m % 16 == 0
