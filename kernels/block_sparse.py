@@ -485,6 +485,8 @@ def block_sparse_attention(
         if not isinstance(key_bias, Tensor) or not key_bias.is_floating_point():
             raise TypeError(f"key_bias must be a float tensor, got {type(key_bias).__name__}")
         key_bias = key_bias.to(torch.float32).expand(batch, m).contiguous()
+    if key_padding_mask is not None:
+        key_padding_mask = key_padding_mask.contiguous()
     out, lse = _forward_op(q.contiguous(), k.contiguous(), v.contiguous(), *layout.tensors(),
                            key_padding_mask, key_bias, float(scale), layout.block_m,
                            layout.block_n)

@@ -9,7 +9,9 @@ the zoo repeat a handful of tile shapes (band edges, causal diagonals, stride re
 the query tiles visiting it, with the same mask ids) drive the dK/dV pass.
 
 The pattern is evaluated over bounded chunks of query rows, never as one (N, M) tensor, and
-`cached_layout` builds a layout once per (pattern key, N, M, tiles, device).
+`cached_layout` builds a layout once per (pattern key, N, M, tiles, device). Under
+`torch.compile` a cached layout is a constant of the graph; building one is a graph break, so
+`fullgraph=True` needs one eager call per shape first.
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ def _pad_columns(rows: list[Tensor], width: int, value: int) -> Tensor:
                       for row in rows])
 
 
+@torch.compiler.disable  # data-dependent host work: a graph break when first met in a trace
 def build_layout(pattern: Pattern, n: int, m: int, block_m: int, block_n: int,
                  device: torch.device | str | None = None,
                  chunk_elements: int = CHUNK_ELEMENTS) -> BlockLayout:

@@ -188,6 +188,19 @@ def test_custom_op_traces_under_torch_compile():
                           test_utils=("test_schema", "test_faketensor"))
 
 
+def test_variant_on_triton_compiles_with_fullgraph_once_its_layout_is_built():
+    attn = attn_zoo.build("local", window=5, backend="triton")
+    q, k, v = (x.to(DEVICE).requires_grad_() for x in qkv(batch=1, q_heads=2, kv_heads=1, n=40,
+                                                           dim=16))
+    expected = attn(q, k, v, causal=True)  # eager: builds and caches the layout
+    compiled = torch.compile(lambda q, k, v: attn(q, k, v, causal=True), fullgraph=True,
+                             backend="aot_eager")
+    got = compiled(q, k, v)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(torch.autograd.grad(got.sum(), q)[0],
+                               torch.autograd.grad(expected.sum(), q)[0])
+
+
 def test_triton_backend_needs_cuda_or_the_interpreter(monkeypatch):
     q, k, v = qkv(batch=1, q_heads=1, kv_heads=1, n=8, dim=16)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
