@@ -4,10 +4,15 @@ Every yaml under `conf/` is backed by a dataclass here, so that a misspelt key o
 the wrong type fails when Hydra composes the config, before anything runs:
 
 * `schema/bench`: the bench app's top-level keys (their values live in `conf/bench.yaml`).
+* `schema/decode`: the decode app's top-level keys (values in `conf/decode.yaml`).
 * `schema/logger`: the `logger` group (`conf/logger/{wandb,none}.yaml`).
 * `schema/attention/<name>`: one per registered variant, generated from its `Params`
   dataclass: a `name` field plus every parameter but `backend`, which is the top-level
   `backend` key (one axis for all variants). `conf/attention/<name>.yaml` lists the values.
+* `schema/train`, `schema/model`, `schema/task/<name>`: the train app's top-level keys, its
+  backbone sizes (`conf/model/`) and one per task of `experiments.tasks` (`conf/task/`),
+  the latter generated from the task's dataclass like the attention schemas;
+  `schema/generate`: the keys of `conf/generate.yaml`.
 
 Call `register_configs()` before Hydra composes (the apps do it at import).
 """
@@ -26,6 +31,7 @@ from omegaconf import MISSING
 import attn_zoo
 from attn_zoo.params import BACKENDS
 from attn_zoo.registry import get
+from experiments.tasks import TASKS
 
 Dtype = enum.Enum("Dtype", ["float32", "bfloat16", "float16"])
 Mode = enum.Enum("Mode", ["fwd", "fwd_bwd", "both"])
@@ -74,6 +80,89 @@ class BenchConfig:
     retry_failed: bool = MISSING
 
 
+@dataclasses.dataclass
+class ModelConfig:
+    """`model` group: the `TransformerLM` backbone's sizes (vocab_size comes from the task)."""
+
+    name: str = MISSING
+    dim: int = MISSING
+    depth: int = MISSING
+    heads: int = MISSING
+    kv_heads: int | None = None
+    pos: str = "rope"
+    norm: str = "rms"
+    mlp: str = "swiglu"
+    dropout: float = 0.0
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Keys of `conf/train.yaml` (and `conf/quality.yaml`); values live in the yamls only."""
+
+    attention: Any = MISSING
+    model: ModelConfig = MISSING
+    task: Any = MISSING
+    logger: LoggerConfig = MISSING
+    sweep_name: str = MISSING
+    out_dir: str = MISSING
+    seq_len: int = MISSING
+    eval_lens: list[int] = MISSING
+    steps: int = MISSING
+    tokens_per_step: int = MISSING
+    lr: float = MISSING
+    weight_decay: float = MISSING
+    warmup_steps: int = MISSING
+    grad_clip: float | None = MISSING
+    eval_sequences: int = MISSING
+    log_every: int = MISSING
+    checkpoint: str | None = MISSING
+    device: str = MISSING
+    backend: Backend = MISSING
+    threads: int | None = MISSING
+    seed: int = MISSING
+    retry_failed: bool = MISSING
+    speed_dir: str | None = MISSING
+
+
+@dataclasses.dataclass
+class GenerateConfig:
+    """Keys of `conf/generate.yaml` (experiments.generate)."""
+
+    ckpt: str | None = MISSING
+    prompt: str = MISSING
+    max_new_tokens: int = MISSING
+    temperature: float = MISSING
+    top_k: int | None = MISSING
+    top_p: float | None = MISSING
+    seed: int = MISSING
+    device: str = MISSING
+
+
+@dataclasses.dataclass
+class DecodeConfig:
+    """Keys of `conf/decode.yaml`; values (and what they mean) live in the yaml only."""
+
+    attention: Any = MISSING
+    out_dir: str = MISSING
+    contexts: list[int] = MISSING
+    bounded: list[str] = MISSING
+    max_context: int = MISSING
+    vocab_size: int = MISSING
+    dim: int = MISSING
+    depth: int = MISSING
+    heads: int = MISSING
+    kv_heads: int = MISSING
+    batch: int = MISSING
+    dtype: Dtype = MISSING
+    device: str = MISSING
+    prefill_chunk: int = MISSING
+    warmup: int = MISSING
+    steps: int = MISSING
+    threads: int | None = MISSING
+    seed: int = MISSING
+    retry_failed: bool = MISSING
+
+
 def _omegaconf_type(hint: Any, field: str) -> Any:
     """The closest type OmegaConf validates for a `Params` field's type hint."""
     origin = get_origin(hint)
@@ -105,6 +194,17 @@ def attention_schema(name: str) -> type:
     return dataclasses.make_dataclass(f"{params.__name__}Config", fields)
 
 
+def task_schema(name: str) -> type:
+    """A dataclass with `name` plus the fields of the task `name` of `experiments.tasks`."""
+    task = TASKS[name]
+    hints = get_type_hints(task)
+    fields: list[tuple[str, Any, Any]] = [("name", str, dataclasses.field(default=name))]
+    for field in dataclasses.fields(task):
+        kind = _omegaconf_type(hints[field.name], field.name)
+        fields.append((field.name, kind, dataclasses.field(default=field.default)))
+    return dataclasses.make_dataclass(f"{task.__name__}Config", fields)
+
+
 def attention_params(attention: Any) -> dict[str, Any]:
     """The keyword arguments of `attn_zoo.build` from a composed `attention` node."""
     params = {key: value for key, value in dict(attention).items() if key != "name"}
@@ -117,6 +217,12 @@ def register_configs() -> None:
     """Store every schema in Hydra's ConfigStore (once per process)."""
     store = ConfigStore.instance()
     store.store(group="schema", name="bench", node=BenchConfig)
+    store.store(group="schema", name="decode", node=DecodeConfig)
     store.store(group="schema", name="logger", node=LoggerConfig)
     for name in attn_zoo.available():
         store.store(group="schema/attention", name=name, node=attention_schema(name))
+    store.store(group="schema", name="train", node=TrainConfig)
+    store.store(group="schema", name="model", node=ModelConfig)
+    store.store(group="schema", name="generate", node=GenerateConfig)
+    for name in TASKS:
+        store.store(group="schema/task", name=name, node=task_schema(name))

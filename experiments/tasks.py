@@ -1,0 +1,338 @@
+"""Training tasks generated on the fly from a seed: synthetic recall and copying, and real text.
+
+Every task makes batches of next-token prediction at any sequence length `N`:
+
+    task = make_task("mqar", vocab_size=64, n_pairs=8)
+    batch = task.batch(batch_size=16, seq_len=512, generator=gen, split="train")
+    batch.inputs, batch.targets   # (B, N) long: targets[:, t] is the token after inputs[:, t]
+    batch.mask                    # (B, N) bool: the positions the loss and the metric read
+
+* `mqar` (multi-query associative recall, Zoology): `n_pairs` key-value pairs, then the keys
+  again in random order at random positions of the rest of the sequence (blanks in between);
+  the answer after a query key is its value. Keys are drawn without replacement from
+  `[2, 2 + n_keys)`, values from the upper half of the vocabulary.
+* `selective_copy`: `n_copy` data tokens scattered (in order) among blanks, then a copy
+  marker, then the same tokens again; the answers are the copied tokens.
+* `needle` (passkey retrieval): random filler tokens; at depth `depth` (fraction of the
+  filler, uniform per sequence when None) a needle `[NEEDLE, key, value_1..value_L]` of
+  symbols that the filler never uses; the sequence ends with `[QUERY, key]` and the answers
+  are the value tokens.
+* `stdlib_lm`: a byte-level language model on the `.py` files of the running Python's
+  standard library (no downloads), split by file into train and validation (a file goes to
+  validation when the first byte of the SHA-256 of its relative path is below
+  `256 * val_fraction`); windows are drawn at random positions of the split's files joined
+  by newlines. Its metric is bits per byte.
+
+`accuracy` on the synthetic tasks is the fraction of answer positions whose argmax
+prediction is the answer token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import math
+import sysconfig
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+SPLITS = ("train", "validation")
+
+
+@dataclasses.dataclass
+class Batch:
+    """inputs, targets: (B, N) long; mask: (B, N) bool, True where the loss is read."""
+
+    inputs: Tensor
+    targets: Tensor
+    mask: Tensor
+
+
+def _require(condition: bool, name: str, value: Any, expected: str) -> None:
+    if not condition:
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+
+
+def _positive_int(name: str, value: Any) -> None:
+    _require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name, value,
+             "a positive int")
+
+
+class Task(ABC):
+    """A source of batches at any length; `metric` names what `evaluate` reports."""
+
+    name: ClassVar[str]
+    metric: ClassVar[str] = "accuracy"
+    is_text: ClassVar[bool] = False
+    vocab_size: int
+
+    def batch(self, batch_size: int, seq_len: int, generator: torch.Generator,
+              split: str = "train") -> Batch:
+        """A (batch_size, seq_len) batch drawn with `generator` (CPU) from `split`."""
+        _positive_int("batch_size", batch_size)
+        _positive_int("seq_len", seq_len)
+        _require(split in SPLITS, "split", split, f"one of {SPLITS}")
+        self.check_length(seq_len)
+        sequences, answers = self._sequences(batch_size, seq_len, generator, split)
+        return Batch(sequences[:, :-1], sequences[:, 1:], answers[:, 1:])
+
+    @abstractmethod
+    def check_length(self, seq_len: int) -> None:
+        """Raise `ValueError` naming `seq_len` when the task does not fit in it."""
+
+    @abstractmethod
+    def _sequences(self, batch_size: int, seq_len: int, generator: torch.Generator,
+                   split: str) -> tuple[Tensor, Tensor]:
+        """(B, N + 1) tokens and (B, N + 1) bool: True at tokens that are answers."""
+
+    def config(self) -> dict[str, Any]:
+        """The parameters that rebuild this task with `make_task`."""
+        return {"name": self.name} | {f.name: getattr(self, f.name)
+                                      for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+
+
+def _random_slots(batch_size: int, n_slots: int, k: int, generator: torch.Generator) -> Tensor:
+    """(B, k) long: k distinct slots of range(n_slots) per row, sorted."""
+    scores = torch.rand(batch_size, n_slots, generator=generator)
+    return scores.topk(k, dim=1).indices.sort(dim=1).values
+
+
+@dataclasses.dataclass
+class MQAR(Task):
+    """Multi-query associative recall: tokens 0 = blank, keys `[2, 2 + n_keys)`, values the
+    top `n_values` tokens; sequence = k_1 v_1 .. k_P v_P, then every key once as a query at a
+    random even offset of the rest, its value right after it."""
+
+    vocab_size: int = 64
+    n_pairs: int = 8
+    name: ClassVar[str] = "mqar"
+
+    def __post_init__(self) -> None:
+        _positive_int("vocab_size", self.vocab_size)
+        _positive_int("n_pairs", self.n_pairs)
+        _require(self.vocab_size >= 2 + 2 * self.n_pairs, "vocab_size", self.vocab_size,
+                 f">= 2 + 2 * n_pairs = {2 + 2 * self.n_pairs} (distinct keys and values)")
+
+    @property
+    def n_keys(self) -> int:
+        return (self.vocab_size - 2) // 2
+
+    def check_length(self, seq_len: int) -> None:
+        # The pairs take 2P tokens, the queries 2P more, plus the last answer (N + 1 tokens).
+        _require(seq_len + 1 >= 4 * self.n_pairs, "seq_len", seq_len,
+                 f">= 4 * n_pairs - 1 = {4 * self.n_pairs - 1} for n_pairs={self.n_pairs}")
+
+    def _sequences(self, batch_size: int, seq_len: int, generator: torch.Generator,
+                   split: str) -> tuple[Tensor, Tensor]:
+        pairs = self.n_pairs
+        n_values = self.vocab_size - 2 - self.n_keys
+        keys = 2 + torch.rand(batch_size, self.n_keys, generator=generator).argsort(1)[:, :pairs]
+        values = (self.vocab_size - n_values
+                  + torch.randint(n_values, (batch_size, pairs), generator=generator))
+        tokens = torch.zeros(batch_size, seq_len + 1, dtype=torch.long)
+        answers = torch.zeros_like(tokens, dtype=torch.bool)
+        tokens[:, 0:2 * pairs:2], tokens[:, 1:2 * pairs:2] = keys, values
+        # Query slots: 2-token cells of the rest; query i asks for pair order[i].
+        n_slots = (seq_len + 1 - 2 * pairs) // 2
+        starts = 2 * pairs + 2 * _random_slots(batch_size, n_slots, pairs, generator)
+        order = torch.rand(batch_size, pairs, generator=generator).argsort(1)
+        tokens.scatter_(1, starts, keys.gather(1, order))
+        tokens.scatter_(1, starts + 1, values.gather(1, order))
+        answers.scatter_(1, starts + 1, True)
+        return tokens, answers
+
+
+@dataclasses.dataclass
+class SelectiveCopy(Task):
+    """Tokens 0 = blank, 1 = copy marker, data `[2, vocab_size)`: `n_copy` data tokens at
+    random positions among blanks, the marker, then the same tokens in order."""
+
+    vocab_size: int = 16
+    n_copy: int = 16
+    name: ClassVar[str] = "selective_copy"
+
+    def __post_init__(self) -> None:
+        _positive_int("vocab_size", self.vocab_size)
+        _positive_int("n_copy", self.n_copy)
+        _require(self.vocab_size >= 3, "vocab_size", self.vocab_size, ">= 3 (blank, marker, data)")
+
+    def check_length(self, seq_len: int) -> None:
+        _require(seq_len >= 2 * self.n_copy, "seq_len", seq_len,
+                 f">= 2 * n_copy = {2 * self.n_copy} for n_copy={self.n_copy}")
+
+    def _sequences(self, batch_size: int, seq_len: int, generator: torch.Generator,
+                   split: str) -> tuple[Tensor, Tensor]:
+        region = seq_len - self.n_copy  # then the marker and the n_copy copies: N + 1 tokens
+        data = torch.randint(2, self.vocab_size, (batch_size, self.n_copy), generator=generator)
+        tokens = torch.zeros(batch_size, seq_len + 1, dtype=torch.long)
+        tokens.scatter_(1, _random_slots(batch_size, region, self.n_copy, generator), data)
+        tokens[:, region] = 1
+        tokens[:, region + 1:] = data
+        answers = torch.zeros_like(tokens, dtype=torch.bool)
+        answers[:, region + 1:] = True
+        return tokens, answers
+
+
+@dataclasses.dataclass
+class Needle(Task):
+    """Tokens 0 = needle marker, 1 = query marker, symbols `[2, 2 + n_keys)` (keys and value
+    tokens), filler the rest. Random filler; the needle `[0, key, value_1..value_L]` starts at
+    offset `round(depth * (N + 1 - 2 * (L + 2)))`; the sequence ends with `[1, key, value_1..L]`
+    and the answers are the value tokens after the query."""
+
+    vocab_size: int = 64
+    n_keys: int = 16
+    value_len: int = 4
+    depth: float | None = None
+    name: ClassVar[str] = "needle"
+
+    def __post_init__(self) -> None:
+        _positive_int("vocab_size", self.vocab_size)
+        _positive_int("n_keys", self.n_keys)
+        _positive_int("value_len", self.value_len)
+        _require(self.vocab_size >= 3 + self.n_keys, "vocab_size", self.vocab_size,
+                 f">= 3 + n_keys = {3 + self.n_keys} (markers, symbols, filler)")
+        _require(self.depth is None or (isinstance(self.depth, (int, float))
+                                        and not isinstance(self.depth, bool)
+                                        and 0.0 <= self.depth <= 1.0), "depth", self.depth,
+                 "a number in [0, 1] or None (uniform per sequence)")
+
+    @property
+    def needle_len(self) -> int:
+        return 2 + self.value_len
+
+    def check_length(self, seq_len: int) -> None:
+        # The needle and the query with its answers take 2 * needle_len of the N + 1 tokens.
+        _require(seq_len + 1 >= 2 * self.needle_len, "seq_len", seq_len,
+                 f">= {2 * self.needle_len - 1} for value_len={self.value_len}")
+
+    def needle_offsets(self, batch_size: int, seq_len: int, generator: torch.Generator) -> Tensor:
+        """(B,) long: where each needle starts; draws from `generator` only when depth is None."""
+        filler = seq_len + 1 - 2 * self.needle_len
+        if self.depth is None:
+            depth = torch.rand(batch_size, generator=generator, dtype=torch.float64)
+        else:
+            depth = torch.full((batch_size,), float(self.depth), dtype=torch.float64)
+        return (depth * filler).round().long()
+
+    def _sequences(self, batch_size: int, seq_len: int, generator: torch.Generator,
+                   split: str) -> tuple[Tensor, Tensor]:
+        first_filler = 2 + self.n_keys
+        tokens = torch.randint(first_filler, self.vocab_size, (batch_size, seq_len + 1),
+                               generator=generator)
+        symbols = torch.randint(2, first_filler, (batch_size, 1 + self.value_len),
+                                generator=generator)
+        needle = torch.cat([torch.zeros(batch_size, 1, dtype=torch.long), symbols], dim=1)
+        offsets = self.needle_offsets(batch_size, seq_len, generator)
+        tokens.scatter_(1, offsets[:, None] + torch.arange(self.needle_len), needle)
+        tokens[:, -self.needle_len:] = torch.cat([torch.ones_like(needle[:, :1]), symbols], 1)
+        answers = torch.zeros_like(tokens, dtype=torch.bool)
+        answers[:, -self.value_len:] = True
+        return tokens, answers
+
+
+@functools.cache
+def _stdlib_files(root: str) -> tuple[tuple[str, bytes], ...]:
+    """(relative path, bytes) of every .py file under `root` outside site-packages, sorted."""
+    base = Path(root)
+    files = []
+    for path in sorted(base.rglob("*.py")):
+        relative = path.relative_to(base)
+        if relative.parts[0] in ("site-packages", "dist-packages") or not path.is_file():
+            continue
+        files.append((relative.as_posix(), path.read_bytes()))
+    if not files:
+        raise FileNotFoundError(f"no .py files under {root}: is it a Python standard library?")
+    return tuple(files)
+
+
+def stdlib_root() -> str:
+    """The running Python's standard library folder."""
+    return sysconfig.get_paths()["stdlib"]
+
+
+def in_validation(relative_path: str, val_fraction: float) -> bool:
+    """Whether a file goes to validation: first byte of SHA-256(path) < 256 * val_fraction."""
+    return hashlib.sha256(relative_path.encode()).digest()[0] < 256 * val_fraction
+
+
+@dataclasses.dataclass
+class StdlibLM(Task):
+    """Bytes of the standard library's .py files (vocabulary 256), split by file."""
+
+    val_fraction: float = 0.1
+    root: str | None = None
+    name: ClassVar[str] = "stdlib_lm"
+    metric: ClassVar[str] = "bits_per_byte"
+    is_text: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.val_fraction, (int, float)) and 0 < self.val_fraction < 1,
+                 "val_fraction", self.val_fraction, "in (0, 1)")
+        self.vocab_size = 256
+
+    def split_files(self, split: str) -> list[str]:
+        """Relative paths of the files in `split`, sorted."""
+        _require(split in SPLITS, "split", split, f"one of {SPLITS}")
+        want = split == "validation"
+        return [path for path, _ in _stdlib_files(self.root or stdlib_root())
+                if in_validation(path, self.val_fraction) == want]
+
+    @functools.cached_property
+    def _corpora(self) -> dict[str, Tensor]:
+        files = _stdlib_files(self.root or stdlib_root())
+        corpora = {}
+        for split in SPLITS:
+            want = split == "validation"
+            text = b"\n".join(data for path, data in files
+                              if in_validation(path, self.val_fraction) == want)
+            if not text:
+                raise ValueError(f"val_fraction={self.val_fraction} leaves the {split} split "
+                                 "empty")
+            corpora[split] = torch.frombuffer(bytearray(text), dtype=torch.uint8)
+        return corpora
+
+    def check_length(self, seq_len: int) -> None:
+        shortest = min(len(corpus) for corpus in self._corpora.values())
+        _require(seq_len < shortest, "seq_len", seq_len, f"< {shortest} (the smaller split)")
+
+    def _sequences(self, batch_size: int, seq_len: int, generator: torch.Generator,
+                   split: str) -> tuple[Tensor, Tensor]:
+        corpus = self._corpora[split]
+        starts = torch.randint(len(corpus) - seq_len, (batch_size,), generator=generator)
+        windows = corpus[starts[:, None] + torch.arange(seq_len + 1)].long()
+        return windows, torch.ones_like(windows, dtype=torch.bool)
+
+    def decode(self, tokens: Tensor) -> str:
+        """(N,) byte tokens as text (invalid UTF-8 replaced)."""
+        return bytes(tokens.to(torch.uint8).tolist()).decode("utf-8", errors="replace")
+
+    def encode(self, text: str) -> Tensor:
+        """(N,) long byte tokens of `text` (UTF-8)."""
+        return torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
+
+
+TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (MQAR, SelectiveCopy, Needle, StdlibLM)}
+
+
+def make_task(name: str, **params: Any) -> Task:
+    """The task `name` with `params`; unknown names or parameters are `ValueError`s."""
+    if name not in TASKS:
+        raise ValueError(f"task must be one of {sorted(TASKS)}, got {name!r}")
+    cls = TASKS[name]
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise ValueError(f"task {name!r} got unknown parameters {unknown}; it takes "
+                         f"{sorted(known)}")
+    return cls(**params)
+
+
+def bits(nats: float) -> float:
+    """A cross-entropy in nats as bits."""
+    return nats / math.log(2)

@@ -1,0 +1,408 @@
+"""Quality of one attention variant on one task at one training length: one point per Hydra job.
+
+    python -m experiments.train task=mqar attention=local seq_len=512 out_dir=results/mqar
+    python -m experiments.train task=stdlib_lm model=small seq_len=256 steps=2000
+    python -m experiments.train task=needle seq_len=512 'eval_lens=[512,1024,2048]'
+    python -m experiments.train -m --config-name quality     # the quality sweep (conf/quality.yaml)
+
+Configs: `conf/train.yaml` (typed by `experiments.config.TrainConfig`), groups `attention/`
+(every registered variant), `model/` (backbone sizes) and `task/` (`experiments.tasks`).
+A point trains `TransformerLM(task.vocab_size, **model, attention=...)` for `steps` AdamW
+steps (linear warm-up, cosine decay to a tenth) of `tokens_per_step` tokens each
+(`tokens_per_step // seq_len` sequences), with the loss read on the task's answer positions
+(every position for language models); the module is in train mode. Then, in eval mode under
+`no_grad`, it evaluates `eval_sequences` held-out sequences at each of `eval_lens` (lengths
+longer than `seq_len` measure length extrapolation): `eval_loss` (nats per answer token),
+`accuracy` (synthetic tasks) or `bits_per_byte` (`stdlib_lm`, on its validation files). The
+evaluation data depend on the seed and the length only, so every variant sees the same.
+
+Each (point, eval length) becomes one row of `<out_dir>/train.csv` (rewritten atomically
+under a lock, so parallel jobs can share it): key (attention, params, model, task,
+task_params, seq_len, eval_len and the budget: steps, tokens_per_step, lr, seed), `status`
+(ok, oom, unsupported, error) with the message in `error`, and metrics. A point whose rows
+all exist is skipped (failed ones too, unless `retry_failed=true`). `checkpoint` (a path, or
+null) receives the model's weights and everything needed to rebuild it (`load_checkpoint`).
+Runs are deterministic given `seed` on a given machine and thread count. W&B: one run per
+point (offline by default), `train/loss` every `log_every` steps and `eval/<len>/<metric>`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+
+from attn_zoo.model import TransformerLM
+from experiments import report
+from experiments.bench import SweepProgress, check_device, classify, environment
+from experiments.config import attention_params, register_configs
+from experiments.measure import text_table, write_atomic
+from experiments.tasks import Task, bits, make_task
+from experiments.wandb_logger import start_run
+
+log = logging.getLogger(__name__)
+
+CSV_NAME = "train.csv"
+CHECKPOINT_FORMAT = "attn_zoo.train/1"
+BUDGET = ("steps", "tokens_per_step", "lr", "seed")
+KEY = ("attention", "params", "model", "task", "task_params", "seq_len", "eval_len", *BUDGET)
+METRICS = ("eval_loss", "accuracy", "bits_per_byte", "train_loss", "train_seconds",
+           "train_tokens_per_s", "eval_seconds", "n_params", "train_tokens")
+COLUMNS = (*KEY, "status", "error", *METRICS)
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+EVAL_SEED_OFFSET = 1_000_003  # evaluation data: a stream apart from the training data
+
+
+# -- the point ------------------------------------------------------------------------------
+
+
+def plain(node: Any) -> dict[str, Any]:
+    """A composed config node as plain Python values (enums as their names)."""
+    return OmegaConf.to_container(node, resolve=True, enum_to_str=True)
+
+
+def task_params(cfg: DictConfig) -> dict[str, Any]:
+    return {key: value for key, value in plain(cfg.task).items() if key != "name"}
+
+
+def model_params(cfg: DictConfig) -> dict[str, Any]:
+    return {key: value for key, value in plain(cfg.model).items() if key != "name"}
+
+
+def eval_lengths(cfg: DictConfig) -> list[int]:
+    """`eval_lens`, or `[seq_len]` when empty; sorted, without repeats."""
+    lengths = sorted(set(cfg.eval_lens or [cfg.seq_len]))
+    for length in lengths:
+        if not isinstance(length, int) or length < 1:
+            raise ValueError(f"eval_lens must hold positive ints, got {list(cfg.eval_lens)}")
+    return lengths
+
+
+def point_of(cfg: DictConfig) -> dict[str, Any]:
+    """The identifying columns shared by the point's rows (all but `eval_len`)."""
+    return {"attention": cfg.attention.name,
+            "params": json.dumps(attention_params(cfg.attention), sort_keys=True),
+            "model": cfg.model.name, "task": cfg.task.name,
+            "task_params": json.dumps(task_params(cfg), sort_keys=True),
+            "seq_len": cfg.seq_len} | {axis: cfg[axis] for axis in BUDGET}
+
+
+def key_of(row: Mapping[str, Any]) -> tuple[str, ...]:
+    """A row's identity as strings, equal for a fresh row and the same row read back."""
+    return tuple(str(row[column]) for column in KEY)
+
+
+def model_kwargs(cfg: DictConfig, task: Task) -> dict[str, Any]:
+    """The keyword arguments of `TransformerLM` for this point (what a checkpoint stores)."""
+    params = attention_params(cfg.attention) | {"backend": cfg.backend.name}
+    return {"vocab_size": task.vocab_size, **model_params(cfg), "attention": cfg.attention.name,
+            "attention_params": params,
+            "max_seq_len": max([cfg.seq_len, *eval_lengths(cfg)])}
+
+
+# -- training and evaluation ----------------------------------------------------------------
+
+
+def answer_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy (nats) over the mask: logits (B, N, V), targets and mask (B, N)."""
+    return F.cross_entropy(logits[mask].float(), targets[mask])
+
+
+def learning_rate(step: int, cfg: DictConfig) -> float:
+    """Linear warm-up over `warmup_steps`, then cosine decay to `lr / 10` at `steps`."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def batch_size(tokens_per_step: int, seq_len: int) -> int:
+    """Sequences per step: `tokens_per_step // seq_len`, at least one."""
+    if tokens_per_step < seq_len:
+        raise ValueError(f"tokens_per_step must be >= seq_len ({seq_len}) for one sequence per "
+                         f"step, got {tokens_per_step}")
+    return tokens_per_step // seq_len
+
+
+def train_model(cfg: DictConfig, task: Task, model: TransformerLM, device: torch.device,
+                wandb_run: Any) -> dict[str, float]:
+    """`cfg.steps` AdamW steps in train mode; the mean loss of the last tenth of the steps."""
+    for name in ("steps", "tokens_per_step", "eval_sequences", "log_every"):
+        if not isinstance(cfg[name], int) or cfg[name] < 1:
+            raise ValueError(f"{name} must be a positive int, got {cfg[name]!r}")
+    rows = batch_size(cfg.tokens_per_step, cfg.seq_len)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=cfg.lr, betas=(0.9, 0.98))
+    generator = torch.Generator().manual_seed(cfg.seed)
+    model.train()
+    losses = []
+    started = time.perf_counter()
+    for step in range(cfg.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, cfg)
+        batch = task.batch(rows, cfg.seq_len, generator, "train")
+        loss = answer_loss(model(batch.inputs.to(device)), batch.targets.to(device),
+                           batch.mask.to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        losses.append(loss.item())
+        if not math.isfinite(losses[-1]):
+            raise FloatingPointError(f"training loss is {losses[-1]} at step {step}")
+        if step % cfg.log_every == 0 or step == cfg.steps - 1:
+            wandb_run.log({"train/loss": losses[-1], "train/lr": learning_rate(step, cfg),
+                           "train/step": step})
+            log.info("step %d/%d loss %.4f", step + 1, cfg.steps, losses[-1])
+    seconds = time.perf_counter() - started
+    tail = losses[-max(1, len(losses) // 10):]
+    return {"train_loss": sum(tail) / len(tail), "train_seconds": seconds,
+            "train_tokens_per_s": cfg.steps * rows * cfg.seq_len / seconds,
+            "train_tokens": cfg.steps * rows * cfg.seq_len}
+
+
+def evaluate(model: TransformerLM, task: Task, seq_len: int, sequences: int, tokens_per_batch: int,
+             seed: int, device: torch.device) -> dict[str, float]:
+    """Eval-mode metrics over `sequences` held-out sequences of length `seq_len`.
+
+    eval_loss: mean nats per answer token; accuracy: argmax hits on answer tokens (synthetic
+    tasks); bits_per_byte: eval_loss in bits (text). Batches of `tokens_per_batch // seq_len`
+    (at least one) sequences drawn from the validation split with a generator seeded by
+    `seed` and `seq_len` only.
+    """
+    generator = torch.Generator().manual_seed(seed + EVAL_SEED_OFFSET * seq_len)
+    rows = max(1, tokens_per_batch // seq_len)
+    total_loss, hits, count, done = 0.0, 0, 0, 0
+    started = time.perf_counter()
+    model.eval()
+    with torch.no_grad():
+        while done < sequences:
+            batch = task.batch(min(rows, sequences - done), seq_len, generator, "validation")
+            logits = model(batch.inputs.to(device))
+            mask, targets = batch.mask.to(device), batch.targets.to(device)
+            answers = logits[mask].float()
+            total_loss += F.cross_entropy(answers, targets[mask], reduction="sum").item()
+            hits += int((answers.argmax(-1) == targets[mask]).sum())
+            count += int(mask.sum())
+            done += batch.inputs.shape[0]
+    loss = total_loss / count
+    metrics = {"eval_loss": loss, "eval_seconds": time.perf_counter() - started}
+    if task.metric == "bits_per_byte":
+        return metrics | {"bits_per_byte": bits(loss)}
+    return metrics | {"accuracy": hits / count}
+
+
+# -- checkpoints ----------------------------------------------------------------------------
+
+
+def save_checkpoint(path: str | os.PathLike, model: TransformerLM, kwargs: Mapping[str, Any],
+                    task: Task, config: Mapping[str, Any]) -> None:
+    """Write the weights, the model's and task's constructor arguments and the resolved config
+    to `path` atomically (a temporary file in the same folder, then a rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {"format": CHECKPOINT_FORMAT, "model": model.state_dict(),
+             "model_kwargs": dict(kwargs), "task": task.config(), "config": dict(config)}
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(handle)
+    try:
+        torch.save(state, tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
+                    ) -> tuple[TransformerLM, Task, dict[str, Any]]:
+    """(model in eval mode, task, the checkpoint's dict) rebuilt from the checkpoint alone."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt={path}: no such checkpoint file")
+    state = torch.load(path, map_location=device, weights_only=True)
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"ckpt={path} is not a checkpoint of experiments.train "
+                         f"(format {CHECKPOINT_FORMAT})")
+    task_config = dict(state["task"])
+    task = make_task(task_config.pop("name"), **task_config)
+    model = TransformerLM(**state["model_kwargs"])
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), task, state
+
+
+# -- the results folder ---------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def locked(out_dir: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `out_dir` (a lock file beside the CSV) across processes."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / f".{CSV_NAME}.lock", "w") as handle:
+        fcntl.lockf(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.lockf(handle, fcntl.LOCK_UN)
+
+
+def read_rows(out_dir: Path) -> pd.DataFrame:
+    """The rows of `<out_dir>/train.csv` (key columns as strings); empty when there is none."""
+    path = out_dir / CSV_NAME
+    if not path.exists():
+        return pd.DataFrame(columns=list(COLUMNS))
+    return pd.read_csv(path, dtype={column: str for column in KEY}, keep_default_na=False,
+                       na_values=[""])
+
+
+def done_rows(out_dir: Path, points: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]] | None:
+    """The rows already written for every one of `points`, or None if one is missing."""
+    with locked(out_dir):
+        rows = read_rows(out_dir)
+    found = {key_of(row): row.to_dict() for _, row in rows.iterrows()}
+    wanted = [found.get(key_of(point)) for point in points]
+    return None if any(row is None for row in wanted) else wanted
+
+
+def write_rows(out_dir: Path, new: Sequence[Mapping[str, Any]]) -> None:
+    """Add `new` rows to `<out_dir>/train.csv`, replacing rows with the same key, atomically."""
+    keys = {key_of(row) for row in new}
+    with locked(out_dir):
+        rows = read_rows(out_dir)
+        if not rows.empty:
+            rows = rows[[key_of(old) not in keys for _, old in rows.iterrows()]]
+        fresh = pd.DataFrame([dict(row) for row in new])
+        merged = fresh if rows.empty else pd.concat([rows, fresh], ignore_index=True)
+        order = [c for c in COLUMNS if c in merged] + [c for c in merged if c not in COLUMNS]
+        write_atomic(out_dir / CSV_NAME, merged[order].to_csv(index=False))
+
+
+# -- the app --------------------------------------------------------------------------------
+
+
+def failure(error: BaseException) -> dict[str, str]:
+    return {"status": classify(error),
+            "error": f"{type(error).__name__}: {error}".replace("\n", " ")}
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Train and evaluate the point `cfg` describes unless done; write and log its rows.
+
+    Returns {"rows": the rows, "status": "ok" when every row is ok (else the first failure's
+    status), "skipped": True when earlier rows were reused}.
+    """
+    out_dir = Path(cfg.out_dir)
+    point = point_of(cfg)
+    try:
+        lengths = eval_lengths(cfg)
+    except ValueError as error:
+        rows = [point | {"eval_len": cfg.seq_len} | failure(error)]
+        return finish(cfg, out_dir, rows, None)
+    points = [point | {"eval_len": length} for length in lengths]
+    earlier = done_rows(out_dir, points)
+    if earlier is not None and (all(r["status"] == "ok" for r in earlier)
+                                or not cfg.retry_failed):
+        log.info("skip %s %s-n%s: done in %s", point["task"], point["attention"],
+                 point["seq_len"], out_dir / CSV_NAME)
+        return {"rows": earlier, "status": overall(earlier), "skipped": True}
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    wandb_run = start_run(cfg.logger, name=f"{point['task']}-{point['attention']}-n{cfg.seq_len}",
+                          group=cfg.sweep_name, job_type="train", dir=cfg.out_dir,
+                          config=plain(cfg))
+    common: dict[str, Any] = {}
+    try:
+        device = check_device(cfg.device)
+        common |= environment(device)
+        task = make_task(cfg.task.name, **task_params(cfg))
+        task.check_length(cfg.seq_len)
+        kwargs = model_kwargs(cfg, task)
+        torch.manual_seed(cfg.seed)  # weights, and the variants' own randomness (LSH)
+        model = TransformerLM(**kwargs).to(device)
+        common["n_params"] = sum(p.numel() for p in model.parameters())
+        common |= train_model(cfg, task, model, device, wandb_run)
+        if cfg.checkpoint:
+            save_checkpoint(cfg.checkpoint, model, kwargs, task, plain(cfg))
+    except Exception as error:  # a failing point is a row per eval length; the sweep goes on
+        log.error("%s %s-n%s failed: %s", point["task"], point["attention"], cfg.seq_len,
+                  error)
+        rows = [p | common | failure(error) for p in points]
+        return finish(cfg, out_dir, rows, wandb_run)
+    rows = []
+    for p in points:
+        try:
+            metrics = evaluate(model, task, p["eval_len"], cfg.eval_sequences,
+                               cfg.tokens_per_step, cfg.seed, device)
+            rows.append(p | common | metrics | {"status": "ok", "error": ""})
+        except Exception as error:  # e.g. an eval length too short for the task
+            log.error("eval at %s failed: %s", p["eval_len"], error)
+            rows.append(p | common | failure(error))
+    return finish(cfg, out_dir, rows, wandb_run)
+
+
+def overall(rows: Sequence[Mapping[str, Any]]) -> str:
+    return next((str(r["status"]) for r in rows if r["status"] != "ok"), "ok")
+
+
+def finish(cfg: DictConfig, out_dir: Path, rows: list[dict[str, Any]],
+           wandb_run: Any) -> dict[str, Any]:
+    """Write the rows, log them to the W&B run (if any) and close it."""
+    write_rows(out_dir, rows)
+    if wandb_run is not None:
+        for row in rows:
+            prefix = f"eval/{row['eval_len']}"
+            numbers = {f"{prefix}/{metric}": row[metric] for metric in METRICS
+                       if metric.startswith(("eval_", "accuracy", "bits_"))
+                       and isinstance(row.get(metric), (int, float))}
+            wandb_run.log(numbers)
+            wandb_run.summary[f"{prefix}/status"] = row["status"]
+        wandb_run.summary["train/status"] = overall(rows)
+        wandb_run.finish()
+    return {"rows": rows, "status": overall(rows), "skipped": False}
+
+
+class QualityProgress(SweepProgress):
+    """Hydra callback: a progress line per point of a multirun, the quality report at the end."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        print(report.quality_run(Path(config.out_dir), speed=config.speed_dir).text,
+              flush=True)
+
+
+register_configs()
+
+
+@hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> dict[str, Any]:
+    result = run(cfg)
+    columns = ("task", "attention", "seq_len", "eval_len", "status", "accuracy",
+               "bits_per_byte", "eval_loss", "train_loss", "train_seconds")
+    frame = pd.DataFrame(result["rows"])
+    print(text_table(frame[[c for c in columns if c in frame]]), flush=True)
+    for row in result["rows"]:
+        if row["status"] != "ok":
+            print(f"error at eval_len={row['eval_len']}: {row['error']}", flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""experiments.tasks: batches are deterministic given the seed and their answers are right."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from experiments import tasks
+from experiments.tasks import make_task
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """A small tree of .py files standing in for the standard library."""
+    for i in range(40):
+        folder = tmp_path / f"pkg{i % 4}"
+        folder.mkdir(exist_ok=True)
+        (folder / f"mod{i}.py").write_text(f"def f{i}(x):\n    return x * {i}\n" * 20)
+    (tmp_path / "site-packages").mkdir()
+    (tmp_path / "site-packages" / "other.py").write_text("not the standard library\n")
+    return tmp_path
+
+
+SYNTHETIC = [("mqar", {"vocab_size": 40, "n_pairs": 6}),
+             ("selective_copy", {"vocab_size": 10, "n_copy": 5}),
+             ("needle", {"vocab_size": 30, "n_keys": 6, "value_len": 3})]
+
+
+@pytest.mark.parametrize("name, params", SYNTHETIC, ids=[s[0] for s in SYNTHETIC])
+def test_batches_are_deterministic_shifted_and_seed_dependent(name, params):
+    task = make_task(name, **params)
+    a, b = task.batch(4, 97, gen(1)), task.batch(4, 97, gen(1))
+    c = task.batch(4, 97, gen(2))
+    for x, y in ((a.inputs, b.inputs), (a.targets, b.targets), (a.mask, b.mask)):
+        assert torch.equal(x, y)
+    assert not torch.equal(a.inputs, c.inputs)
+    assert a.inputs.shape == a.targets.shape == a.mask.shape == (4, 97)
+    assert a.inputs.dtype == torch.long and a.mask.dtype == torch.bool
+    # targets are the next tokens
+    assert torch.equal(a.inputs[:, 1:], a.targets[:, :-1])
+    assert int(a.inputs.max()) < task.vocab_size and int(a.inputs.min()) >= 0
+
+
+@pytest.mark.parametrize("n", [31, 64, 257])
+def test_mqar_answer_is_the_value_paired_with_the_queried_key(n):
+    task = make_task("mqar", vocab_size=40, n_pairs=8)
+    batch = task.batch(16, n, gen(3))
+    for row in range(16):
+        tokens = torch.cat([batch.inputs[row], batch.targets[row, -1:]])
+        keys, values = tokens[0:16:2].tolist(), tokens[1:16:2].tolist()
+        assert len(set(keys)) == 8 and all(2 <= k < 21 for k in keys)
+        assert all(21 <= v < 40 for v in values)
+        pairs = dict(zip(keys, values, strict=True))
+        positions = batch.mask[row].nonzero().flatten().tolist()
+        assert len(positions) == 8  # each key queried once
+        queried = [int(batch.inputs[row, p]) for p in positions]
+        assert sorted(queried) == sorted(keys)
+        for p in positions:
+            assert p >= 16 and int(batch.targets[row, p]) == pairs[int(batch.inputs[row, p])]
+        # everything after the pairs that is not a query or its answer is blank
+        rest = tokens[16:].clone()
+        for p in positions:
+            rest[p - 16:p - 14] = 0
+        assert int(rest.abs().sum()) == 0
+
+
+def test_mqar_queries_spread_over_the_whole_length():
+    batch = make_task("mqar", vocab_size=64, n_pairs=4).batch(64, 1024, gen(0))
+    positions = batch.mask.nonzero()[:, 1]
+    assert positions.min() < 200 and positions.max() > 824
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.3, 0.5, 1.0])
+def test_needle_sits_at_the_asked_depth_and_the_answer_is_its_value(depth):
+    task = make_task("needle", vocab_size=30, n_keys=6, value_len=3, depth=depth)
+    n = 101
+    batch = task.batch(8, n, gen(5))
+    filler = n + 1 - 2 * task.needle_len
+    offset = round(depth * filler)
+    for row in range(8):
+        tokens = torch.cat([batch.inputs[row], batch.targets[row, -1:]]).tolist()
+        assert tokens[offset] == 0 and tokens.count(0) == 1  # the only needle marker
+        assert tokens[-5] == 1 and tokens.count(1) == 1  # the query marker
+        needle, query = tokens[offset + 1:offset + 5], tokens[-4:]
+        assert needle == query and all(2 <= s < 8 for s in needle)
+        others = tokens[:offset] + tokens[offset + 5:-5]
+        assert all(8 <= t < 30 for t in others)  # filler never uses symbols
+    assert batch.mask.sum(1).tolist() == [3] * 8
+    assert torch.equal(batch.targets[:, -3:], batch.inputs[:, offset + 2:offset + 5])
+
+
+def test_needle_depth_none_draws_a_depth_per_sequence():
+    task = make_task("needle", vocab_size=30, n_keys=6, depth=None)
+    offsets = task.needle_offsets(200, 500, gen(0))
+    assert offsets.min() >= 0 and offsets.max() <= 501 - 2 * task.needle_len
+    assert offsets.unique().numel() > 50
+
+
+def test_selective_copy_copies_the_scattered_tokens_in_order():
+    task = make_task("selective_copy", vocab_size=10, n_copy=5)
+    batch = task.batch(8, 40, gen(0))
+    for row in range(8):
+        tokens = torch.cat([batch.inputs[row], batch.targets[row, -1:]])
+        region = tokens[:35]
+        scattered = region[region >= 2]
+        assert scattered.numel() == 5 and int(tokens[35]) == 1
+        assert torch.equal(tokens[36:], scattered)
+        assert torch.equal(batch.targets[row][batch.mask[row]], scattered)
+
+
+def test_stdlib_split_is_by_file_disjoint_and_deterministic(corpus):
+    task = make_task("stdlib_lm", root=str(corpus), val_fraction=0.25)
+    train, val = task.split_files("train"), task.split_files("validation")
+    assert train and val and not set(train) & set(val)
+    assert len(train) + len(val) == 40  # site-packages is left out
+    assert val == make_task("stdlib_lm", root=str(corpus), val_fraction=0.25).split_files(
+        "validation")
+    assert all(tasks.in_validation(path, 0.25) for path in val)
+    text = b"\n".join((corpus / path).read_bytes() for path in val)
+    batch = task.batch(4, 50, gen(0), "validation")
+    assert batch.mask.all() and task.vocab_size == 256
+    for row in range(4):
+        window = bytes(torch.cat([batch.inputs[row], batch.targets[row, -1:]]).tolist())
+        assert window in text
+
+
+def test_stdlib_reads_the_running_python():
+    task = make_task("stdlib_lm")
+    val = task.split_files("validation")
+    assert "os.py" in task.split_files("train") + val
+    assert 0.05 < len(val) / (len(val) + len(task.split_files("train"))) < 0.15
+
+
+@pytest.mark.parametrize("name, params, seq_len, parameter", [
+    ("mqar", {"n_pairs": 8}, 30, "seq_len"),
+    ("mqar", {"vocab_size": 10, "n_pairs": 8}, 64, "vocab_size"),
+    ("mqar", {"n_pairs": 0}, 64, "n_pairs"),
+    ("selective_copy", {"n_copy": 16}, 31, "seq_len"),
+    ("needle", {"value_len": 4}, 10, "seq_len"),
+    ("needle", {"depth": 1.5}, 64, "depth"),
+    ("needle", {"vocab_size": 10, "n_keys": 8}, 64, "vocab_size"),
+    ("stdlib_lm", {"val_fraction": 1.0}, 64, "val_fraction"),
+])
+def test_bad_parameters_name_the_parameter(name, params, seq_len, parameter):
+    with pytest.raises(ValueError, match=parameter):
+        make_task(name, **params).batch(2, seq_len, gen())
+
+
+def test_unknown_task_split_or_parameter():
+    with pytest.raises(ValueError, match="task must be one of"):
+        make_task("copy")
+    with pytest.raises(ValueError, match="unknown parameters \\['pairs'\\]"):
+        make_task("mqar", pairs=3)
+    with pytest.raises(ValueError, match="split"):
+        make_task("mqar").batch(2, 64, gen(), "test")
+    with pytest.raises(ValueError, match="batch_size"):
+        make_task("mqar").batch(0, 64, gen())

@@ -1,0 +1,144 @@
+"""experiments.train end to end, in process: rows, W&B offline, checkpoints, resume, failures."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+import torch
+import wandb
+from hydra import compose, initialize_config_dir
+
+from experiments import train
+from experiments.config import register_configs
+from experiments.tasks import make_task
+from experiments.wandb_logger import read_offline_run
+from tests.test_conf import CONF
+
+TINY = ["model.dim=16", "model.depth=2", "model.heads=2", "seq_len=32", "steps=3",
+        "tokens_per_step=64", "eval_sequences=4", "warmup_steps=1", "threads=1",
+        "task.vocab_size=20", "task.n_pairs=4"]
+
+
+def composed(*overrides: str, config: str = "train", hydra: bool = False):
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config, overrides=list(overrides), return_hydra_config=hydra)
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    def make(*overrides: str, logger: str = "none"):
+        return composed(*TINY, f"out_dir={tmp_path}", f"logger={logger}", *overrides)
+    return make
+
+
+def test_a_point_writes_rows_logs_wandb_and_a_checkpoint_that_rebuilds_the_model(tiny, tmp_path):
+    cfg = tiny("attention=local", "attention.window=8", "eval_lens=[32,64]", logger="wandb")
+    result = train.run(cfg)
+    assert result["status"] == "ok" and not result["skipped"]
+    rows = pd.read_csv(tmp_path / "train.csv")
+    assert rows["eval_len"].tolist() == [32, 64]  # 64 > the training length: extrapolation
+    assert (rows["status"] == "ok").all() and (rows["seq_len"] == 32).all()
+    assert rows["accuracy"].between(0, 1).all() and rows["n_params"].iloc[0] > 0
+    assert rows["params"].iloc[0] == '{"scale": null, "window": 8}'
+    # The checkpoint alone rebuilds the trained model: its evaluation repeats the rows'.
+    model, task, state = train.load_checkpoint(cfg.checkpoint)
+    assert state["config"]["attention"]["name"] == "local"
+    assert state["model_kwargs"]["attention_params"]["window"] == 8
+    for length, row in zip((32, 64), rows.itertuples(), strict=True):
+        metrics = train.evaluate(model, task, length, 4, 64, 0, torch.device("cpu"))
+        assert metrics["eval_loss"] == pytest.approx(row.eval_loss, rel=1e-5)
+        assert metrics["accuracy"] == pytest.approx(row.accuracy)
+    wandb.teardown()  # flushes the offline run file
+    (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
+    logged = read_offline_run(run_dir)
+    assert logged["job_type"] == "train" and logged["name"] == "mqar-local-n32"
+    assert logged["config"]["task"]["name"] == "mqar"
+    assert logged["summary"]["eval/64/accuracy"] == pytest.approx(rows["accuracy"].iloc[1])
+    assert "train/loss" in logged["summary"]
+
+
+def test_checkpoint_round_trip_gives_the_same_logits(tmp_path):
+    task = make_task("mqar", vocab_size=20, n_pairs=2)
+    kwargs = {"vocab_size": 20, "dim": 16, "depth": 1, "heads": 2, "attention": "hierarchical",
+              "attention_params": {"block": 4, "window_blocks": 1}, "max_seq_len": 32}
+    torch.manual_seed(0)
+    model = train.TransformerLM(**kwargs).eval()
+    train.save_checkpoint(tmp_path / "m.pt", model, kwargs, task, {"seed": 0})
+    again, task_again, _ = train.load_checkpoint(tmp_path / "m.pt")
+    tokens = torch.randint(0, 20, (2, 29))
+    torch.testing.assert_close(again(tokens), model(tokens), rtol=0, atol=0)
+    assert task_again == task
+    assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]  # no temporary file left
+
+
+def test_runs_are_deterministic_and_resume(tiny, tmp_path):
+    first = train.run(tiny("attention=lsh", "attention.bucket_size=8", "checkpoint=null"))
+    again = train.run(tiny("attention=lsh", "attention.bucket_size=8", "checkpoint=null",
+                           f"out_dir={tmp_path / 'again'}"))
+    assert first["rows"][0]["train_loss"] == again["rows"][0]["train_loss"]
+    assert first["rows"][0]["eval_loss"] == again["rows"][0]["eval_loss"]
+    skipped = train.run(tiny("attention=lsh", "attention.bucket_size=8", "checkpoint=null"))
+    assert skipped["skipped"] and skipped["status"] == "ok"
+    assert len(pd.read_csv(tmp_path / "train.csv")) == 1
+
+
+def test_a_failing_point_is_a_row_and_the_next_point_runs(tiny, tmp_path):
+    bad = train.run(tiny("task.n_pairs=9", "checkpoint=null"))  # 9 pairs do not fit in 32
+    assert bad["status"] == "unsupported" and "seq_len" in bad["rows"][0]["error"]
+    good = train.run(tiny("attention=sparse_fixed", "attention.stride=8", "attention.summary=2",
+                          "checkpoint=null"))
+    assert good["status"] == "ok"
+    rows = pd.read_csv(tmp_path / "train.csv")
+    assert rows["status"].tolist() == ["unsupported", "ok"]
+    # A failed point is not retried unless asked.
+    assert train.run(tiny("task.n_pairs=9", "checkpoint=null"))["skipped"]
+    assert not train.run(tiny("task.n_pairs=9", "checkpoint=null", "retry_failed=true"))[
+        "skipped"]
+
+
+def test_an_eval_length_that_does_not_fit_fails_alone(tiny):
+    result = train.run(tiny("checkpoint=null", "eval_lens=[8,32]"))
+    statuses = [row["status"] for row in result["rows"]]
+    assert statuses == ["unsupported", "ok"] and result["status"] == "unsupported"
+
+
+def test_a_model_learns_a_small_mqar(tiny):
+    cfg = tiny("checkpoint=null", "task.vocab_size=10", "task.n_pairs=2", "seq_len=16",
+               "model.dim=32", "steps=150", "tokens_per_step=256", "lr=1e-2",
+               "warmup_steps=10", "eval_sequences=64")
+    row = train.run(cfg)["rows"][0]
+    # chance: log(4 values) = 1.39 nats; an untrained model is near log(10) = 2.30
+    assert row["train_loss"] < 0.9 * math.log(4)
+    assert row["accuracy"] > 0.5
+
+
+def test_bad_budget_is_an_error_row(tiny):
+    result = train.run(tiny("checkpoint=null", "tokens_per_step=16"))
+    assert result["status"] == "unsupported" and "tokens_per_step" in result["rows"][0]["error"]
+
+
+def test_learning_rate_warms_up_then_decays_to_a_tenth(tiny):
+    cfg = tiny("steps=100", "warmup_steps=10", "lr=1.0")
+    rates = [train.learning_rate(step, cfg) for step in range(100)]
+    assert rates[0] == pytest.approx(0.1) and rates[9] == pytest.approx(1.0)
+    assert rates[-1] == pytest.approx(0.1, abs=1e-3) and max(rates) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("task", ["mqar", "needle", "selective_copy", "stdlib_lm"])
+@pytest.mark.parametrize("model", ["tiny", "small"])
+def test_train_configs_compose(task, model):
+    cfg = composed(f"task={task}", f"model={model}", "logger=none")
+    assert cfg.task.name == task and cfg.model.name == model
+    make_task(cfg.task.name, **train.task_params(cfg))
+
+
+def test_quality_sweep_config_composes():
+    cfg = composed(config="quality", hydra=True)
+    params = cfg.hydra.sweeper.params
+    assert params.attention == "glob(*)" and params.task == "mqar,needle"
+    assert params.seq_len == "256,512,1024,2048,4096"
+    assert cfg.hydra.launcher._target_.endswith("JoblibLauncher") and cfg.threads == 1
+    assert cfg.checkpoint is None and cfg.logger.name == "none"
