@@ -269,6 +269,20 @@ def append_row(path: Path, row: dict[str, Any]) -> None:
 # -- contenders -----------------------------------------------------------------------------
 
 
+def allow_recompiles() -> None:
+    """Let FlexAttention compile for every (shape, mask) of the sweep.
+
+    Dynamo recompiles a function at most 8 times by default and then runs it eagerly: an
+    unfused FlexAttention, far slower than the compiled one. The limits are lifted, and
+    should they be hit anyway the point fails instead of timing the eager fallback.
+    """
+    config = torch._dynamo.config
+    for name, value in (("recompile_limit", 100_000), ("accumulated_recompile_limit", 100_000),
+                        ("fail_on_recompile_limit_hit", True)):
+        if hasattr(config, name):
+            setattr(config, name, value)
+
+
 class Contenders:
     """Builds each point's forward; modules and block masks are built once and reused."""
 
@@ -303,6 +317,7 @@ class Contenders:
         if not hasattr(attn, "pattern"):
             raise ValueError(f"impl 'flex' needs a static pattern; {point.variant} has none")
         n, causal = point.seq_len, point.causal
+        allow_recompiles()
         if (point.variant, n, causal) not in self.masks:
             self.masks[point.variant, n, causal] = flex_block_mask(
                 attn.pattern(n, causal), None, n, n, self.device)
@@ -856,26 +871,11 @@ def run(args: argparse.Namespace) -> Outcome:
     return Outcome(len(points), measured, missing, out, tables)
 
 
-def allow_recompiles() -> None:
-    """Let FlexAttention compile for every (shape, mask) of the sweep.
-
-    Dynamo recompiles a function at most 8 times by default and then runs it eagerly: an
-    unfused FlexAttention, far slower than the compiled one. The limits are lifted, and
-    should they be hit anyway the point fails instead of timing the eager fallback.
-    """
-    config = torch._dynamo.config
-    for name, value in (("recompile_limit", 100_000), ("accumulated_recompile_limit", 100_000),
-                        ("fail_on_recompile_limit_hit", True)):
-        if hasattr(config, name):
-            setattr(config, name, value)
-
-
 def sweep(pending: Sequence[Point], args: argparse.Namespace, device: torch.device,
           csv: Path) -> int:
     """Measure points in order until done, out of time, or the device is lost; return how
     many rows were written."""
     settings = Settings(**{f.name: getattr(args, f.name) for f in fields(Settings)})
-    allow_recompiles()
     facts = environment(device)
     facts["matmul_peak_tflops"] = matmul_peak(
         device, size=8192 if device.type == "cuda" else 256, dtype=DTYPES[args.dtype]) / 1e12
