@@ -226,6 +226,7 @@ class LSHAttention(Attention):
     """
 
     Params = LSHParams
+    backends = ("torch", "triton")
     content_based = True
 
     def buckets(self, q: Tensor) -> Tensor:
@@ -268,18 +269,37 @@ class LSHAttention(Attention):
             buckets.append(torch.where(top >= -bottom, top_index, bottom_index + half))
         return torch.cat(buckets).t().contiguous().view(rounds, batch, heads, n)
 
+    def _sort(self, queries: Tensor) -> tuple[Tensor, Tensor]:
+        """Shared-QK keys of queries (B, H, N, D) and every round's positions sorted by
+        (bucket, position): keys (B, H, N, D), normalized in float32 when the queries are
+        half precision (so that both backends hash alike), and order (R, B, H, N) long."""
+        half = queries.dtype in (torch.bfloat16, torch.float16)
+        keys = F.normalize(queries.to(torch.float32) if half else queries, dim=-1)
+        n = queries.shape[2]
+        positions = torch.arange(n, device=queries.device)
+        return keys, (self._hash(keys) * n + positions).argsort(dim=-1)
+
+    def _forward_triton(self, q, k, v, causal, key_padding_mask, scale):
+        from attn_zoo.kernels.bucket import lsh_attention
+
+        batch, kv_heads, groups, n, dim = q.shape
+        queries = q.reshape(batch, kv_heads * groups, n, dim).contiguous()
+        keys, order = self._sort(queries)
+        out, lse = lsh_attention(queries, keys.to(q.dtype), v, order, self.params.bucket_size,
+                                 causal=causal, scale=scale, key_padding_mask=key_padding_mask)
+        merged, _ = merge_partial_attentions(list(zip(out.unbind(0), lse.unbind(0),
+                                                      strict=True)))
+        return tie_ignored_keys(merged.view(batch, kv_heads, groups, n, dim), k)
+
     def _forward_torch(self, q, k, v, causal, key_padding_mask, scale):
         batch, kv_heads, groups, n, dim = q.shape
         heads = kv_heads * groups
         queries = q.reshape(batch, heads, n, dim).contiguous()
-        keys = F.normalize(queries, dim=-1)
-        buckets = self._hash(keys)
+        keys, order = self._sort(queries)  # order: (R, B, H, N)
 
         # Sorted order per round; the last chunk is padded with the sentinel position n.
         chunk = min(self.params.bucket_size, n)
         n_chunks = -(-n // chunk)
-        positions = torch.arange(n, device=q.device)
-        order = (buckets * n + positions).argsort(dim=-1)  # (R, B, H, N)
         sorted_pos = F.pad(order, (0, n_chunks * chunk - n), value=n)
         query_pos = sorted_pos.view(-1, chunk)  # (R * B * H * C, W)
         # Key slots of each chunk: its own (in query order, so slot i is query i's own key),
@@ -301,7 +321,7 @@ class LSHAttention(Attention):
             alone = key_ok.sum(-1, keepdim=True) == key_ok[:, :chunk].long()
 
         # Row indices into the flattened inputs; sentinels read any row, masked.
-        rounds = buckets.shape[0]
+        rounds = order.shape[0]
         head_rows = torch.arange(batch * heads, device=q.device).view(batch, heads, 1) * n
         value_rows = kv_rows(batch, kv_heads, groups, n, q.device)[..., None]
         out_rows = torch.arange(rounds * batch * heads, device=q.device).view(

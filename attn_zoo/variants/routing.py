@@ -54,6 +54,7 @@ class RoutingAttention(Attention):
     """
 
     Params = RoutingParams
+    backends = ("torch", "triton")
     content_based = True
     centroids: Tensor | None
 
@@ -101,16 +102,48 @@ class RoutingAttention(Attention):
         moved = F.normalize(decay * centroids + (1 - decay) * F.normalize(sums, dim=-1), dim=-1)
         self.centroids.copy_(torch.where(reached[..., None], moved, centroids))
 
+    def _route(self, queries: Tensor, key_padding_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Shared-QK keys of queries (B, H, N, D) and the members of every cluster: keys
+        (B, H, N, D), normalized in float32 when the queries are half precision (so that both
+        backends route alike), and members (B, H, n_clusters, window) long, increasing along
+        the last axis. In training mode with gradients enabled, the centroids then take one
+        EMA k-means step."""
+        half = queries.dtype in (torch.bfloat16, torch.float16)
+        keys = F.normalize(queries.to(torch.float32) if half else queries, dim=-1)
+        affinity = self._affinity(keys)
+        members = self._members(affinity)
+        if self.training and torch.is_grad_enabled():
+            with torch.no_grad():
+                self._update_centroids(keys, affinity, key_padding_mask)
+        return keys, members
+
+    @staticmethod
+    def _cluster_mean(out: Tensor, members: Tensor, n: int) -> Tensor:
+        """Mean over the clusters each token belongs to of out (B, H, C, W, D) at members
+        (B, H, C, W): (B, H, N, D); tokens in no cluster stay zero."""
+        batch, heads, dim = out.shape[0], out.shape[1], out.shape[-1]
+        rows = (torch.arange(batch * heads, device=out.device).view(batch, heads, 1, 1) * n
+                + members).flatten()
+        total = out.new_zeros(batch * heads * n, dim).index_add(0, rows, out.reshape(-1, dim))
+        count = out.new_zeros(batch * heads * n).index_add_(0, rows, out.new_ones(rows.shape))
+        return (total / count.clamp_min(1)[:, None]).view(batch, heads, n, dim)
+
+    def _forward_triton(self, q, k, v, causal, key_padding_mask, scale):
+        from attn_zoo.kernels.bucket import routing_attention
+
+        batch, kv_heads, groups, n, dim = q.shape
+        queries = q.reshape(batch, kv_heads * groups, n, dim).contiguous()
+        keys, members = self._route(queries, key_padding_mask)
+        out, _ = routing_attention(queries, keys.to(q.dtype), v, members, causal=causal,
+                                   scale=scale, key_padding_mask=key_padding_mask)
+        out = self._cluster_mean(out.float(), members, n)
+        return tie_ignored_keys(out.view(batch, kv_heads, groups, n, dim), k)
+
     def _forward_torch(self, q, k, v, causal, key_padding_mask, scale):
         batch, kv_heads, groups, n, dim = q.shape
         heads = kv_heads * groups
         queries = q.reshape(batch, heads, n, dim).contiguous()
-        keys = F.normalize(queries, dim=-1)
-        affinity = self._affinity(keys)
-        members = self._members(affinity)  # (B, H, C, W)
-        if self.training and torch.is_grad_enabled():
-            with torch.no_grad():
-                self._update_centroids(keys, affinity, key_padding_mask)
+        keys, members = self._route(queries, key_padding_mask)  # members: (B, H, C, W)
 
         # Row indices into the inputs flattened to (rows, D).
         rows = torch.arange(batch * heads, device=q.device).view(batch, heads, 1, 1) * n + members
@@ -123,12 +156,7 @@ class RoutingAttention(Attention):
             allowed = allowed & (members[..., None, :] <= members[..., :, None])
         out, _ = masked_attention(gather_rows(queries, rows), gather_rows(keys, rows),
                                   gather_rows(v, value_rows), allowed, scale)
-
-        # Mean over the clusters each token belongs to; tokens in none stay zero.
-        rows = rows.flatten()
-        total = out.new_zeros(batch * heads * n, dim).index_add(0, rows, out.reshape(-1, dim))
-        count = out.new_zeros(batch * heads * n).index_add_(0, rows, out.new_ones(rows.shape))
-        out = total / count.clamp_min(1)[:, None]
+        out = self._cluster_mean(out, members, n)
         return tie_ignored_keys(out.view(batch, kv_heads, groups, n, dim), k)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
