@@ -17,7 +17,6 @@ matmuls in IEEE precision, no TF32). Head dims up to 128 (padded to a power of t
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 
@@ -28,7 +27,6 @@ from attn_zoo.kernels.layout import BlockLayout
 from torch import Tensor
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 # -- kernels --------------------------------------------------------------------------------
 # Helpers are written inline: every nested jit call costs a patching step in the interpreter,
@@ -316,8 +314,8 @@ def _launch_options(config: TileConfig, device: torch.device) -> dict:
 def _config_for(q: Tensor, block_m: int, block_n: int) -> TileConfig:
     """The device's config for q, at the layout's tile sizes."""
     config = tile_config(q.dtype, q.shape[-1], q.device)
-    sub_m = math.gcd(config.sub_m, block_m) if block_m >= 16 else block_m
-    return TileConfig(block_m, block_n, max(16, sub_m), config.num_warps, config.num_stages)
+    return TileConfig(block_m, block_n, min(config.sub_m, block_m), config.num_warps,
+                      config.num_stages)
 
 
 # -- launchers ------------------------------------------------------------------------------
@@ -508,6 +506,9 @@ def _check(q: Tensor, k: Tensor, v: Tensor, layout: BlockLayout,
         raise TypeError(f"k and v must have q's dtype {q.dtype}, got {k.dtype} and {v.dtype}")
     if dim % 8 or not 8 <= dim <= 128:
         raise ValueError(f"head_dim must be a multiple of 8 in 8..128, got {dim}")
+    for label, size in (("block_m", layout.block_m), ("block_n", layout.block_n)):
+        if size < 16 or size & (size - 1):
+            raise ValueError(f"layout {label} must be a power of two >= 16, got {size}")
     if (layout.n, layout.m) != (n, k.shape[2]):
         raise ValueError(f"layout is for (N, M) = ({layout.n}, {layout.m}), got "
                          f"({n}, {k.shape[2]})")
