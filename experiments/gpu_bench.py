@@ -57,6 +57,7 @@ import importlib.abc
 import importlib.util
 import math
 import os
+import pkgutil
 import re
 import sys
 import tempfile
@@ -91,6 +92,7 @@ import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -649,8 +651,11 @@ def result_tables(rows: pd.DataFrame) -> dict[str, pd.DataFrame]:
         tables[title] = wide(rows.assign(**{column: rows[column].astype(float)}), per_point,
                              column, status="status")
     failed = rows[rows["status"] != "ok"]
-    tables["Failures"] = failed[[*per_point, "seq_len", "status", "error"]].sort_values(
+    failures = failed[[*per_point, "seq_len", "status", "error"]].sort_values(
         [*per_point, "seq_len"], ignore_index=True)
+    # A "|" in a message would end its markdown cell.
+    tables["Failures"] = failures.assign(error=failures["error"].fillna("").str.replace(
+        "|", "/", regex=False))
     return tables
 
 
@@ -677,7 +682,8 @@ def header(rows: pd.DataFrame, selected: int, missing: int) -> str:
             f"dtype {', '.join(sorted(set(rows['dtype'])))}; batch B per N: "
             + ", ".join(f"{length_label(n)}: {b}" for n, b in batches.items())
             + f"; H = {'/'.join(map(str, hidden))} // D heads for q, k and v; variants at "
-            "their defaults. Time: median of CUDA-event timings after warm-up (compilation "
+            "their defaults. Time: median of CUDA-event timings (`time.perf_counter` on a CPU) "
+            "after warm-up (compilation "
             "and autotuning excluded: `first_call_s` in the CSV). Useful TFLOP/s: "
             "`attn.flops(N, D, causal) * B * H` (allowed pairs only), fwd+bwd = 3.5 "
             "forwards. Peak: `max_memory_allocated` above the inputs, output and gradients "
@@ -695,19 +701,23 @@ def plot_variant(rows: pd.DataFrame, variant: str, path: Path) -> None:
         return
     fig, axes = plt.subplots(len(settings), 2, figsize=(11, 3.6 * len(settings)),
                              squeeze=False)
+    lengths = sorted(set(ok["seq_len"]))
     for (head_dim, mode), (time_axis, rate_axis) in zip(settings, axes, strict=True):
         chosen = ok[(ok["head_dim"] == head_dim) & (ok["mode"] == mode)]
         for (impl, direction), line in chosen.groupby(["impl", "direction"]):
             line = line.sort_values("seq_len")
-            label = f"{impl} {direction}"
-            time_axis.plot(line["seq_len"], line["ms"].astype(float), marker="o", label=label)
-            rate_axis.plot(line["seq_len"], line["tflops"].astype(float), marker="o",
-                           label=label)
-        time_axis.set(xscale="log", yscale="log", xlabel="N", ylabel="ms",
-                      title=f"{variant} D={head_dim} {mode}: time")
-        rate_axis.set(xscale="log", xlabel="N", ylabel="useful TFLOP/s",
-                      title=f"{variant} D={head_dim} {mode}: throughput")
+            style = {"color": f"C{IMPLS.index(impl)}", "marker": "o",
+                     "linestyle": "-" if direction == "causal" else "--",
+                     "label": f"{impl} {direction}"}
+            time_axis.plot(line["seq_len"], line["ms"].astype(float), **style)
+            rate_axis.plot(line["seq_len"], line["tflops"].astype(float), **style)
+        time_axis.set(yscale="log", ylabel="ms", title=f"{variant} D={head_dim} {mode}: time")
+        rate_axis.set(ylabel="useful TFLOP/s", title=f"{variant} D={head_dim} {mode}: throughput")
         for axis in (time_axis, rate_axis):
+            axis.set_xscale("log", base=2)
+            axis.set_xticks(lengths, [length_label(n) for n in lengths])
+            axis.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+            axis.set_xlabel("N")
             axis.grid(True, which="both", alpha=0.3)
             axis.legend(fontsize=8)
     fig.tight_layout()
@@ -740,7 +750,8 @@ def write_report(out: Path, selected: int, missing: int) -> dict[str, pd.DataFra
     write_atomic(out / "ratios.csv", ratios(rows).to_csv(index=False))
     write_atomic(out / "goals.csv", tables["Goals"].to_csv(index=False))
     sections = [header(rows, selected, missing)]
-    sections += [f"## {title}\n\n{markdown_table(table)}" for title, table in tables.items()]
+    sections += [f"## {title}\n\n{markdown_table(table) if not table.empty else 'none'}\n"
+                 for title, table in tables.items()]
     write_atomic(out / "gpu_bench.md", "\n".join(sections))
     for variant in sorted(rows["variant"].unique()):
         plot_variant(rows, variant, out / "plots" / f"{variant}.png")
@@ -766,10 +777,12 @@ def require_kernels(device: torch.device, impls: Sequence[str]) -> None:
     if device.type != "cuda" or "triton" not in impls:
         return
     try:
-        importlib.import_module("attn_zoo.kernels")
+        package = importlib.import_module("attn_zoo.kernels")
+        for module in pkgutil.iter_modules(package.__path__):
+            importlib.import_module(f"attn_zoo.kernels.{module.name}")
     except ImportError as error:
         raise RuntimeError(
-            f"cannot import attn_zoo.kernels ({error}); from the checkout, run "
+            f"cannot import the Triton kernels ({error}); from the checkout, run "
             "`pip install --no-deps --no-build-isolation -e .` and try again") from error
 
 

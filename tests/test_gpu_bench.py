@@ -93,6 +93,20 @@ def test_checkout_kernels_finder_maps_the_kernels_folder():
     assert bench.CheckoutKernelsFinder().find_spec("kernels") is None
 
 
+def test_kernels_are_imported_up_front_and_a_missing_install_says_what_to_run(monkeypatch):
+    cuda = torch.device("cuda")  # a device object only: nothing runs on it
+    bench.require_kernels(cuda, ["triton", "flex"])  # every module of attn_zoo.kernels imports
+    bench.require_kernels(torch.device("cpu"), ["triton"])
+
+    def missing(name):
+        raise ModuleNotFoundError(f"No module named {name!r}")
+
+    monkeypatch.setattr(bench.importlib, "import_module", missing)
+    bench.require_kernels(cuda, ["flex", "sdpa"])  # no triton contender: nothing to import
+    with pytest.raises(RuntimeError, match="pip install --no-deps --no-build-isolation -e ."):
+        bench.require_kernels(cuda, ["triton"])
+
+
 # -- ratios and goals -----------------------------------------------------------------------
 
 
