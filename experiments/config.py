@@ -11,8 +11,7 @@ the wrong type fails when Hydra composes the config, before anything runs:
   `backend` key (one axis for all variants). `conf/attention/<name>.yaml` lists the values.
 * `schema/train`, `schema/model`, `schema/task/<name>`: the train app's top-level keys, its
   backbone sizes (`conf/model/`) and one per task of `experiments.tasks` (`conf/task/`),
-  the latter generated from the task's dataclass like the attention schemas;
-  `schema/generate`: the keys of `conf/generate.yaml`.
+  the latter generated from the task's dataclass like the attention schemas.
 
 Call `register_configs()` before Hydra composes (the apps do it at import).
 """
@@ -125,20 +124,6 @@ class TrainConfig:
 
 
 @dataclasses.dataclass
-class GenerateConfig:
-    """Keys of `conf/generate.yaml` (experiments.generate)."""
-
-    ckpt: str | None = MISSING
-    prompt: str = MISSING
-    max_new_tokens: int = MISSING
-    temperature: float = MISSING
-    top_k: int | None = MISSING
-    top_p: float | None = MISSING
-    seed: int = MISSING
-    device: str = MISSING
-
-
-@dataclasses.dataclass
 class DecodeConfig:
     """Keys of `conf/decode.yaml`; values (and what they mean) live in the yaml only."""
 
@@ -223,6 +208,5 @@ def register_configs() -> None:
         store.store(group="schema/attention", name=name, node=attention_schema(name))
     store.store(group="schema", name="train", node=TrainConfig)
     store.store(group="schema", name="model", node=ModelConfig)
-    store.store(group="schema", name="generate", node=GenerateConfig)
     for name in TASKS:
         store.store(group="schema/task", name=name, node=task_schema(name))

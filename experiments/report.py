@@ -15,6 +15,21 @@ error) in its cells. Log-log plots of time and memory vs N per variant go to
 `<out>/plots/{time,memory}_<setting>.png`; everything is written to `<out>/report.md` and
 printed. With `--wandb`, one W&B run (offline unless `--wandb-mode online`) logs the rows as a
 Table and a line plot of each metric vs sequence length per variant.
+
+A folder holding `train.csv` (written by `experiments.train`) gets the quality report instead:
+
+    python -m experiments.report results/cpu/quality --speed results/cpu/sweep
+
+per task (and model and budget): the metric (accuracy, or bits per byte for text) as
+variants x training lengths (evaluated at the training length), the length-extrapolation
+table when points were evaluated at other lengths, and, with `--speed` (a bench results
+folder), the frontier: each (variant, N) evaluated at a length the speed sweep measured, with
+its accuracy beside the attention's forward+backward time and peak memory at that N (the
+speed sweep's training-step columns `fwd_bwd_ms` and `peak_mem_mib`, its last ok row of the
+same variant and parameters), and whether it is on the Pareto frontier of its N (no other
+variant at that N is at least as accurate and at most as costly, and better in one). Plots:
+`<out>/plots/quality_<task>.png` (metric vs N) and `frontier_<task>.png` (accuracy vs time
+and vs memory).
 """
 
 from __future__ import annotations
@@ -38,6 +53,9 @@ from experiments.measure import format_number, markdown_table, text_table, write
 from experiments.wandb_logger import start_run  # noqa: E402
 
 CSV_NAME = "bench.csv"
+QUALITY_CSV = "train.csv"
+QUALITY_SETTING = ("task", "task_params", "model", "steps", "tokens_per_step", "lr", "seed")
+SPEED_COLUMNS = {"fwd_bwd_ms": "attention fwd+bwd ms", "peak_mem_mib": "attention peak MiB"}
 SETTING = ("device", "device_name", "dtype", "batch", "heads", "kv_heads", "head_dim", "causal",
            "backend", "mode")
 PHASES = {"fwd": "forward", "fwd_bwd": "forward+backward"}
@@ -276,15 +294,206 @@ def log_to_wandb(rows: pd.DataFrame, plots: Sequence[Path], out: Path,
     wandb_run.finish()
 
 
+# -- quality ---------------------------------------------------------------------------------
+
+
+def load_quality(folder: str | Path) -> pd.DataFrame:
+    """The rows of `<folder>/train.csv`, with a `variant` label per parameter setting."""
+    path = Path(folder) / QUALITY_CSV
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: is {folder} a results folder of "
+                                "experiments.train?")
+    rows = pd.read_csv(path, dtype={"error": str, "params": str, "task_params": str})
+    rows["error"] = rows["error"].fillna("")
+    rows["variant"] = variant_labels(rows)
+    return rows
+
+
+def quality_metric(rows: pd.DataFrame) -> str:
+    """"bits_per_byte" for text tasks, else "accuracy"."""
+    return ("bits_per_byte" if "bits_per_byte" in rows and rows["bits_per_byte"].notna().any()
+            else "accuracy")
+
+
+def quality_grid(rows: pd.DataFrame, column: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(values, statuses) as variant x seq_len over the rows evaluated at their own length."""
+    own = rows[rows["eval_len"] == rows["seq_len"]]
+    return grid(own, column), status_grid(own)
+
+
+def extrapolation_table(rows: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """variant x "train N -> eval L" cells of the metric, for every evaluated length."""
+    ok = rows[rows["status"] == "ok"]
+    table = ok.pivot_table(index="variant", columns=["seq_len", "eval_len"], values=metric,
+                           aggfunc="last")
+    table.columns = [f"{n}->{length}" for n, length in table.columns]
+    return table.reset_index()
+
+
+def load_speed(folder: str | Path) -> pd.DataFrame:
+    """(attention, params, seq_len) -> the speed sweep's columns of its last ok row."""
+    speed = load([folder])
+    ok = speed[speed["status"] == "ok"]
+    return ok.groupby(["attention", "params", "seq_len"], as_index=False)[
+        list(SPEED_COLUMNS)].last()
+
+
+def pareto(cost: Sequence[float], quality: Sequence[float]) -> list[bool]:
+    """Whether each point is undominated: no other has quality >= and cost <=, one strictly."""
+    cost, quality = np.asarray(cost, float), np.asarray(quality, float)
+    flags = []
+    for c, q in zip(cost, quality, strict=True):
+        dominated = ((quality >= q) & (cost <= c) & ((quality > q) | (cost < c))).any()
+        flags.append(bool(np.isfinite(c) and np.isfinite(q) and not dominated))
+    return flags
+
+
+def frontier_table(rows: pd.DataFrame, speed: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """One line per ok (variant, N) point whose N the speed sweep measured: the metric, the
+    speed columns, and Pareto flags against time and against memory within its N."""
+    ok = rows[(rows["status"] == "ok") & (rows["eval_len"] == rows["seq_len"])]
+    joined = ok.merge(speed, on=["attention", "params", "seq_len"], how="inner")
+    # Lower bits per byte is better: the frontier reads quality as its negation.
+    quality = -joined[metric] if metric == "bits_per_byte" else joined[metric]
+    frames = []
+    for _, index in joined.groupby("seq_len").groups.items():
+        part = joined.loc[index].assign(
+            pareto_time=pareto(joined.loc[index, "fwd_bwd_ms"], quality[index]),
+            pareto_memory=pareto(joined.loc[index, "peak_mem_mib"], quality[index]))
+        frames.append(part)
+    columns = ["seq_len", "variant", metric, *SPEED_COLUMNS, "pareto_time", "pareto_memory"]
+    if not frames:
+        return pd.DataFrame(columns=columns).rename(columns={"seq_len": "N", **SPEED_COLUMNS})
+    table = pd.concat(frames).sort_values(["seq_len", "fwd_bwd_ms"])[columns]
+    return table.rename(columns={"seq_len": "N", **SPEED_COLUMNS}).reset_index(drop=True)
+
+
+def quality_plot(values: pd.DataFrame, metric: str, title: str, path: Path) -> Path:
+    """The metric vs training length N per variant."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for variant in values.index:
+        line = values.loc[variant].dropna()
+        if len(line):
+            ax.plot(line.index, line.values, marker="o", label=variant)
+    ax.set_xscale("log", base=2)
+    ax.set(xlabel="sequence length N (train = eval)", ylabel=metric.replace("_", " "),
+           title=title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def frontier_plot(table: pd.DataFrame, metric: str, title: str, path: Path) -> Path:
+    """Accuracy vs time and vs memory: one marker per variant, one colour per N, the Pareto
+    points of each N joined by a line."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    markers = "osD^v<>phX*P"
+    variants = sorted(table["variant"].unique())
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (cost, flag) in zip(axes, ((SPEED_COLUMNS["fwd_bwd_ms"], "pareto_time"),
+                                       (SPEED_COLUMNS["peak_mem_mib"], "pareto_memory")),
+                                strict=True):
+        for i, (n, part) in enumerate(table.groupby("N")):
+            colour = colours[i % len(colours)]
+            for _, point in part.iterrows():
+                ax.scatter(point[cost], point[metric], color=colour,
+                           marker=markers[variants.index(point["variant"]) % len(markers)])
+            best = part[part[flag]].sort_values(cost)
+            ax.plot(best[cost], best[metric], color=colour, alpha=0.6, label=f"N={n} frontier")
+        for j, variant in enumerate(variants):
+            ax.scatter([], [], color="grey", marker=markers[j % len(markers)], label=variant)
+        ax.set_xscale("log")
+        ax.set(xlabel=cost, ylabel=metric.replace("_", " "), title=title)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def quality_run(folder: str | Path, speed: str | Path | None = None,
+                out: str | Path | None = None) -> Report:
+    """Write the quality report of `<folder>/train.csv` to `<out>/report.md` (out: folder),
+    joined with the speed sweep in `speed` (a bench results folder) when given."""
+    out = Path(out or folder)
+    rows = load_quality(folder)
+    speed_rows = load_speed(speed) if speed is not None else None
+    markdown = [f"# Quality: `{folder}`\n",
+                "Each point trains a fresh model on the task at length N and evaluates it on "
+                "held-out sequences (the same for every variant)."
+                + (f" Speed columns: `{speed}` (attention alone, forward+backward)."
+                   if speed is not None else "") + "\n"]
+    text, plots = [], []
+    for values_of, group in group_settings(rows):
+        metric = quality_metric(group)
+        slug = "-".join(str(values_of[k]) for k in ("task", "model")) + f"-s{values_of['steps']}"
+        title = (f"{values_of['task']} {values_of['task_params']}, model {values_of['model']}, "
+                 f"{values_of['steps']} steps x {values_of['tokens_per_step']} tokens, "
+                 f"lr {values_of['lr']}, seed {values_of['seed']}")
+        values, statuses = quality_grid(group, metric)
+        table = shown(values, statuses, exponent=False)
+        plots.append(quality_plot(values, metric, values_of["task"],
+                                  out / "plots" / f"quality_{slug}.png"))
+        markdown += [f"## {title}\n", f"![quality_{slug}](plots/quality_{slug}.png)\n",
+                     f"### {metric.replace('_', ' ')} (train length = eval length)\n",
+                     markdown_table(table)]
+        text += ["", f"== {title}", f"{metric}:", text_table(table)]
+        if (group["eval_len"] != group["seq_len"]).any():
+            extra = extrapolation_table(group, metric)
+            markdown += [f"### {metric.replace('_', ' ')}, train length -> eval length\n",
+                         markdown_table(extra)]
+            text += ["", "train length -> eval length:", text_table(extra)]
+        if speed_rows is not None:
+            frontier = frontier_table(group, speed_rows, metric)
+            markdown.append(f"### Frontier: {metric.replace('_', ' ')} vs attention cost\n")
+            if len(frontier):
+                plots.append(frontier_plot(frontier, metric, values_of["task"],
+                                           out / "plots" / f"frontier_{slug}.png"))
+                markdown.append(f"![frontier_{slug}](plots/frontier_{slug}.png)\n")
+            markdown.append(markdown_table(frontier) if len(frontier) else
+                            "No point at a length the speed sweep measured.\n")
+            text += ["", "frontier:", text_table(frontier)]
+        failed = group[group["status"] != "ok"]
+        if len(failed):
+            lines = [f"{r.variant} N={r.seq_len} eval {r.eval_len}: {r.status}: {r.error}"
+                     for r in failed.itertuples()]
+            markdown += ["### Failed points\n", *[f"* {line}" for line in lines], ""]
+            text += ["", "failed points:", *[f"  {line}" for line in lines]]
+    report_path = out / "report.md"
+    write_atomic(report_path, "\n".join(markdown))
+    text += ["", "plots: " + ", ".join(str(p) for p in plots), f"report: {report_path}"]
+    return Report("\n".join(markdown), "\n".join(text), plots)
+
+
+def group_settings(rows: pd.DataFrame):
+    """(setting dict, its rows) per task, model and budget, in a stable order."""
+    for values, group in rows.groupby(list(QUALITY_SETTING), dropna=False, sort=True):
+        yield dict(zip(QUALITY_SETTING, values, strict=True)), group
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("folders", nargs="+", help="results folders holding bench.csv")
+    parser.add_argument("folders", nargs="+",
+                        help="results folders holding bench.csv, or one holding train.csv")
+    parser.add_argument("--speed", help="with a train.csv folder: the bench folder to join "
+                        "into the accuracy-vs-time and -memory frontier")
     parser.add_argument("--out", help="where report.md and plots/ go (default: first folder)")
     parser.add_argument("--wandb", action="store_true", help="also log the sweep to W&B")
     parser.add_argument("--wandb-mode", choices=["offline", "online"], default="offline")
     parser.add_argument("--wandb-project", default="attn-zoo")
     parser.add_argument("--wandb-entity", default=None)
     args = parser.parse_args(argv)
+    if (Path(args.folders[0]) / QUALITY_CSV).exists():
+        if len(args.folders) > 1:
+            parser.error("a quality report reads one train.csv folder")
+        print(quality_run(args.folders[0], args.speed, args.out).text)
+        return
     logger = ({"name": "wandb", "mode": args.wandb_mode, "project": args.wandb_project,
                "entity": args.wandb_entity} if args.wandb else None)
     print(run(args.folders, args.out, logger).text)
