@@ -23,7 +23,8 @@ Most caches build on the storages here: `GrowingCache` (every position, capacity
 `PatternCache` (a growing cache read through the variant's `allowed(i, j)` pattern of
 positions) and `RingCache` (a rolling buffer of the last `ring` positions plus the first
 `sinks` positions kept for good, read through the pattern). Shared logic: `attend` (masked or
-biased softmax attention of T rows, chunked), `merge_rounds`, `split_at_multiples`.
+biased softmax attention of T rows, chunked), `recent_in_group` and `attend_selected`
+(content-based selection), `merge_rounds`, `split_at_multiples`.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from collections.abc import Callable
 from typing import ClassVar, TypeVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from attn_zoo.attention import Attention
@@ -44,7 +46,7 @@ C = TypeVar("C", bound="type[KVCache]")
 
 Bias = Callable[[int, int], Tensor]
 """bias(t0, t1): for query rows t0 .. t1 - 1 of an `attend` call, a bool `allowed` or a float
-additive score bias (-inf = not allowed), broadcastable to (B, Hkv, G, t1 - t0, M)."""
+additive score bias (-inf = not allowed), broadcastable to (B, Hq, t1 - t0, M)."""
 
 
 def register_cache(name: str) -> Callable[[C], C]:
@@ -78,37 +80,30 @@ def cache_for(attention: Attention) -> KVCache:
     return _CACHES[name](attention)
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, bias: Bias, scale: float) -> tuple[Tensor, Tensor]:
+def attend(q: Tensor, k: Tensor, v: Tensor, bias: Bias, scale: float) -> Tensor:
     """Softmax attention of T queries over M keys under a per-row mask or bias, row-chunked.
 
-    q: (B, Hq, T, D); k: (B, Hkv, M, D) or (B, Hq, M, D) (per-query-head keys, shared-QK);
-    v: (B, Hkv, M, D). Scores `scale * q·k` plus `bias(t0, t1)` (see `Bias`). Returns out
-    (B, Hq, T, D) and lse (B, Hq, T), both float; a row with no allowed key has out 0 and
-    lse -inf. Rows are taken in chunks that hold about `CHUNK_ELEMENTS` scores.
+    q: (B, Hq, T, D); k, v: (B, Hkv, M, D). Scores `scale * q·k` plus `bias(t0, t1)` (see
+    `Bias`), through `scaled_dot_product_attention` in chunks of rows that hold about
+    `CHUNK_ELEMENTS` scores. Returns (B, Hq, T, D); a row with no allowed key gives zeros.
     """
-    batch, q_heads, rows, dim = q.shape
-    kv_heads, keys = v.shape[1], v.shape[2]
-    groups = q_heads // kv_heads
-    q = q.reshape(batch, kv_heads, groups, rows, dim)
-    k = k.reshape(batch, kv_heads, -1, keys, dim)  # -1: 1 (shared over the group) or G
-    v = v[:, :, None]
-    step = max(1, CHUNK_ELEMENTS // max(1, batch * q_heads * keys))
-    outs, lses = [], []
+    batch, q_heads, rows, _ = q.shape
+    step = max(1, CHUNK_ELEMENTS // max(1, batch * q_heads * k.shape[2]))
+    outs = []
     for t0 in range(0, rows, step):
         t1 = min(rows, t0 + step)
-        scores = (q[:, :, :, t0:t1] * scale) @ k.transpose(-1, -2)
         extra = bias(t0, t1)
+        allowed = extra if extra.dtype == torch.bool else extra > float("-inf")
+        has_key = allowed.any(-1, keepdim=True)
+        # SDPA gives NaN on rows with no key: let them see everything, then zero them.
         if extra.dtype == torch.bool:
-            scores = scores.masked_fill(~extra, float("-inf"))
+            mask = extra | ~has_key
         else:
-            scores = scores + extra
-        lse = torch.logsumexp(scores, dim=-1)
-        empty = lse == float("-inf")
-        probs = torch.exp(scores - lse.masked_fill(empty, 0.0)[..., None])
-        outs.append(probs @ v)
-        lses.append(lse)
-    out = torch.cat(outs, dim=3).reshape(batch, q_heads, rows, dim)
-    return out, torch.cat(lses, dim=3).reshape(batch, q_heads, rows)
+            mask = extra.to(q.dtype).masked_fill(~has_key, 0.0)
+        out = F.scaled_dot_product_attention(q[:, :, t0:t1], k, v, attn_mask=mask, scale=scale,
+                                             enable_gqa=k.shape[1] != q_heads)
+        outs.append(out.masked_fill(~has_key, 0.0))
+    return torch.cat(outs, dim=2)
 
 
 def merge_rounds(parts: list[tuple[Tensor, Tensor]]) -> Tensor:
@@ -121,19 +116,57 @@ def merge_rounds(parts: list[tuple[Tensor, Tensor]]) -> Tensor:
     return sum(w[..., None] * part[0] for w, part in zip(weights, parts, strict=True))
 
 
-def recent_same_group(key_groups: Tensor, row_groups: Tensor, rows: Tensor, cap: int | Tensor,
-                      inclusive: bool) -> Tensor:
-    """Content-based selection: the `cap` most recent keys j < i (j <= i when `inclusive`)
-    in the group (LSH bucket, k-means cluster) of row i.
+def recent_in_group(groups: Tensor, rows: Tensor, width: int,
+                    inclusive: bool) -> tuple[Tensor, Tensor]:
+    """Content-based selection: for each row i, the `width` most recent keys j < i (j <= i when
+    `inclusive`) of its group (LSH bucket, k-means cluster), newest last.
 
-    key_groups (..., M), row_groups (..., T) long, rows (T,) the row positions (key j sits at
-    index j); cap: an int or a (T, 1) tensor. Returns allowed (..., T, M) bool.
+    groups: (..., M) long, the group of every key position 0 .. M - 1 (rows are key positions
+    too, so row i's group is groups[..., i]); rows: (T,) long. Returns index (..., T, width)
+    long, the key positions, and valid (..., T, width) bool (False where the group has fewer
+    keys). Sorting the keys by (group, position) puts a group's keys side by side in position
+    order: a row's selection is the `width` entries before its own, O(T * width) after an
+    O(M log M) sort.
     """
-    keys = torch.arange(key_groups.shape[-1], device=rows.device)
-    before = keys <= rows[:, None] if inclusive else keys < rows[:, None]
-    same = (key_groups[..., None, :] == row_groups[..., :, None]) & before
-    newer = same.flip(-1).cumsum(-1).flip(-1)  # same-group keys at j or later (before i)
-    return same & (newer <= cap)
+    keys = groups.shape[-1]
+    order = (groups * keys + torch.arange(keys, device=groups.device)).argsort(dim=-1)
+    rank = torch.empty_like(order).scatter_(
+        -1, order, torch.arange(keys, device=groups.device).expand_as(order))
+    own = rank[..., rows]  # (..., T): each row's place in the sorted order
+    offsets = torch.arange(-width + (1 if inclusive else 0), 1 if inclusive else 0,
+                           device=groups.device)
+    place = own[..., None] + offsets  # (..., T, width)
+    index = order.gather(-1, place.clamp_min(0).flatten(-2)).view(place.shape)
+    row_groups = groups[..., rows, None]
+    valid = (place >= 0) & (groups.gather(-1, index.flatten(-2)).view(place.shape) == row_groups)
+    return index, valid
+
+
+def attend_selected(q: Tensor, k: Tensor, v: Tensor, index: Tensor, valid: Tensor,
+                    scale: float) -> tuple[Tensor, Tensor]:
+    """Each query over its own selected keys, chunked over rows.
+
+    q: (B, Hq, T, D); k: (B, Hq, M, D); v: (B, Hkv, M, D); index, valid: (B, Hq, T, W) (key
+    positions, and which of them count). Returns out (B, Hq, T, D) and lse (B, Hq, T); a row
+    with no valid key has out 0 and lse -inf.
+    """
+    batch, heads, rows, dim = q.shape
+    v = v.repeat_interleave(heads // v.shape[1], dim=1)
+    width = index.shape[-1]
+    step = max(1, CHUNK_ELEMENTS // max(1, batch * heads * width * dim))
+    outs, lses = [], []
+    for t0 in range(0, rows, step):
+        t1 = min(rows, t0 + step)
+        chosen = index[:, :, t0:t1].flatten(-2)[..., None].expand(-1, -1, -1, dim)
+        keys = k.gather(2, chosen).view(batch, heads, t1 - t0, width, dim)
+        values = v.gather(2, chosen).view(batch, heads, t1 - t0, width, dim)
+        scores = torch.einsum("bhtd,bhtwd->bhtw", q[:, :, t0:t1] * scale, keys)
+        scores = scores.masked_fill(~valid[:, :, t0:t1], float("-inf"))
+        lse = torch.logsumexp(scores, dim=-1)
+        probs = torch.exp(scores - lse.masked_fill(lse == float("-inf"), 0.0)[..., None])
+        outs.append(torch.einsum("bhtw,bhtwd->bhtd", probs, values))
+        lses.append(lse)
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
 
 
 def work_dtype(x: Tensor) -> torch.dtype:
@@ -254,9 +287,8 @@ class PatternCache(GrowingCache):
         rows = torch.arange(self.seen, end, device=q.device)
         keys = torch.arange(end, device=q.device)
         allowed = self.pattern()
-        out, _ = attend(q, self.held("k", end), self.held("v", end),
-                        lambda t0, t1: allowed(rows[t0:t1, None], keys), self.scale(q.shape[3]))
-        return out
+        return attend(q, self.held("k", end), self.held("v", end),
+                      lambda t0, t1: allowed(rows[t0:t1, None], keys), self.scale(q.shape[3]))
 
 
 class RingCache(KVCache):
@@ -324,7 +356,7 @@ class RingCache(KVCache):
             def bias(t0: int, t1: int) -> Tensor:
                 return scores[t0:t1]
 
-        out, _ = attend(q, keys, values, bias, self.scale(dim))
+        out = attend(q, keys, values, bias, self.scale(dim))
         keep = (new < self.sinks) | (new > new[-1] - self.ring)
         slots = self._slots(new[keep])
         self.buffers["k"][:, :, slots] = k[:, :, keep]

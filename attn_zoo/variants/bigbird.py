@@ -190,6 +190,5 @@ class BigBirdCache(GrowingCache):
             i = rows[t0:t1, None]
             return layout[i // block, keys // block] & (keys <= i)
 
-        out, _ = attend(q, self.held("k", end), self.held("v", end), allowed,
-                        self.scale(q.shape[3]))
-        return out
+        return attend(q, self.held("k", end), self.held("v", end), allowed,
+                      self.scale(q.shape[3]))

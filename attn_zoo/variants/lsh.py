@@ -360,9 +360,9 @@ class LSHAttention(Attention):
 
 from attn_zoo.cache import (  # noqa: E402
     GrowingCache,
-    attend,
+    attend_selected,
     merge_rounds,
-    recent_same_group,
+    recent_in_group,
     register_cache,
 )
 
@@ -409,21 +409,14 @@ class LSHCache(GrowingCache):
         self._append(k=keys, v=v, buckets=self._buckets(keys))
         end = self.seen + q.shape[2]
         rows = torch.arange(self.seen, end, device=q.device)
-        key_buckets = self.held("buckets", end)  # (B, H, M, R)
-        cap = 2 * self.attention.params.bucket_size
-        batch, heads = q.shape[:2]
-        kv_heads = v.shape[1]
+        width = 2 * self.attention.params.bucket_size
         parts = []
-        for r in range(key_buckets.shape[-1]):
-            round_buckets = key_buckets[..., r]
-
-            def allowed(t0: int, t1: int, round_buckets: Tensor = round_buckets) -> Tensor:
-                chosen = recent_same_group(round_buckets, round_buckets[:, :, rows[t0:t1]],
-                                            rows[t0:t1], cap, inclusive=False)
-                own = rows[t0:t1, None] == torch.arange(end, device=q.device)
-                chosen = chosen | (own & ~chosen.any(-1, keepdim=True))
-                return chosen.view(batch, kv_heads, heads // kv_heads, *chosen.shape[2:])
-
-            parts.append(attend(q, self.held("k", end), self.held("v", end), allowed,
-                                self.scale(q.shape[3])))
+        for buckets in self.held("buckets", end).unbind(-1):  # rounds: (B, H, M) each
+            index, valid = recent_in_group(buckets, rows, width, inclusive=False)
+            # A query with no earlier key in its bucket attends to its own.
+            alone = ~valid.any(-1)
+            index[..., -1] = torch.where(alone, rows, index[..., -1])
+            valid[..., -1] |= alone
+            parts.append(attend_selected(q, self.held("k", end), self.held("v", end), index,
+                                         valid, self.scale(q.shape[3])))
         return merge_rounds(parts)

@@ -176,7 +176,12 @@ class RoutingAttention(Attention):
 
 # -- decoding cache -------------------------------------------------------------------------
 
-from attn_zoo.cache import GrowingCache, attend, recent_same_group, register_cache  # noqa: E402
+from attn_zoo.cache import (  # noqa: E402
+    GrowingCache,
+    attend_selected,
+    recent_in_group,
+    register_cache,
+)
 
 
 @register_cache("routing")
@@ -207,20 +212,13 @@ class RoutingCache(GrowingCache):
         self._append(k=keys, v=v, clusters=self._clusters(keys))
         end = self.seen + q.shape[2]
         rows = torch.arange(self.seen, end, device=q.device)
-        clusters = self.held("clusters", end)[..., 0]  # (B, H, M)
-        p = self.attention.params
-        batch, heads = q.shape[:2]
-        kv_heads = v.shape[1]
-
-        def allowed(t0: int, t1: int) -> Tensor:
-            row = rows[t0:t1]
-            cap = p.window or (row + p.n_clusters) // p.n_clusters  # ceil((i + 1) / C)
-            cap = torch.as_tensor(cap, device=q.device)
-            if cap.dim():
-                cap = cap[:, None]
-            chosen = recent_same_group(clusters, clusters[:, :, row], row, cap, inclusive=True)
-            return chosen.view(batch, kv_heads, heads // kv_heads, *chosen.shape[2:])
-
-        out, _ = attend(q, self.held("k", end), self.held("v", end), allowed,
-                        self.scale(q.shape[3]))
+        n_clusters, window = self.attention.params.n_clusters, self.attention.params.window
+        width = window or -(-end // n_clusters)
+        index, valid = recent_in_group(self.held("clusters", end)[..., 0], rows, width,
+                                       inclusive=True)
+        if window is None:  # row i keeps its ceil((i + 1) / n_clusters) newest
+            cap = (rows + n_clusters) // n_clusters
+            valid &= torch.arange(width - 1, -1, -1, device=q.device) < cap[:, None]
+        out, _ = attend_selected(q, self.held("k", end), self.held("v", end), index, valid,
+                                 self.scale(q.shape[3]))
         return out

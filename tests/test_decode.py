@@ -1,0 +1,421 @@
+"""Decoding through caches: every variant's cache against the teacher-forced forward (or its
+stated decode rule), chunked extend, beam-search reorder, bounded sizes, experiments.decode."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+
+import attn_zoo
+from attn_zoo import generation
+from attn_zoo.cache import DecodeCache, KVCache, cache_for
+from attn_zoo.model import Seq2SeqTransformer, TransformerLM
+from attn_zoo.registry import get
+from attn_zoo.variants.lsh import DECODE_BUCKETS_PER_CHUNK, n_buckets
+from experiments import decode
+from experiments.config import register_configs
+
+ROOT = Path(__file__).resolve().parent.parent
+VOCAB = 13
+LENGTH, PROMPT = 40, 7
+
+# Small parameters, so that 40 positions cross every regime of each pattern: windows and
+# their edges, global tokens and blocks, dilation, several blocks and segments, memories that
+# fill and roll, compressed groups, buckets and clusters with more members than the cap.
+DECODE_PARAMS = {
+    "full": {},
+    "local": {"window": 5},
+    "longformer": {"window": 3, "dilation": 2, "n_global": 2},
+    "bigbird": {"block": 4, "window_blocks": 3, "n_global_blocks": 1, "n_random": 2},
+    "sparse_strided": {"stride": 4},
+    "sparse_fixed": {"stride": 5, "summary": 2},
+    "hierarchical": {"block": 3, "window_blocks": 1},
+    "compressive": {"segment": 4, "mem_len": 8, "cmem_len": 3, "rate": 2, "compress": "conv"},
+    "lsh": {"bucket_size": 2, "n_hashes": 3, "seed": 5},
+    "routing": {"n_clusters": 3, "window": 4},
+}
+BOUNDED = ["local", "longformer", "compressive"]
+# float32 logits of these models reach about 10: 1e-4 is about 1e-5 of their scale (in float64
+# the caches match the forward to 1e-13). A wrong key or weight moves logits by O(1).
+FLOAT32 = {"atol": 1e-4, "rtol": 1e-5}
+
+
+def params_of(name: str) -> dict:
+    return DECODE_PARAMS.get(name, {})
+
+
+def tiny_lm(name: str, params: dict | None = None, depth: int = 2, seed: int = 0,
+            **kwargs) -> TransformerLM:
+    """An untrained LM with large weights, so that logits depend strongly on the context."""
+    torch.manual_seed(seed)
+    options = dict(dim=32, depth=depth, heads=4, kv_heads=2) | kwargs
+    model = TransformerLM(VOCAB, attention=name,
+                          attention_params=params_of(name) if params is None else params,
+                          **options)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            torch.nn.init.normal_(module.weight, std=0.3)
+    torch.nn.init.normal_(model.embedding.weight, std=0.5)
+    for module in model.modules():
+        if hasattr(module, "key_conv"):  # learned taps away from the mean they start at
+            torch.nn.init.normal_(module.key_conv, std=0.5)
+            torch.nn.init.normal_(module.value_conv, std=0.5)
+    return model.eval()
+
+
+def tokens(shape, seed=1) -> torch.Tensor:
+    return torch.randint(0, VOCAB, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def decode_logits(model, sequence: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """Logits of `sequence` fed through a fresh cache in pieces of `sizes` (summing to N)."""
+    cache = model.init_cache()
+    out, start = [], 0
+    with torch.no_grad():
+        for size in sizes:
+            out.append(model(sequence[:, start:start + size], cache))
+            start += size
+    assert cache.seen == sequence.shape[1] == start
+    return torch.cat(out, dim=1)
+
+
+def stepwise(length: int, prompt: int = PROMPT) -> list[int]:
+    return [prompt] + [1] * (length - prompt)
+
+
+# -- every variant --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", attn_zoo.available())
+def test_every_variant_has_a_cache(name):
+    cache = cache_for(attn_zoo.build(name, **params_of(name)))
+    assert isinstance(cache, KVCache) and cache.seen == 0 and cache.nbytes() == 0
+    if not get(name).content_based and name != "bigbird":
+        # A static pattern that does not depend on the length decodes exactly.
+        assert cache.exact, f"{name}: a static pattern's cache must be exact"
+
+
+@pytest.mark.parametrize("name", attn_zoo.available())
+def test_decoding_equals_the_teacher_forced_forward(name):
+    """Prefill a prompt, step the rest: the logits of `model(tokens)`, for every exact cache."""
+    model = tiny_lm(name)
+    if not cache_for(model.stack.blocks[0].attn.attention).exact:
+        pytest.skip(f"{name} decodes by its own rule: tested against it below")
+    sequence = tokens((2, LENGTH))
+    with torch.no_grad():
+        expected = model(sequence)
+    torch.testing.assert_close(decode_logits(model, sequence, stepwise(LENGTH)), expected,
+                               **FLOAT32)
+
+
+@pytest.mark.parametrize("name", attn_zoo.available())
+def test_extend_by_several_positions_equals_single_steps(name):
+    model = tiny_lm(name)
+    sequence = tokens((2, LENGTH), seed=2)
+    steps = decode_logits(model, sequence, [1] * LENGTH)
+    for sizes in ([PROMPT, 9, 1, 13, 10], [LENGTH], [3, 17, 20]):
+        torch.testing.assert_close(decode_logits(model, sequence, sizes), steps,
+                                   **FLOAT32)
+
+
+@pytest.mark.parametrize("name", attn_zoo.available())
+def test_reorder_keeps_the_chosen_rows(name):
+    """Reordering (repeating) batch rows mid-sequence equals decoding those rows from the start."""
+    model = tiny_lm(name)
+    sequence = tokens((3, LENGTH), seed=3)
+    index = torch.tensor([2, 0, 0, 1])
+    cache = model.init_cache()
+    with torch.no_grad():
+        model(sequence[:, :PROMPT + 11], cache)
+        cache.reorder(index)
+        rest = sequence[index, PROMPT + 11:]
+        reordered = torch.cat([model(rest[:, i:i + 1], cache) for i in range(rest.shape[1])], 1)
+    expected = decode_logits(model, sequence[index], [PROMPT + 11] + [1] * rest.shape[1])
+    torch.testing.assert_close(reordered, expected[:, PROMPT + 11:], **FLOAT32)
+
+
+class Recompute(DecodeCache):
+    """Reference for generation: keeps the tokens and re-runs the whole prefix every call."""
+
+    def __init__(self, forward) -> None:
+        super().__init__([])
+        self.forward_fn, self.tokens = forward, None
+
+    @property
+    def seen(self) -> int:
+        return 0 if self.tokens is None else self.tokens.shape[1]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        self.tokens = self.tokens.index_select(0, index)
+
+    def forward(self, new: torch.Tensor, cache, **context) -> torch.Tensor:
+        self.tokens = new if self.tokens is None else torch.cat([self.tokens, new], dim=1)
+        return self.forward_fn(self.tokens, **context)
+
+
+EXACT = [name for name in attn_zoo.available()
+         if cache_for(attn_zoo.build(name, **params_of(name))).exact]
+
+
+@pytest.mark.parametrize("name", EXACT)
+@pytest.mark.parametrize("strategy", ["sample", "beam"])
+def test_cached_generation_equals_recomputing_the_prefix(name, strategy):
+    model = tiny_lm(name)
+    prompt = tokens((3, 5))
+    options = dict(strategy=strategy, top_k=6, top_p=0.95, num_beams=3)
+    cached = model.generate(prompt, 12, generator=torch.Generator().manual_seed(7), **options)
+    reference = Recompute(model)
+    with torch.no_grad():
+        expected = generation.generate(reference.forward, prompt, 12, cache=reference,
+                                       generator=torch.Generator().manual_seed(7), **options)
+    assert cached.shape == (3, 5 + 12) and torch.equal(cached, expected)
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "beam"])
+def test_seq2seq_cached_generation_equals_recomputing_the_prefix(strategy):
+    torch.manual_seed(0)
+    model = Seq2SeqTransformer(VOCAB, 16, 2, 2, attention="local",
+                               attention_params={"window": 2}).eval()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            torch.nn.init.normal_(module.weight, std=0.3)
+    source = tokens((2, 7))
+    source_mask = torch.ones(2, 7, dtype=torch.bool)
+    source_mask[1, 4:] = False
+    start = torch.zeros(2, 1, dtype=torch.long)
+    cached = model.generate(source, start, 6, source_mask, strategy=strategy, num_beams=3)
+    with torch.no_grad():
+        memory = model.encode(source, source_mask)
+        reference = Recompute(model.decode)
+        expected = generation.generate(
+            reference.forward, start, 6, cache=reference, strategy=strategy, num_beams=3,
+            context={"memory": memory, "source_mask": source_mask})
+    assert cached.shape == (2, 7) and torch.equal(cached, expected)
+
+
+# -- bigbird: the layout of the prefix ------------------------------------------------------
+
+
+def test_bigbird_decodes_with_the_layout_of_the_prefix():
+    """Row I's random blocks change with the length, so decoding follows the layout of the
+    prefix that ends at each position: with one layer, the last logits of `model(prefix)`."""
+    model = tiny_lm("bigbird", depth=1)
+    sequence = tokens((2, LENGTH), seed=4)
+    decoded = decode_logits(model, sequence, stepwise(LENGTH))
+    with torch.no_grad():
+        prefixes = torch.stack([model(sequence[:, :i + 1])[:, -1]
+                                for i in range(LENGTH)], dim=1)
+        teacher_forced = model(sequence)
+    torch.testing.assert_close(decoded, prefixes, **FLOAT32)
+    # The rule matters: the full-length layout differs from the prefixes' on earlier rows.
+    attention = model.stack.blocks[0].attn.attention
+    layout, block = attention.layout(LENGTH, True), DECODE_PARAMS["bigbird"]["block"]
+    assert any(not torch.equal(layout[i, :i + 1], attention.layout((i + 1) * block, True)[i])
+               for i in range(layout.shape[0]))
+    assert not torch.allclose(decoded, teacher_forced, atol=1e-3)
+
+
+def test_bigbird_without_random_blocks_decodes_the_teacher_forced_forward():
+    params = DECODE_PARAMS["bigbird"] | {"n_random": 0}
+    model = tiny_lm("bigbird", params)
+    sequence = tokens((2, LENGTH), seed=5)
+    with torch.no_grad():
+        expected = model(sequence)
+    torch.testing.assert_close(decode_logits(model, sequence, stepwise(LENGTH)), expected,
+                               **FLOAT32)
+
+
+# -- lsh and routing: content-based decode rules against a dense reference ------------------
+
+
+def crowded_queries(batch, heads, n, dim, seed=0) -> torch.Tensor:
+    """Queries near 3 directions, so that buckets and clusters hold more keys than the cap."""
+    gen = torch.Generator().manual_seed(seed)
+    prototypes = torch.randn(3, dim, generator=gen, dtype=torch.float64)
+    pick = torch.randint(0, 3, (batch, heads, n), generator=gen)
+    return 3 * prototypes[pick] + 0.3 * torch.randn(batch, heads, n, dim, generator=gen,
+                                                    dtype=torch.float64)
+
+
+def cached_outputs(attention, q, k, v, sizes) -> torch.Tensor:
+    cache, outs, start = cache_for(attention), [], 0
+    for size in sizes:
+        outs.append(cache.extend(q[:, :, start:start + size], k[:, :, start:start + size],
+                                 v[:, :, start:start + size]))
+        start += size
+    return torch.cat(outs, dim=2)
+
+
+def rule_attention(q_row, keys, values, chosen, scale) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain softmax of one query over the chosen key positions: (out (D,), lse ())."""
+    scores = torch.stack([scale * q_row @ keys[j] for j in chosen])
+    weights = scores.softmax(0)
+    return sum(w * values[j] for w, j in zip(weights, chosen, strict=True)), scores.logsumexp(0)
+
+
+def lsh_reference(q, v, bucket_size, n_hashes, seed, groups) -> tuple[torch.Tensor, bool]:
+    """The LSH decode rule, position by position; also whether the cap ever bound."""
+    batch, heads, n, dim = q.shape
+    half = n_buckets(DECODE_BUCKETS_PER_CHUNK * bucket_size, bucket_size) // 2
+    rotations = torch.randn((n_hashes, dim, half),
+                            generator=torch.Generator().manual_seed(seed)).to(q)
+    keys = F.normalize(q, dim=-1)
+    out = torch.zeros_like(q)
+    capped = False
+    for b in range(batch):
+        for h in range(heads):
+            rotated = torch.einsum("nd,rdc->rnc", keys[b, h], rotations)
+            buckets = torch.cat([rotated, -rotated], -1).argmax(-1)  # (R, N)
+            for i in range(n):
+                parts = []
+                for r in range(n_hashes):
+                    same = [j for j in range(i) if buckets[r, j] == buckets[r, i]]
+                    capped |= len(same) > 2 * bucket_size
+                    chosen = same[-2 * bucket_size:] or [i]
+                    parts.append(rule_attention(q[b, h, i], keys[b, h], v[b, h // groups],
+                                                chosen, dim**-0.5))
+                lse = torch.stack([p[1] for p in parts])
+                weights = (lse - lse.logsumexp(0)).exp()
+                out[b, h, i] = sum(w * p[0] for w, p in zip(weights, parts, strict=True))
+    return out, capped
+
+
+def routing_reference(q, v, centroids, n_clusters, window, groups) -> tuple[torch.Tensor, bool]:
+    batch, heads, n, dim = q.shape
+    keys = F.normalize(q, dim=-1)
+    out = torch.zeros_like(q)
+    capped = False
+    for b in range(batch):
+        for h in range(heads):
+            cluster = (keys[b, h] @ centroids[h].T).argmax(-1)
+            for i in range(n):
+                cap = window or math.ceil((i + 1) / n_clusters)
+                same = [j for j in range(i + 1) if cluster[j] == cluster[i]]
+                capped |= len(same) > cap
+                out[b, h, i] = rule_attention(q[b, h, i], keys[b, h], v[b, h // groups],
+                                              same[-cap:], dim**-0.5)[0]
+    return out, capped
+
+
+def test_lsh_decode_rule_against_its_dense_reference():
+    params = DECODE_PARAMS["lsh"]
+    attention = attn_zoo.build("lsh", **params).eval()
+    q = crowded_queries(2, 4, LENGTH, 8)
+    k, v = (torch.randn(2, 2, LENGTH, 8, dtype=torch.float64) for _ in range(2))
+    expected, capped = lsh_reference(q, v, params["bucket_size"], params["n_hashes"],
+                                     params["seed"], groups=2)
+    assert capped, "the test must reach buckets with more keys than the cap"
+    for sizes in (stepwise(LENGTH), [LENGTH], [5, 20, 15]):
+        torch.testing.assert_close(cached_outputs(attention, q, k, v, sizes), expected,
+                                   atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("window", [4, None])
+def test_routing_decode_rule_against_its_dense_reference(window):
+    attention = attn_zoo.build("routing", n_clusters=3, window=window).eval()
+    q = crowded_queries(2, 4, LENGTH, 8, seed=1)
+    k, v = (torch.randn(2, 2, LENGTH, 8, dtype=torch.float64) for _ in range(2))
+    torch.manual_seed(0)
+    attention.clusters(q[:, :, :1])  # draws the centroids, as a first forward would
+    expected, capped = routing_reference(q, v, attention.centroids.to(q), 3, window, groups=2)
+    assert capped, "the test must reach clusters with more keys than the cap"
+    for sizes in (stepwise(LENGTH), [LENGTH], [5, 20, 15]):
+        torch.testing.assert_close(cached_outputs(attention, q, k, v, sizes), expected,
+                                   atol=1e-10, rtol=1e-10)
+
+
+# -- sizes ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", BOUNDED)
+def test_bounded_caches_stay_the_same_size_past_their_window(name):
+    attention = attn_zoo.build(name, **DECODE_PARAMS[name])
+    cache = cache_for(attention)
+    q, k, v = (torch.randn(1, 2, 120, 8) for _ in range(3))
+    sizes = []
+    for i in range(120):
+        cache.step(q[:, :, i:i + 1], k[:, :, i:i + 1], v[:, :, i:i + 1])
+        sizes.append((cache.nbytes(), len(cache)))
+    assert len(set(sizes[60:])) == 1, f"{name}: size changes after 60 positions"
+    assert sizes[-1][0] <= max(sizes)[0] and sizes[-1][1] < 60
+
+
+def test_growing_caches_grow_by_one_position_per_step():
+    cache = cache_for(attn_zoo.build("full"))
+    q, k, v = (torch.randn(1, 2, 50, 8) for _ in range(3))
+    cache.prefill(q[:, :, :10], k[:, :, :10], v[:, :, :10])
+    per_position = cache.nbytes() // 10
+    for i in range(10, 50):
+        cache.step(q[:, :, i:i + 1], k[:, :, i:i + 1], v[:, :, i:i + 1])
+        assert cache.nbytes() == (i + 1) * per_position == (i + 1) * 2 * 2 * 8 * 4
+
+
+def test_cache_arguments_are_checked():
+    cache = cache_for(attn_zoo.build("local", window=3))
+    q = torch.randn(1, 2, 4, 8)
+    with pytest.raises(ValueError, match="one position"):
+        cache.step(q, q, q)
+    with pytest.raises(ValueError, match="Hq % Hkv"):
+        cache.extend(q, torch.randn(1, 3, 4, 8), torch.randn(1, 3, 4, 8))
+    cache.prefill(q, q, q)
+    with pytest.raises(ValueError, match="empty cache"):
+        cache.prefill(q, q, q)
+    with pytest.raises(TypeError, match="DecodeCache"):
+        generation.generate(tiny_lm("full"), tokens((1, 2)), 2, cache=None)
+
+
+# -- experiments.decode ---------------------------------------------------------------------
+
+
+def config(out_dir: Path, *overrides: str):
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("decode", overrides=[
+            f"out_dir={out_dir}", "contexts=[64,256,1024]", "max_context=256", "dim=16",
+            "depth=1", "heads=2", "kv_heads=1", "vocab_size=32", "prefill_chunk=100",
+            "warmup=1", "steps=3", *overrides])
+
+
+def test_decode_benchmark_writes_rows_table_and_plot(tmp_path):
+    result = decode.run(config(tmp_path, "attention=local", "attention.window=16"))
+    assert result["measured"] == 3
+    rows = pd.read_csv(tmp_path / "decode.csv")
+    assert list(rows["context"]) == [64, 256, 1024] and set(rows["status"]) == {"ok"}
+    assert (rows["ms_per_token"] > 0).all() and rows["cache_mib"].nunique() == 1
+    assert (rows["keys_per_layer"] == 17).all()
+    for name in ("decode.md", "decode.png", "decode_summary.csv", "decode_ms_per_token.csv"):
+        assert (tmp_path / name).stat().st_size > 0
+    # full grows with the context and stops at max_context; the re-run resumes.
+    decode.run(config(tmp_path, "attention=full"))
+    rows = pd.read_csv(tmp_path / "decode.csv").set_index(["attention", "context"])
+    assert rows.loc[("full", 1024), "status"] == "skipped"
+    assert rows.loc[("full", 256), "cache_mib"] > 3 * rows.loc[("full", 64), "cache_mib"]
+    assert decode.run(config(tmp_path, "attention=local", "attention.window=16"))[
+        "measured"] == 0
+    assert "local" in (tmp_path / "decode.md").read_text()
+
+
+def test_decode_benchmark_records_a_failing_point_and_goes_on(tmp_path, monkeypatch):
+    measure = decode.Decoder.measure
+
+    def failing(self):
+        if self.cache.seen >= 256:
+            raise RuntimeError("no room for this context")
+        return measure(self)
+
+    monkeypatch.setattr(decode.Decoder, "measure", failing)
+    result = decode.run(config(tmp_path, "attention=compressive", "attention.segment=8",
+                               "attention.mem_len=16", "attention.cmem_len=4"))
+    statuses = [row["status"] for row in result["rows"]]
+    assert statuses == ["ok", "error", "error"]
+    rows = pd.read_csv(tmp_path / "decode.csv")
+    assert "no room" in rows["error"].iloc[1] and "earlier context" in rows["error"].iloc[2]
+    # A bad parameter fails every point of the job as unsupported, as rows.
+    result = decode.run(config(tmp_path / "bad", "attention=local", "attention.window=-1"))
+    assert [row["status"] for row in result["rows"]] == ["unsupported", "error", "error"]
