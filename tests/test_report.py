@@ -110,3 +110,68 @@ def test_cli_logs_the_sweep_to_offline_wandb(folder, capsys):
         for metric in ("ms", "peak_mib"):  # a line plot: a table and its custom chart
             assert logged[f"report/{slug}/{phase}_{metric}_table/_type"] == "table-file"
     assert logged[f"report/plots/time_{slug}/_type"] == "image-file"
+
+
+# -- quality --------------------------------------------------------------------------------
+
+
+def quality_row(attention: str, n: int, accuracy: float, eval_len: int | None = None,
+                status: str = "ok", **params) -> dict:
+    return {"attention": attention, "params": json.dumps(params, sort_keys=True),
+            "model": "tiny", "task": "mqar", "task_params": '{"n_pairs": 4}', "seq_len": n,
+            "eval_len": eval_len or n, "steps": 10, "tokens_per_step": 4096, "lr": 0.003,
+            "seed": 0, "status": status, "error": "" if status == "ok" else "ValueError: x",
+            "accuracy": accuracy if status == "ok" else math.nan, "eval_loss": 1.0}
+
+
+@pytest.fixture
+def quality(tmp_path):
+    rows = [quality_row("full", 1024, 0.9), quality_row("full", 2048, 0.8),
+            quality_row("local", 1024, 0.5, window=256), quality_row("local", 2048, 0.3,
+                                                                     window=256),
+            quality_row("local", 1024, 0.1, eval_len=4096, window=256),
+            quality_row("bigbird", 1024, 0.4), quality_row("bigbird", 2048, 0, status="oom"),
+            quality_row("full", 256, 1.0)]
+    folder = tmp_path / "quality"
+    folder.mkdir()
+    pd.DataFrame(rows).to_csv(folder / "train.csv", index=False)
+    speed = [row("full", n, 10.0 * n / 1024, 8.0 * n / 1024) for n in (1024, 2048)]
+    speed += [row("local", n, 2.0, 4.0, window=256) for n in (1024, 2048)]
+    speed += [row("local", 1024, 1.0, 1.0, window=64)]  # other parameters: not joined
+    speed += [row("bigbird", 1024, 3.0, 5.0), row("bigbird", 2048, 0, 0, status="oom")]
+    write(tmp_path / "speed", [r | {"peak_mem_mib": r["fwd_bwd_peak_mib"]} for r in speed])
+    return folder, tmp_path / "speed"
+
+
+def test_pareto_flags_undominated_points():
+    assert report.pareto([1, 2, 3, 2], [0.5, 0.9, 0.4, 0.9]) == [True, True, False, True]
+    assert report.pareto([1, math.nan], [0.5, 0.9]) == [True, False]
+
+
+def test_quality_report_tables_and_frontier(quality):
+    folder, speed = quality
+    result = report.quality_run(folder, speed=speed)
+    md = result.markdown
+    assert "| variant | N=256 | N=1024 | N=2048 |" in md
+    assert "| bigbird |  | 0.400 | oom |" in md and "| full | 1.00 | 0.900 | 0.800 |" in md
+    assert "| variant | 256->256 | 1024->1024 | 1024->4096 | 2048->2048 |" in md
+    assert "| local | n/a | 0.500 | 0.100 | 0.300 |" in md
+    # bigbird at 1024 is less accurate than local and slower and larger: off both frontiers
+    # (the speed rows' fwd_bwd_ms is 3 * time)
+    frontier = report.frontier_table(report.load_quality(folder), report.load_speed(speed),
+                                     "accuracy")
+    at_1024 = frontier[frontier["N"] == 1024].set_index("variant")
+    assert at_1024["pareto_time"].to_dict() == {"local": True, "bigbird": False, "full": True}
+    assert at_1024.loc["full", "attention fwd+bwd ms"] == pytest.approx(30.0)
+    assert sorted(frontier["N"].unique()) == [1024, 2048]  # N=256 was not speed-measured
+    assert "bigbird N=2048 eval 2048: oom" in md
+    assert {p.name for p in result.plots} == {"quality_mqar-tiny-s10.png",
+                                              "frontier_mqar-tiny-s10.png"}
+    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in result.plots)
+
+
+def test_quality_cli(quality, capsys):
+    folder, speed = quality
+    report.main([str(folder), "--speed", str(speed)])
+    out = capsys.readouterr().out
+    assert "frontier:" in out and (folder / "report.md").exists()
