@@ -278,6 +278,8 @@ def allow_recompiles() -> None:
     unfused FlexAttention, far slower than the compiled one. The limits are lifted, and
     should they be hit anyway the point fails instead of timing the eager fallback.
     """
+    import torch._dynamo  # slow to import: only runs that use FlexAttention pay for it
+
     config = torch._dynamo.config
     for name, value in (("recompile_limit", 100_000), ("accumulated_recompile_limit", 100_000),
                         ("fail_on_recompile_limit_hit", True)):
@@ -787,40 +789,48 @@ def require_kernels(device: torch.device, impls: Sequence[str]) -> None:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true",
                         help=f"lengths {list(QUICK_LENGTHS)} and dims {list(QUICK_DIMS)} unless "
                              "given")
-    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
+                        metavar="VARIANT", help="default: all of %(choices)s")
     parser.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS),
-                        help="contenders (each variant runs those it has)")
+                        metavar="IMPL", help="contenders, each variant running those it has; "
+                                             "default: all of %(choices)s")
     parser.add_argument("--lengths", nargs="+", type=int, default=None,
                         help=f"sequence lengths (default {list(LENGTHS)})")
     parser.add_argument("--dims", nargs="+", type=int, default=None,
                         help=f"head dims (default {list(DIMS)})")
-    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
-    parser.add_argument("--directions", nargs="+", choices=DIRECTIONS, default=["causal"])
-    parser.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
-    parser.add_argument("--tokens", type=int, default=16384, help="B = max(1, tokens // N)")
-    parser.add_argument("--hidden", type=int, default=2048, help="H = hidden // D")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
+                        help="default: %(default)s")
+    parser.add_argument("--directions", nargs="+", choices=DIRECTIONS, default=["causal"],
+                        help="default: %(default)s")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="bfloat16",
+                        help="default: %(default)s")
+    parser.add_argument("--tokens", type=int, default=16384,
+                        help="B = max(1, tokens // N) (default %(default)s)")
+    parser.add_argument("--hidden", type=int, default=2048,
+                        help="H = hidden // D (default %(default)s)")
     parser.add_argument("--warmup", type=int, default=2,
-                        help="untimed calls after the first (compiling) one")
-    parser.add_argument("--repeats", type=int, default=20, help="timed calls at most")
+                        help="untimed calls after the first, compiling one (default %(default)s)")
+    parser.add_argument("--repeats", type=int, default=20,
+                        help="timed calls at most (default %(default)s)")
     parser.add_argument("--point-budget", type=float, default=1.0,
                         help="seconds of timed calls per point: slow points are timed fewer "
-                             "times (at least once)")
+                             "times, at least once (default %(default)s)")
     parser.add_argument("--max-minutes", type=float, default=8.0,
-                        help="start no new point after this many minutes; run again to resume")
+                        help="start no new point after this many minutes; run again to resume "
+                             "(default %(default)s)")
     parser.add_argument("--check-n", type=int, default=1000,
-                        help="length of the triton-vs-torch check")
+                        help="length of the triton-vs-torch check (default %(default)s)")
     parser.add_argument("--check-tolerance", type=float, default=None,
-                        help=f"relative error allowed by the check (default by dtype: "
+                        help=f"relative error the check allows (default by dtype: "
                              f"{CHECK_TOLERANCE})")
     parser.add_argument("--retry-failed", action="store_true",
                         help="measure again the points whose row failed")
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda", help="default: %(default)s")
+    parser.add_argument("--seed", type=int, default=0, help="default: %(default)s")
     parser.add_argument("--out", type=Path, default=None,
                         help="results folder (default results/<gpu name>/gpu_bench)")
     parser.add_argument("--dry-run", action="store_true",
