@@ -43,7 +43,19 @@ stops starting points after `--max-minutes`, so that a long sweep fits several c
 10-minute limit. Every call rewrites, from all rows of the CSV: `ratios.csv` (ours / Flex,
 ours / SDPA, torch / ours per point), `goals.csv`, `gpu_bench.md` (goals, ratios, time,
 TFLOP/s and memory tables, failures) and `plots/<variant>.png` (time and TFLOP/s vs N).
-`<out>` defaults to `results/<gpu name>/gpu_bench` (e.g. `results/nvidia-h100-80gb-hbm3/`).
+`<out>` defaults to `results/<gpu name>/gpu_bench` (e.g.
+`results/nvidia-h100-80gb-hbm3/gpu_bench`).
+
+Goals (the issue's, on an H100), each met / not met / not measured with its worst value and
+where: ours / Flex time <= 1.0 at every N >= 8K for local, longformer, bigbird,
+sparse_strided and sparse_fixed, fwd and fwd_bwd; full causal fwd at >= 0.8x SDPA's speed at
+every N; lsh causal at >= 5x the torch backend's speed at N = 16K (fwd and fwd_bwd). A point
+where our kernel failed but the comparator ran fails its goal.
+
+FlexAttention compiles once per shape and mask (`dynamic=False`, as the library's flex
+backend): dynamo's limit of 8 recompiles, past which it would silently run an unfused eager
+FlexAttention, is lifted. On a CPU device (`--device cpu`, for trying the script) Triton
+kernels run in Triton's interpreter and FlexAttention has no backward.
 
 The kernels are the top-level `kernels/` folder, installed as `attn_zoo.kernels` by
 `pip install --no-deps --no-build-isolation -e .`; run from a checkout without that install,
