@@ -7,11 +7,12 @@ Configs: `conf/decode.yaml` (typed by `experiments.config.DecodeConfig`). One jo
 variant in a small `TransformerLM` (random weights: speed and memory do not depend on them).
 For each context length C of `contexts` (ascending), the model's `DecodeCache` is brought to C
 positions by a chunked prefill through the caches (`prefill_chunk` tokens per call, exact: a
-cache's `extend` equals that many single steps), then `warmup` untimed and `steps` timed
-greedy decode steps of one token each follow; the context of the next length continues from
-that cache. A point (variant, C) records:
+cache's `extend` equals that many single steps) and a copy of the cache is kept; the next
+length continues from the cache. Then every copy decodes `warmup` untimed greedy tokens, and
+`steps` rounds time one greedy decode step of each copy in turn (alternating, so that drifts
+in machine load reach every context alike). A point (variant, C) records:
 
-* `ms_per_token`: median wall time of one decode step (the whole model, batch `batch`);
+* `ms_per_token`: median wall time of its decode steps (the whole model, batch `batch`);
 * `cache_mib`: bytes of every layer's cache tensors after the timed steps, in MiB, and
   `keys_per_layer`: positions a layer's cache holds (pooled keys counted once each);
 * `prefill_tokens_per_s`: throughput of the chunked prefill that reached C.
@@ -27,6 +28,7 @@ resumes. After each job the table (`decode.md`, `decode_table.csv`) and the plot
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -40,7 +42,7 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from attn_zoo import TransformerLM
+from attn_zoo import DecodeCache, TransformerLM
 from experiments.bench import (
     CONF_DIR,
     check_device,
@@ -50,7 +52,13 @@ from experiments.bench import (
     locked,
 )
 from experiments.config import attention_params, register_configs
-from experiments.measure import MIB, median_time, print_tables, write_atomic, write_tables
+from experiments.measure import (
+    MIB,
+    interleaved_median_times,
+    print_tables,
+    write_atomic,
+    write_tables,
+)
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +112,26 @@ def points_of(cfg: DictConfig) -> list[dict[str, Any]]:
 # -- measuring ------------------------------------------------------------------------------
 
 
+class Stream:
+    """A model's cache at some context and its last token, decoded one greedy token per step."""
+
+    def __init__(self, model: TransformerLM, cache: DecodeCache, last: torch.Tensor) -> None:
+        self.model, self.cache, self.last = model, cache, last
+
+    def step(self) -> None:
+        """One greedy decode step: the last token in, the next one out."""
+        with torch.no_grad():
+            self.last = self.model(self.last, self.cache)[:, -1:].argmax(-1)
+
+    def size(self) -> dict[str, float]:
+        """The cache's bytes (MiB, every layer) and the positions a layer holds."""
+        layers = self.cache.layers
+        return {"cache_mib": self.cache.nbytes() / MIB,
+                "keys_per_layer": sum(len(layer) for layer in layers) / len(layers)}
+
+
 class Decoder:
-    """A model and its cache, advanced by chunked prefill and timed single-token steps."""
+    """A model and one cache, brought to longer and longer contexts by chunked prefill."""
 
     def __init__(self, cfg: DictConfig, device: torch.device) -> None:
         torch.manual_seed(cfg.seed)
@@ -127,22 +153,27 @@ class Decoder:
                 size = min(self.cfg.prefill_chunk, context - self.cache.seen)
                 chunk = torch.randint(0, self.cfg.vocab_size, (self.cfg.batch, size),
                                       generator=self.generator, device=self.device)
-                logits = self.model(chunk, self.cache)
-        self.last = logits[:, -1:].argmax(-1)
+                self.last = self.model(chunk, self.cache)[:, -1:].argmax(-1)
         return todo / max(time.perf_counter() - begin, 1e-9)
 
-    def step(self) -> None:
-        """One greedy decode step: the last token in, the next one out."""
-        with torch.no_grad():
-            self.last = self.model(self.last, self.cache)[:, -1:].argmax(-1)
+    def fork(self) -> Stream:
+        """A stream that decodes from a copy of the cache as it is now (the model is shared)."""
+        shared = {id(layer.attention): layer.attention for layer in self.cache.layers}
+        return Stream(self.model, copy.deepcopy(self.cache, shared), self.last.clone())
 
-    def measure(self) -> dict[str, float]:
-        """Median seconds of a decode step, and the cache's size after the timed steps."""
-        seconds = median_time(self.step, device=self.device, warmup=self.cfg.warmup,
-                              repeats=self.cfg.steps)
-        keys = sum(len(layer) for layer in self.cache.layers) / len(self.cache.layers)
-        return {"ms_per_token": seconds * 1e3, "cache_mib": self.cache.nbytes() / MIB,
-                "keys_per_layer": keys}
+
+def time_streams(streams: dict[int, Stream], cfg: DictConfig,
+                 device: torch.device) -> dict[int, dict[str, float]]:
+    """Per-token latency and size of every stream: `warmup` untimed steps each, then `steps`
+    rounds of one timed step per stream, alternating, so that drifts in machine load reach
+    every context alike (the median of each stream's steps is reported)."""
+    for stream in streams.values():
+        for _ in range(cfg.warmup):
+            stream.step()
+    seconds = interleaved_median_times({context: stream.step for context, stream in
+                                        streams.items()}, device=device, repeats=cfg.steps)
+    return {context: {"ms_per_token": seconds[context] * 1e3} | stream.size()
+            for context, stream in streams.items()}
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -154,17 +185,20 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     with locked(out_dir):
         done = {key_of(row): row for row in read_rows(out_dir).to_dict("records")}
     bounded = cfg.attention.name in cfg.bounded
-    rows, measured, decoder, broken = [], 0, None, ""
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
+    rows: dict[int, dict[str, Any]] = {}
+    streams: dict[int, Stream] = {}
+    decoder, broken, device = None, "", torch.device("cpu")
     for point in points_of(cfg):
+        context = point["context"]
         earlier = done.get(key_of(point))
         if earlier is not None and earlier["status"] != "skipped" and (
                 earlier["status"] == "ok" or not cfg.retry_failed):
-            rows.append(earlier)
+            rows[context] = earlier | {"measured": False}
             continue
-        row = dict(point)
-        if not bounded and point["context"] > cfg.max_context:
+        row = rows[context] = dict(point) | {"measured": True}
+        if not bounded and context > cfg.max_context:
             row |= {"status": "skipped", "error": f"context above max_context="
                     f"{cfg.max_context} for a cache that grows with the context"}
         elif broken:
@@ -173,23 +207,34 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             try:
                 device = check_device(cfg.device)
                 row |= environment(device)
-                if decoder is None:
-                    decoder = Decoder(cfg, device)
-                row["prefill_tokens_per_s"] = decoder.prefill(point["context"])
-                row |= decoder.measure() | {"status": "ok", "error": ""}
+                decoder = decoder or Decoder(cfg, device)
+                row["prefill_tokens_per_s"] = decoder.prefill(context)
+                streams[context] = decoder.fork()
             except Exception as error:  # a failing point is a row; the sweep goes on
-                row |= {"status": classify(error),
-                        "error": f"{type(error).__name__}: {error}".replace("\n", " ")}
-                # The cache is in an unknown state: the longer contexts of this job fail too.
-                broken, decoder = row["error"], None
-                log.error("%s-c%s failed: %s", point["attention"], point["context"],
-                          row["error"])
-            measured += 1
-        write_row(out_dir, row)
-        rows.append(row)
-        log.info("%s-c%s %s", point["attention"], point["context"], row["status"])
+                # The cache is in an unknown state: the longer contexts fail too.
+                broken = fail(row, error)
+    if streams:
+        try:
+            for context, measured in time_streams(streams, cfg, device).items():
+                rows[context] |= measured | {"status": "ok", "error": ""}
+        except Exception as error:
+            for context in streams:
+                fail(rows[context], error)
+    for row in rows.values():
+        if row["measured"]:
+            write_row(out_dir, {key: value for key, value in row.items() if key != "measured"})
+            log.info("%s-c%s %s", row["attention"], row["context"], row["status"])
     write_report(out_dir, cfg)
-    return {"rows": rows, "measured": measured}
+    return {"rows": list(rows.values()),
+            "measured": sum(bool(row["measured"]) for row in rows.values())}
+
+
+def fail(row: dict[str, Any], error: BaseException) -> str:
+    """Mark `row` failed by `error` (status and message); returns the message."""
+    row |= {"status": classify(error),
+            "error": f"{type(error).__name__}: {error}".replace("\n", " ")}
+    log.error("%s-c%s failed: %s", row["attention"], row["context"], row["error"])
+    return row["error"]
 
 
 # -- the report -----------------------------------------------------------------------------
@@ -258,7 +303,8 @@ def plot(rows: pd.DataFrame, path: Path) -> None:
                            strict=True):
         axis.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel=label)
         axis.grid(True, which="both", alpha=0.3)
-    axes[1].legend(fontsize=8)
+    if not ok.empty:
+        axes[1].legend(fontsize=8)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")

@@ -402,14 +402,14 @@ def test_decode_benchmark_writes_rows_table_and_plot(tmp_path):
 
 
 def test_decode_benchmark_records_a_failing_point_and_goes_on(tmp_path, monkeypatch):
-    measure = decode.Decoder.measure
+    prefill = decode.Decoder.prefill
 
-    def failing(self):
-        if self.cache.seen >= 256:
+    def failing(self, context):
+        if context >= 256:
             raise RuntimeError("no room for this context")
-        return measure(self)
+        return prefill(self, context)
 
-    monkeypatch.setattr(decode.Decoder, "measure", failing)
+    monkeypatch.setattr(decode.Decoder, "prefill", failing)
     result = decode.run(config(tmp_path, "attention=compressive", "attention.segment=8",
                                "attention.mem_len=16", "attention.cmem_len=4"))
     statuses = [row["status"] for row in result["rows"]]
