@@ -90,7 +90,7 @@ class BigBirdAttention(Attention):
     """
 
     Params = BigBirdParams
-    backends = ("torch", "flex")
+    backends = ("torch", "flex", "triton")
 
     def layout(self, n: int, causal: bool) -> Tensor:
         """The block layout L: (ceil(n / block), ceil(n / block)) bool; see the module doc."""
