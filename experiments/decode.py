@@ -9,10 +9,12 @@ For each context length C of `contexts` (ascending), the model's `DecodeCache` i
 positions by a chunked prefill through the caches (`prefill_chunk` tokens per call, exact: a
 cache's `extend` equals that many single steps) and a copy of the cache is kept; the next
 length continues from the cache. Then every copy decodes `warmup` untimed greedy tokens, and
-`steps` rounds time one greedy decode step of each copy in turn (alternating, so that drifts
-in machine load reach every context alike). A point (variant, C) records:
+`steps` rounds time one greedy decode step of each copy in turn, half of them in ascending and
+half in descending order of context (so that drifts in machine load reach every context alike
+and none always runs first). A point (variant, C) records:
 
-* `ms_per_token`: median wall time of its decode steps (the whole model, batch `batch`);
+* `ms_per_token`: per-token latency, the mean of its medians in the two orders (the whole
+  model, batch `batch`);
 * `cache_mib`: bytes of every layer's cache tensors after the timed steps, in MiB, and
   `keys_per_layer`: positions a layer's cache holds (pooled keys counted once each);
 * `prefill_tokens_per_s`: throughput of the chunked prefill that reached C.
@@ -164,16 +166,18 @@ class Decoder:
 
 def time_streams(streams: dict[int, Stream], cfg: DictConfig,
                  device: torch.device) -> dict[int, dict[str, float]]:
-    """Per-token latency and size of every stream: `warmup` untimed steps each, then `steps`
-    rounds of one timed step per stream, alternating, so that drifts in machine load reach
-    every context alike (the median of each stream's steps is reported)."""
+    """Per-token latency and size of every stream: `warmup` untimed steps each, then rounds of
+    one timed step per stream in turn, `steps` / 2 rounds in ascending and as many in descending
+    order of context: drifts in machine load reach every context alike, and no context always
+    runs first. A stream's latency is the mean of its two medians."""
     for stream in streams.values():
         for _ in range(cfg.warmup):
             stream.step()
-    seconds = interleaved_median_times({context: stream.step for context, stream in
-                                        streams.items()}, device=device, repeats=cfg.steps)
-    return {context: {"ms_per_token": seconds[context] * 1e3} | stream.size()
-            for context, stream in streams.items()}
+    passes = [interleaved_median_times({context: streams[context].step for context in order},
+                                       device=device, repeats=max(1, cfg.steps // 2))
+              for order in (sorted(streams), sorted(streams, reverse=True))]
+    return {context: {"ms_per_token": sum(p[context] for p in passes) / 2 * 1e3}
+            | stream.size() for context, stream in streams.items()}
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -271,11 +275,21 @@ def tables(rows: pd.DataFrame, bounded: list[str]) -> dict[str, tuple[str, pd.Da
         summary.append({
             "attention": name, "bounded": name in bounded,
             "contexts": f"{frame['context'].min()}..{frame['context'].max()}",
-            "latency_spread": flatness(frame, "ms_per_token"),
-            "bytes_spread": flatness(frame, "cache_mib"),
-            "latency_exponent": growth_exponent(frame, "ms_per_token"),
-            "bytes_exponent": growth_exponent(frame, "cache_mib"),
+            # Rounded: a constant size fits an exponent of 1e-17, which reads as noise.
+            "latency_spread": round(flatness(frame, "ms_per_token"), 3),
+            "bytes_spread": round(flatness(frame, "cache_mib"), 3),
+            "latency_exponent": round(growth_exponent(frame, "ms_per_token"), 3),
+            "bytes_exponent": round(growth_exponent(frame, "cache_mib"), 3),
         })
+        row = summary[-1]
+        if name in bounded:
+            flat = max(row["latency_spread"], row["bytes_spread"]) <= FLAT_GOAL
+            row["goal"] = f"flat within {FLAT_GOAL:.0%}: {'met' if flat else 'missed'}"
+        elif name == "full":
+            linear = abs(row["bytes_exponent"] - 1) <= FLAT_GOAL
+            row["goal"] = f"bytes linear: {'met' if linear else 'missed'}"
+        else:
+            row["goal"] = ""
     summary = pd.DataFrame(summary)
     return {
         "decode_summary": ("Growth over the contexts: spread = max / min - 1; exponent = "
@@ -328,9 +342,10 @@ def write_report(out_dir: Path, cfg: DictConfig) -> dict[str, pd.DataFrame]:
               f"heads={first['heads']}, kv_heads={first['kv_heads']}, "
               f"vocab={first['vocab_size']}, batch={first['batch']}, {first['dtype']} on "
               f"{first.get('device_name', first['device'])} with "
-              f"{first.get('threads', '?')} thread(s). Context built by chunked prefill "
-              f"({first['prefill_chunk']} tokens per call), then the median of "
-              f"{first['steps']} greedy decode steps. Goal: bounded caches "
+              f"{first.get('threads', '?'):.0f} thread(s). Context built by chunked prefill "
+              f"({first['prefill_chunk']} tokens per call); latency: {first['steps']} greedy "
+              f"decode steps per context, interleaved across contexts (half in ascending, half "
+              f"in descending order), mean of the two medians. Goal: bounded caches "
               f"({', '.join(cfg.bounded)}) flat within {FLAT_GOAL:.0%} in latency and bytes; "
               f"`full` bytes growing linearly (exponent 1).\n\n![decode](decode.png)\n")
     write_tables(out_dir, "decode", header, built)
