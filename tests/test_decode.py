@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 
 import attn_zoo
+from attn_zoo import cache as cache_module
 from attn_zoo import generation
 from attn_zoo.cache import DecodeCache, KVCache, cache_for
 from attn_zoo.model import Seq2SeqTransformer, TransformerLM
@@ -368,6 +369,14 @@ def test_cache_arguments_are_checked():
         cache.prefill(q, q, q)
     with pytest.raises(TypeError, match="DecodeCache"):
         generation.generate(tiny_lm("full"), tokens((1, 2)), 2, cache=None)
+    with pytest.raises(TypeError, match="attn_zoo.Attention"):
+        cache_for(torch.nn.Identity())
+
+
+def test_a_variant_without_a_registered_cache_is_an_error(monkeypatch):
+    monkeypatch.delitem(cache_module._CACHES, "local")
+    with pytest.raises(ValueError, match="'local' has no registered cache"):
+        tiny_lm("local").init_cache()
 
 
 # -- experiments.decode ---------------------------------------------------------------------
