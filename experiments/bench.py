@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import fcntl
 import functools
 import importlib.metadata
 import json
@@ -44,7 +43,7 @@ import os
 import platform
 import subprocess
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -63,9 +62,11 @@ from experiments.config import BENCH_AXES, attention_params, register_configs
 from experiments.measure import (
     FWD_BWD_FACTOR,
     MIB,
+    locked,
     matmul_peak,
     median_time,
     peak_memory,
+    read_rows,
     text_table,
     write_atomic,
 )
@@ -226,31 +227,10 @@ def measure_point(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
 # -- the results folder ---------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def locked(out_dir: Path) -> Iterator[None]:
-    """Hold an exclusive lock on `out_dir` (a lock file beside the CSV) across processes."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / f".{CSV_NAME}.lock", "w") as handle:
-        fcntl.lockf(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.lockf(handle, fcntl.LOCK_UN)
-
-
-def read_rows(out_dir: Path) -> pd.DataFrame:
-    """The rows of `<out_dir>/bench.csv` (key columns as strings); empty when there is none."""
-    path = out_dir / CSV_NAME
-    if not path.exists():
-        return pd.DataFrame(columns=list(COLUMNS))
-    return pd.read_csv(path, dtype={column: str for column in KEY}, keep_default_na=False,
-                       na_values=[""])
-
-
 def done_row(out_dir: Path, point: Mapping[str, Any]) -> dict[str, Any] | None:
     """The row already written for `point`, if any."""
-    with locked(out_dir):
-        rows = read_rows(out_dir)
+    with locked(out_dir / CSV_NAME):
+        rows = read_rows(out_dir / CSV_NAME, COLUMNS, KEY)
     if rows.empty:
         return None
     match = rows[[key_of(row) == key_of(point) for _, row in rows.iterrows()]]
@@ -259,8 +239,8 @@ def done_row(out_dir: Path, point: Mapping[str, Any]) -> dict[str, Any] | None:
 
 def write_row(out_dir: Path, row: Mapping[str, Any]) -> None:
     """Add `row` to `<out_dir>/bench.csv`, replacing a row with the same key, atomically."""
-    with locked(out_dir):
-        rows = read_rows(out_dir)
+    with locked(out_dir / CSV_NAME):
+        rows = read_rows(out_dir / CSV_NAME, COLUMNS, KEY)
         if not rows.empty:
             rows = rows[[key_of(old) != key_of(row) for _, old in rows.iterrows()]]
         fresh = pd.DataFrame([dict(row)])
@@ -273,7 +253,7 @@ def cached_matmul_peak(out_dir: Path, device: torch.device, dtype: str) -> float
     """The device's measured matmul peak in TFLOP/s, measured once per folder and setting."""
     key = f"{device_name(device)} | {dtype} | {torch.get_num_threads()} threads"
     path = out_dir / PEAK_NAME
-    with locked(out_dir):
+    with locked(out_dir / CSV_NAME):
         peaks = json.loads(path.read_text()) if path.exists() else {}
         if key not in peaks:
             peaks[key] = matmul_peak(device, dtype=DTYPES[dtype]) / 1e12

@@ -51,13 +51,14 @@ from experiments.bench import (
     classify,
     device_name,
     environment,
-    locked,
 )
 from experiments.config import attention_params, register_configs
 from experiments.measure import (
     MIB,
     interleaved_median_times,
+    locked,
     print_tables,
+    read_rows,
     write_atomic,
     write_tables,
 )
@@ -82,18 +83,10 @@ def key_of(row: dict[str, Any]) -> tuple[str, ...]:
     return tuple(str(row[column]) for column in KEY)
 
 
-def read_rows(out_dir: Path) -> pd.DataFrame:
-    path = out_dir / CSV_NAME
-    if not path.exists():
-        return pd.DataFrame(columns=list(COLUMNS))
-    return pd.read_csv(path, dtype={column: str for column in KEY}, keep_default_na=False,
-                       na_values=[""])
-
-
 def write_row(out_dir: Path, row: dict[str, Any]) -> None:
     """Add `row` to `<out_dir>/decode.csv`, replacing a row with the same key, atomically."""
-    with locked(out_dir):
-        rows = read_rows(out_dir)
+    with locked(out_dir / CSV_NAME):
+        rows = read_rows(out_dir / CSV_NAME, COLUMNS, KEY)
         if not rows.empty:
             rows = rows[[key_of(old) != key_of(row) for _, old in rows.iterrows()]]
         fresh = pd.DataFrame([row])
@@ -186,8 +179,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     Returns {"rows": this job's rows (fresh or reused), "measured": how many were measured}.
     """
     out_dir = Path(cfg.out_dir)
-    with locked(out_dir):
-        done = {key_of(row): row for row in read_rows(out_dir).to_dict("records")}
+    with locked(out_dir / CSV_NAME):
+        rows = read_rows(out_dir / CSV_NAME, COLUMNS, KEY)
+        done = {key_of(row): row for row in rows.to_dict("records")}
     bounded = cfg.attention.name in cfg.bounded
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
@@ -329,8 +323,8 @@ def plot(rows: pd.DataFrame, path: Path) -> None:
 
 def write_report(out_dir: Path, cfg: DictConfig) -> dict[str, pd.DataFrame]:
     """Rebuild `decode.md`, the table CSVs and `decode.png` from every row under `out_dir`."""
-    with locked(out_dir):
-        rows = read_rows(out_dir)
+    with locked(out_dir / CSV_NAME):
+        rows = read_rows(out_dir / CSV_NAME, COLUMNS, KEY)
     if rows.empty:
         return {}
     rows = rows.reindex(columns=list(dict.fromkeys([*COLUMNS, *rows.columns])))

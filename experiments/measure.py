@@ -12,12 +12,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import math
 import os
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -315,3 +317,22 @@ def print_tables(tables: dict[str, pd.DataFrame], out: Path) -> None:
         print(f"\n{title}\n{text_table(table)}")
     print(f"\nwritten under {out}/")
 
+
+@contextlib.contextmanager
+def locked(csv_path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on a results CSV across processes (a lock file beside it)."""
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(csv_path.parent / f".{csv_path.name}.lock", "w") as handle:
+        fcntl.lockf(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.lockf(handle, fcntl.LOCK_UN)
+
+
+def read_rows(csv_path: Path, columns: Iterable[str], key: Iterable[str]) -> pd.DataFrame:
+    """The rows of a results CSV, key columns as strings; empty (with `columns`) when absent."""
+    if not csv_path.exists():
+        return pd.DataFrame(columns=list(columns))
+    return pd.read_csv(csv_path, dtype={column: str for column in key}, keep_default_na=False,
+                       na_values=[""])

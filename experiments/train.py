@@ -29,14 +29,13 @@ point (offline by default), `train/loss` every `log_every` steps and `eval/<len>
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import math
 import os
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +49,7 @@ from attn_zoo.model import TransformerLM
 from experiments import report
 from experiments.bench import SweepProgress, check_device, classify, environment
 from experiments.config import attention_params, register_configs
-from experiments.measure import text_table, write_atomic
+from experiments.measure import locked, read_rows, text_table, write_atomic
 from experiments.tasks import Task, bits, make_task
 from experiments.wandb_logger import start_run
 
@@ -253,31 +252,10 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
 # -- the results folder ---------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def locked(out_dir: Path) -> Iterator[None]:
-    """Hold an exclusive lock on `out_dir` (a lock file beside the CSV) across processes."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / f".{CSV_NAME}.lock", "w") as handle:
-        fcntl.lockf(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.lockf(handle, fcntl.LOCK_UN)
-
-
-def read_rows(out_dir: Path) -> pd.DataFrame:
-    """The rows of `<out_dir>/train.csv` (key columns as strings); empty when there is none."""
-    path = out_dir / CSV_NAME
-    if not path.exists():
-        return pd.DataFrame(columns=list(COLUMNS))
-    return pd.read_csv(path, dtype={column: str for column in KEY}, keep_default_na=False,
-                       na_values=[""])
-
-
 def done_rows(out_dir: Path, points: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]] | None:
     """The rows already written for every one of `points`, or None if one is missing."""
-    with locked(out_dir):
-        rows = read_rows(out_dir)
+    with locked(out_dir / CSV_NAME):
+        rows = read_rows(out_dir / CSV_NAME, COLUMNS, KEY)
     found = {key_of(row): row.to_dict() for _, row in rows.iterrows()}
     wanted = [found.get(key_of(point)) for point in points]
     return None if any(row is None for row in wanted) else wanted
@@ -286,8 +264,8 @@ def done_rows(out_dir: Path, points: Sequence[Mapping[str, Any]]) -> list[dict[s
 def write_rows(out_dir: Path, new: Sequence[Mapping[str, Any]]) -> None:
     """Add `new` rows to `<out_dir>/train.csv`, replacing rows with the same key, atomically."""
     keys = {key_of(row) for row in new}
-    with locked(out_dir):
-        rows = read_rows(out_dir)
+    with locked(out_dir / CSV_NAME):
+        rows = read_rows(out_dir / CSV_NAME, COLUMNS, KEY)
         if not rows.empty:
             rows = rows[[key_of(old) not in keys for _, old in rows.iterrows()]]
         fresh = pd.DataFrame([dict(row) for row in new])
