@@ -81,9 +81,11 @@ class Attention(nn.Module):
         self._check(q, k, v, causal, key_padding_mask)
         batch, q_heads, n, dim = q.shape
         kv_heads = k.shape[1]
-        backend = self.resolve_backend(q.device)
+        backend = self.resolve_backend(q.device, q.dtype, dim)
         if backend == "triton":
-            _check_triton(q)
+            refusal = _triton_refusal(q.device, q.dtype, dim)
+            if refusal is not None:
+                raise refusal
             work = q.dtype
         else:
             work = torch.float32 if q.dtype in (torch.bfloat16, torch.float16) else q.dtype
@@ -93,13 +95,17 @@ class Attention(nn.Module):
         out = run(grouped, k.to(work), v.to(work), causal, key_padding_mask, scale)
         return out.reshape(batch, q_heads, n, dim).to(q.dtype)
 
-    def resolve_backend(self, device: torch.device) -> str:
-        """The backend a call on `device` runs: the configured one, or the best for "auto"."""
+    def resolve_backend(self, device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
+        """The backend a call with inputs of `dtype` and `head_dim` on `device` runs: the
+        configured one, or for "auto" the first of `auto_backends` the variant has and that
+        runs the call (the kernels: a natively compile-checked configuration), else torch."""
         if self.params.backend != "auto":
             return self.params.backend
-        if device.type == "cuda":
-            return next((b for b in self.auto_backends if b in self.backends), "torch")
-        return "torch"
+        if device.type != "cuda":
+            return "torch"
+        return next((backend for backend in self.auto_backends if backend in self.backends
+                     and (backend != "triton"
+                          or _triton_refusal(device, dtype, head_dim) is None)), "torch")
 
     # -- what a variant provides ----------------------------------------------------------
 
@@ -195,13 +201,23 @@ class Attention(nn.Module):
                                  f"{key_padding_mask.device}")
 
 
-def _check_triton(q: Tensor) -> None:
-    """The triton backend's own limits: a CUDA device (or the interpreter), dtype, head_dim."""
-    if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(f"backend 'triton' needs a CUDA device or TRITON_INTERPRET=1, got "
-                         f"tensors on {q.device}")
-    if q.dtype not in _TRITON_FLOATS:
-        raise TypeError(f"backend 'triton' takes float32, bfloat16 or float16, got {q.dtype}")
-    dim = q.shape[-1]
+def _triton_refusal(device: torch.device, dtype: torch.dtype, dim: int) -> Exception | None:
+    """Why the triton backend cannot run inputs of `dtype` and head dim `dim` on `device`
+    (a CUDA device without a checked kernel configuration, or the interpreter's absence
+    elsewhere), or None when it can."""
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return ValueError(f"backend 'triton' needs a CUDA device or TRITON_INTERPRET=1, got "
+                          f"tensors on {device}")
+    if dtype not in _TRITON_FLOATS:
+        return TypeError(f"backend 'triton' takes float32, bfloat16 or float16, got {dtype}")
     if dim % 8 or not 8 <= dim <= 128:
-        raise ValueError(f"backend 'triton' needs head_dim a multiple of 8 in 8..128, got {dim}")
+        return ValueError(f"backend 'triton' needs head_dim a multiple of 8 in 8..128, got {dim}")
+    from attn_zoo.kernels.launch import arch_family, target_arch
+
+    arch = target_arch(device)
+    if arch is not None:
+        try:
+            arch_family(arch)
+        except ValueError as error:
+            return error
+    return None

@@ -192,7 +192,7 @@ def measure_point(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
               "budget_s": cfg.budget_s}
     forward_flops = attn.flops(n, dim, causal) * cfg.batch * cfg.heads
     tokens = cfg.batch * n
-    row: dict[str, Any] = {"resolved_backend": attn.resolve_backend(device)}
+    row: dict[str, Any] = {"resolved_backend": attn.resolve_backend(device, dtype, dim)}
     # Content-based variants draw randomness (LSH rotations): the same every run.
     torch.manual_seed(cfg.seed)
     if cfg.mode.name in ("fwd", "both"):

@@ -8,8 +8,12 @@ transposed layout (one program per key tile and kv head, looping over that head'
 heads, so no atomics), and a dQ kernel walks the forward layout.
 
 Queries are grouped, (B, Hkv, G, N, D): k and v are read once per kv head, never repeated.
-Inputs float32, bfloat16 or float16; scores, softmax and accumulators are float32 (float32
-matmuls in IEEE precision, no TF32). Head dims up to 128 (padded to a power of two in-kernel).
+Every tensor is read and written through its strides (only the head dim must be contiguous),
+so a (B, N, H, D) projection output viewed as (B, H, N, D) is never copied. Inputs float32,
+bfloat16 or float16; scores, softmax and accumulators are float32; float32 matmuls run in
+IEEE precision, or on TF32 tensor cores when `torch.set_float32_matmul_precision` allows it.
+Head dims up to 128 (padded to a power of two in-kernel). Tiles, warps and stages come from
+`CONFIGS`, per architecture family, precision and head dim, each natively compile-checked.
 
 `block_sparse_attention` is the autograd-aware entry point; it runs through the custom ops
 `attn_zoo::block_sparse_fwd` / `attn_zoo::block_sparse_bwd`, so `torch.compile` traces it.
@@ -17,12 +21,19 @@ matmuls in IEEE precision, no TF32). Head dims up to 128 (padded to a power of t
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
 import triton.language as tl
+from attn_zoo.kernels.launch import (
+    arch_family,
+    inner_contiguous,
+    launch,
+    padded_dim,
+    precision,
+    target_arch,
+)
 from attn_zoo.kernels.layout import BlockLayout
 from torch import Tensor
 
@@ -37,11 +48,18 @@ LOG2E = 1.4426950408889634
 # exact in float32). Compiled kernels never set it.
 
 
-@triton.jit
+# Lengths, table widths and head counts are not specialized on: one compiled kernel serves
+# every sequence length and head count. Strides are, for aligned vector loads.
+_SIZES = ["N", "M", "kv_width", "q_width", "GROUPS", "KV_HEADS"]
+
+
+@triton.jit(do_not_specialize=_SIZES)
 def _forward_kernel(
     Q, K, V, Out, Lse, KvIndex, KvCount, KvMask, Masks, KeyPad, KeyBias,
+    stride_qb, stride_qh, stride_qg, stride_qn, stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_og, stride_on,
     N, M, kv_width, qk_scale,
-    HEAD_DIM: tl.constexpr, GROUPS: tl.constexpr, KV_HEADS: tl.constexpr,
+    GROUPS, KV_HEADS, HEAD_DIM: tl.constexpr,
     HAS_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -52,19 +70,25 @@ def _forward_kernel(
     """
     tile = tl.program_id(0)
     head = tl.program_id(1).to(tl.int64)  # (b * Hkv + h) * G + g
+    group = head % GROUPS
     kv_head = head // GROUPS
     batch = kv_head // KV_HEADS
+    kv_in_batch = kv_head % KV_HEADS
     row_in_tile = tl.arange(0, BLOCK_M)
     col_in_tile = tl.arange(0, BLOCK_N)
     rows = tile * BLOCK_M + row_in_tile
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < HEAD_DIM
     row_ok = rows < N
-    q_offsets = head * N * HEAD_DIM + rows[:, None] * HEAD_DIM + dims[None, :]
-    q = tl.load(Q + q_offsets, mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    first_row = (tile * BLOCK_M).to(tl.int64)
+    q_tile = (Q + batch * stride_qb + kv_in_batch * stride_qh + group * stride_qg
+              + first_row * stride_qn)
+    q = tl.load(q_tile + row_in_tile[:, None] * stride_qn + dims[None, :],
+                mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
-    kv_base = kv_head * M * HEAD_DIM
+    k_head = K + batch * stride_kb + kv_in_batch * stride_kh
+    v_head = V + batch * stride_vb + kv_in_batch * stride_vh
     row_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     row_sum = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
@@ -74,10 +98,11 @@ def _forward_kernel(
         mask_id = tl.load(KvMask + tile * kv_width + slot)
         cols = key_tile * BLOCK_N + col_in_tile
         col_ok = cols < M
-        k = tl.load(K + kv_base + cols[None, :] * HEAD_DIM + dims[:, None],
-                    mask=col_ok[None, :] & dim_ok[:, None], other=0.0)
-        v = tl.load(V + kv_base + cols[:, None] * HEAD_DIM + dims[None, :],
-                    mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+        first_col = (key_tile * BLOCK_N).to(tl.int64)
+        k = tl.load(k_head + first_col * stride_kn + col_in_tile[None, :] * stride_kn
+                    + dims[:, None], mask=col_ok[None, :] & dim_ok[:, None], other=0.0)
+        v = tl.load(v_head + first_col * stride_vn + col_in_tile[:, None] * stride_vn
+                    + dims[None, :], mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -88,11 +113,13 @@ def _forward_kernel(
             s += bias[None, :] * 1.4426950408889634
         if HAS_PAD:
             keep &= tl.load(KeyPad + batch * M + cols, mask=col_ok, other=0)[None, :] != 0
+        s = tl.where(keep, s, float("-inf"))
+        # The tile mask is applied where it is loaded: a boolean tile carried out of this
+        # branch breaks the native compiler's float32 layouts.
         if mask_id >= 0:
             bits = tl.load(Masks + mask_id.to(tl.int64) * (BLOCK_M * BLOCK_N)
                            + row_in_tile[:, None] * BLOCK_N + col_in_tile[None, :])
-            keep &= bits != 0
-        s = tl.where(keep, s, float("-inf"))
+            s = tl.where(bits != 0, s, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(s, 1))
         # A row with nothing allowed so far keeps max -inf: shift by 0 so exp2 gives 0, not NaN.
         shift = tl.where(new_max == float("-inf"), 0.0, new_max)
@@ -104,31 +131,52 @@ def _forward_kernel(
     reached = row_sum > 0.0
     safe_sum = tl.where(reached, row_sum, 1.0)
     lse = tl.where(reached, (row_max + tl.log2(safe_sum)) * 0.6931471805599453, float("-inf"))
-    tl.store(Out + q_offsets, (acc / safe_sum[:, None]).to(Out.dtype.element_ty),
+    out_tile = (Out + batch * stride_ob + kv_in_batch * stride_oh + group * stride_og
+                + first_row * stride_on)
+    tl.store(out_tile + row_in_tile[:, None] * stride_on + dims[None, :],
+             (acc / safe_sum[:, None]).to(Out.dtype.element_ty),
              mask=row_ok[:, None] & dim_ok[None, :])
     tl.store(Lse + head * N + rows, lse, mask=row_ok)
 
 
-@triton.jit
-def _delta_kernel(Out, GradOut, GradLse, Delta, N, HEAD_DIM: tl.constexpr,
+@triton.jit(do_not_specialize=_SIZES)
+def _delta_kernel(Out, GradOut, GradLse, Delta,
+                  stride_ob, stride_oh, stride_og, stride_on,
+                  stride_gb, stride_gh, stride_gg, stride_gn,
+                  N, GROUPS, KV_HEADS, HEAD_DIM: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """delta_i = rowsum(dO_i * O_i) - dlse_i (d lse_i / d s_ij = p_ij)."""
     head = tl.program_id(1).to(tl.int64)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    group = head % GROUPS
+    kv_head = head // GROUPS
+    batch = kv_head // KV_HEADS
+    kv_in_batch = kv_head % KV_HEADS
+    first_row = (tl.program_id(0) * BLOCK_M).to(tl.int64)
+    row_in_tile = tl.arange(0, BLOCK_M)
+    rows = first_row + row_in_tile
     dims = tl.arange(0, BLOCK_D)
     inside = (rows[:, None] < N) & (dims[None, :] < HEAD_DIM)
-    offsets = head * N * HEAD_DIM + rows[:, None] * HEAD_DIM + dims[None, :]
-    out = tl.load(Out + offsets, mask=inside, other=0.0).to(tl.float32)
-    grad_out = tl.load(GradOut + offsets, mask=inside, other=0.0).to(tl.float32)
+    out_tile = (Out + batch * stride_ob + kv_in_batch * stride_oh + group * stride_og
+                + first_row * stride_on)
+    grad_tile = (GradOut + batch * stride_gb + kv_in_batch * stride_gh + group * stride_gg
+                 + first_row * stride_gn)
+    out = tl.load(out_tile + row_in_tile[:, None] * stride_on + dims[None, :], mask=inside,
+                  other=0.0).to(tl.float32)
+    grad_out = tl.load(grad_tile + row_in_tile[:, None] * stride_gn + dims[None, :],
+                       mask=inside, other=0.0).to(tl.float32)
     grad_lse = tl.load(GradLse + head * N + rows, mask=rows < N, other=0.0)
     tl.store(Delta + head * N + rows, tl.sum(out * grad_out, 1) - grad_lse, mask=rows < N)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SIZES)
 def _grad_kv_kernel(
     Q, K, V, GradOut, Lse, Delta, GradK, GradV, GradBias, QIndex, QCount, QMask, Masks,
-    KeyPad, KeyBias, N, M, q_width, qk_scale, scale,
-    HEAD_DIM: tl.constexpr, GROUPS: tl.constexpr, KV_HEADS: tl.constexpr,
+    KeyPad, KeyBias,
+    stride_qb, stride_qh, stride_qg, stride_qn, stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn, stride_gb, stride_gh, stride_gg, stride_gn,
+    stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
+    N, M, q_width, qk_scale, scale,
+    GROUPS, KV_HEADS, HEAD_DIM: tl.constexpr,
     HAS_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_M: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -139,15 +187,18 @@ def _grad_kv_kernel(
     key_tile = tl.program_id(0)
     kv_head = tl.program_id(1).to(tl.int64)
     batch = kv_head // KV_HEADS
+    kv_in_batch = kv_head % KV_HEADS
     col_in_tile = tl.arange(0, BLOCK_N)
     cols = key_tile * BLOCK_N + col_in_tile
     col_ok = cols < M
+    first_col = (key_tile * BLOCK_N).to(tl.int64)
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < HEAD_DIM
-    kv_offsets = kv_head * M * HEAD_DIM + cols[:, None] * HEAD_DIM + dims[None, :]
     kv_inside = col_ok[:, None] & dim_ok[None, :]
-    k = tl.load(K + kv_offsets, mask=kv_inside, other=0.0)
-    v = tl.load(V + kv_offsets, mask=kv_inside, other=0.0)
+    k = tl.load(K + batch * stride_kb + kv_in_batch * stride_kh + first_col * stride_kn
+                + col_in_tile[:, None] * stride_kn + dims[None, :], mask=kv_inside, other=0.0)
+    v = tl.load(V + batch * stride_vb + kv_in_batch * stride_vh + first_col * stride_vn
+                + col_in_tile[:, None] * stride_vn + dims[None, :], mask=kv_inside, other=0.0)
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
@@ -162,6 +213,8 @@ def _grad_kv_kernel(
     count = tl.load(QCount + key_tile)
     for group in range(GROUPS):
         head = kv_head * GROUPS + group
+        q_head = Q + batch * stride_qb + kv_in_batch * stride_qh + group * stride_qg
+        grad_head = GradOut + batch * stride_gb + kv_in_batch * stride_gh + group * stride_gg
         for slot in range(count):
             query_tile = tl.load(QIndex + key_tile * q_width + slot)
             mask_id = tl.load(QMask + key_tile * q_width + slot)
@@ -169,10 +222,13 @@ def _grad_kv_kernel(
                 row_in_tile = sub * SUB_M + tl.arange(0, SUB_M)
                 rows = query_tile * BLOCK_M + row_in_tile
                 row_ok = rows < N
-                offsets = head * N * HEAD_DIM + rows[:, None] * HEAD_DIM + dims[None, :]
+                first_row = (query_tile * BLOCK_M).to(tl.int64)
                 inside = row_ok[:, None] & dim_ok[None, :]
-                q = tl.load(Q + offsets, mask=inside, other=0.0)
-                grad_out = tl.load(GradOut + offsets, mask=inside, other=0.0)
+                q = tl.load(q_head + first_row * stride_qn + row_in_tile[:, None] * stride_qn
+                            + dims[None, :], mask=inside, other=0.0)
+                grad_out = tl.load(grad_head + first_row * stride_gn
+                                   + row_in_tile[:, None] * stride_gn + dims[None, :],
+                                   mask=inside, other=0.0)
                 if UPCAST:
                     q = q.to(tl.float32)
                     grad_out = grad_out.to(tl.float32)
@@ -182,12 +238,12 @@ def _grad_kv_kernel(
                 if HAS_BIAS:
                     s_t += bias[:, None]
                 keep = col_keep[:, None] & row_ok[None, :]
-                if mask_id >= 0:
-                    bits = tl.load(Masks + mask_id.to(tl.int64) * (BLOCK_M * BLOCK_N)
-                                   + row_in_tile[None, :] * BLOCK_N + col_in_tile[:, None])
-                    keep &= bits != 0
                 # Rows without any key have lse = -inf; they are masked everywhere here.
                 p_t = tl.where(keep, tl.exp2(s_t - lse[None, :]), 0.0)
+                if mask_id >= 0:  # applied where loaded, as in the forward kernel
+                    bits = tl.load(Masks + mask_id.to(tl.int64) * (BLOCK_M * BLOCK_N)
+                                   + row_in_tile[None, :] * BLOCK_N + col_in_tile[:, None])
+                    p_t = tl.where(bits != 0, p_t, 0.0)
                 grad_v = tl.dot(p_t.to(grad_out.dtype), grad_out, grad_v,
                                 input_precision=DOT_PRECISION)
                 grad_p_t = tl.dot(v, tl.trans(grad_out), input_precision=DOT_PRECISION)
@@ -195,73 +251,93 @@ def _grad_kv_kernel(
                 grad_k = tl.dot(grad_s_t.to(q.dtype), q, grad_k, input_precision=DOT_PRECISION)
                 if BIAS_GRAD:
                     grad_bias += tl.sum(grad_s_t, 1)
-    tl.store(GradK + kv_offsets, (grad_k * scale).to(GradK.dtype.element_ty), mask=kv_inside)
-    tl.store(GradV + kv_offsets, grad_v.to(GradV.dtype.element_ty), mask=kv_inside)
+    tl.store(GradK + batch * stride_dkb + kv_in_batch * stride_dkh + first_col * stride_dkn
+             + col_in_tile[:, None] * stride_dkn + dims[None, :],
+             (grad_k * scale).to(GradK.dtype.element_ty), mask=kv_inside)
+    tl.store(GradV + batch * stride_dvb + kv_in_batch * stride_dvh + first_col * stride_dvn
+             + col_in_tile[:, None] * stride_dvn + dims[None, :],
+             grad_v.to(GradV.dtype.element_ty), mask=kv_inside)
     if BIAS_GRAD:
         tl.store(GradBias + kv_head * M + cols, grad_bias, mask=col_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SIZES)
 def _grad_q_kernel(
     Q, K, V, GradOut, Lse, Delta, GradQ, KvIndex, KvCount, KvMask, Masks, KeyPad, KeyBias,
+    stride_qb, stride_qh, stride_qg, stride_qn, stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn, stride_gb, stride_gh, stride_gg, stride_gn,
+    stride_dqb, stride_dqh, stride_dqg, stride_dqn,
     N, M, kv_width, qk_scale, scale,
-    HEAD_DIM: tl.constexpr, GROUPS: tl.constexpr, KV_HEADS: tl.constexpr,
+    GROUPS, KV_HEADS, HEAD_DIM: tl.constexpr,
     HAS_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr, SUB_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """dQ of one query tile of one query head, over its layout's key tiles."""
+    """dQ of one query tile of one query head, over its layout's key tiles, SUB_N keys a step."""
+    tl.static_assert(BLOCK_N % SUB_N == 0)
     tile = tl.program_id(0)
     head = tl.program_id(1).to(tl.int64)
+    group = head % GROUPS
     kv_head = head // GROUPS
     batch = kv_head // KV_HEADS
+    kv_in_batch = kv_head % KV_HEADS
     row_in_tile = tl.arange(0, BLOCK_M)
-    col_in_tile = tl.arange(0, BLOCK_N)
     rows = tile * BLOCK_M + row_in_tile
     row_ok = rows < N
+    first_row = (tile * BLOCK_M).to(tl.int64)
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < HEAD_DIM
-    offsets = head * N * HEAD_DIM + rows[:, None] * HEAD_DIM + dims[None, :]
     inside = row_ok[:, None] & dim_ok[None, :]
-    q = tl.load(Q + offsets, mask=inside, other=0.0)
-    grad_out = tl.load(GradOut + offsets, mask=inside, other=0.0)
+    q = tl.load(Q + batch * stride_qb + kv_in_batch * stride_qh + group * stride_qg
+                + first_row * stride_qn + row_in_tile[:, None] * stride_qn + dims[None, :],
+                mask=inside, other=0.0)
+    grad_out = tl.load(GradOut + batch * stride_gb + kv_in_batch * stride_gh
+                       + group * stride_gg + first_row * stride_gn
+                       + row_in_tile[:, None] * stride_gn + dims[None, :],
+                       mask=inside, other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
         grad_out = grad_out.to(tl.float32)
     lse = tl.load(Lse + head * N + rows, mask=row_ok, other=0.0) * 1.4426950408889634
     delta = tl.load(Delta + head * N + rows, mask=row_ok, other=0.0)
-    kv_base = kv_head * M * HEAD_DIM
+    k_head = K + batch * stride_kb + kv_in_batch * stride_kh
+    v_head = V + batch * stride_vb + kv_in_batch * stride_vh
     grad_q = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     count = tl.load(KvCount + tile)
     for slot in range(count):
         key_tile = tl.load(KvIndex + tile * kv_width + slot)
         mask_id = tl.load(KvMask + tile * kv_width + slot)
-        cols = key_tile * BLOCK_N + col_in_tile
-        col_ok = cols < M
-        kv_inside = col_ok[:, None] & dim_ok[None, :]
-        k = tl.load(K + kv_base + cols[:, None] * HEAD_DIM + dims[None, :], mask=kv_inside,
-                    other=0.0)
-        v = tl.load(V + kv_base + cols[:, None] * HEAD_DIM + dims[None, :], mask=kv_inside,
-                    other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        keep = row_ok[:, None] & col_ok[None, :]
-        if HAS_BIAS:
-            bias = tl.load(KeyBias + batch * M + cols, mask=col_ok, other=0.0)
-            s += bias[None, :] * 1.4426950408889634
-        if HAS_PAD:
-            keep &= tl.load(KeyPad + batch * M + cols, mask=col_ok, other=0)[None, :] != 0
-        if mask_id >= 0:
-            bits = tl.load(Masks + mask_id.to(tl.int64) * (BLOCK_M * BLOCK_N)
-                           + row_in_tile[:, None] * BLOCK_N + col_in_tile[None, :])
-            keep &= bits != 0
-        p = tl.where(keep, tl.exp2(s - lse[:, None]), 0.0)
-        grad_p = tl.dot(grad_out, tl.trans(v), input_precision=DOT_PRECISION)
-        grad_s = p * (grad_p - delta[:, None])
-        grad_q = tl.dot(grad_s.to(k.dtype), k, grad_q, input_precision=DOT_PRECISION)
-    tl.store(GradQ + offsets, (grad_q * scale).to(GradQ.dtype.element_ty), mask=inside)
+        for sub in tl.static_range(BLOCK_N // SUB_N):
+            col_in_tile = sub * SUB_N + tl.arange(0, SUB_N)
+            cols = key_tile * BLOCK_N + col_in_tile
+            col_ok = cols < M
+            first_col = (key_tile * BLOCK_N).to(tl.int64)
+            kv_inside = col_ok[:, None] & dim_ok[None, :]
+            k = tl.load(k_head + first_col * stride_kn + col_in_tile[:, None] * stride_kn
+                        + dims[None, :], mask=kv_inside, other=0.0)
+            v = tl.load(v_head + first_col * stride_vn + col_in_tile[:, None] * stride_vn
+                        + dims[None, :], mask=kv_inside, other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+            keep = row_ok[:, None] & col_ok[None, :]
+            if HAS_BIAS:
+                bias = tl.load(KeyBias + batch * M + cols, mask=col_ok, other=0.0)
+                s += bias[None, :] * 1.4426950408889634
+            if HAS_PAD:
+                keep &= tl.load(KeyPad + batch * M + cols, mask=col_ok, other=0)[None, :] != 0
+            p = tl.where(keep, tl.exp2(s - lse[:, None]), 0.0)
+            if mask_id >= 0:  # applied where loaded, as in the forward kernel
+                bits = tl.load(Masks + mask_id.to(tl.int64) * (BLOCK_M * BLOCK_N)
+                               + row_in_tile[:, None] * BLOCK_N + col_in_tile[None, :])
+                p = tl.where(bits != 0, p, 0.0)
+            grad_p = tl.dot(grad_out, tl.trans(v), input_precision=DOT_PRECISION)
+            grad_s = p * (grad_p - delta[:, None])
+            grad_q = tl.dot(grad_s.to(k.dtype), k, grad_q, input_precision=DOT_PRECISION)
+    tl.store(GradQ + batch * stride_dqb + kv_in_batch * stride_dqh + group * stride_dqg
+             + first_row * stride_dqn + row_in_tile[:, None] * stride_dqn + dims[None, :],
+             (grad_q * scale).to(GradQ.dtype.element_ty), mask=inside)
 
 
 # -- configs --------------------------------------------------------------------------------
@@ -269,53 +345,111 @@ def _grad_q_kernel(
 
 @dataclass(frozen=True)
 class TileConfig:
-    """Tile sizes and launch settings; a layout must be built at (block_m, block_n)."""
+    """Tile sizes and launch settings; a layout must be built at (block_m, block_n).
+
+    Warps and stages of the forward kernel; of the dK/dV kernel, which steps through a query
+    tile `sub_m` rows at a time; and of the dQ kernel, which steps through a key tile `sub_n`
+    keys at a time.
+    """
 
     block_m: int
     block_n: int
-    sub_m: int  # query rows per step of the dK/dV kernel
-    num_warps: int
-    num_stages: int
+    fwd_warps: int
+    fwd_stages: int
+    sub_m: int
+    kv_warps: int
+    kv_stages: int
+    sub_n: int
+    q_warps: int
+    q_stages: int
+
+
+INTERPRETER_CONFIG = TileConfig(32, 32, 1, 1, 16, 1, 1, 16, 1, 1)
+"""Small tiles with stepped backward kernels: few programs for the CPU tests, stepping tested."""
+
+# (family, precision kind) -> padded head dim -> TileConfig(block_m, block_n, fwd_warps,
+# fwd_stages, sub_m, kv_warps, kv_stages, sub_n, q_warps, q_stages). Chosen by
+# `python -m attn_zoo.kernels.compile_check --tune` (sm_80 and sm_90; sm_100 takes sm_90's):
+# the first tiles, warps, stages and steps whose kernels compile natively without register
+# spills (and within 64 bytes with padding and key bias), within the family's shared memory.
+# Every entry is compiled by the check; results/compile/compile_check.md has the numbers.
+_T = TileConfig
+CONFIGS: dict[tuple[int, str], dict[int, TileConfig]] = {
+    (80, "16bit"): {16: _T(128, 64, 4, 3, 64, 4, 1, 64, 4, 1),
+                    32: _T(128, 64, 4, 3, 32, 4, 1, 64, 4, 1),
+                    64: _T(128, 64, 8, 3, 16, 8, 1, 64, 8, 1),
+                    128: _T(128, 32, 8, 3, 32, 8, 2, 32, 8, 1)},
+    (80, "tf32"): {16: _T(64, 64, 4, 3, 64, 8, 1, 64, 4, 1),
+                   32: _T(64, 64, 4, 3, 64, 4, 1, 64, 4, 1),
+                   64: _T(64, 32, 4, 3, 64, 4, 1, 32, 4, 1),
+                   128: _T(64, 32, 8, 2, 16, 8, 2, 32, 8, 1)},
+    (80, "ieee"): {16: _T(32, 32, 4, 3, 32, 4, 1, 32, 4, 1),
+                   32: _T(32, 32, 4, 3, 32, 4, 1, 32, 4, 1),
+                   64: _T(32, 32, 8, 3, 32, 4, 1, 32, 4, 1),
+                   128: _T(32, 16, 8, 3, 32, 8, 1, 16, 8, 1)},
+    (90, "16bit"): {16: _T(128, 64, 4, 3, 64, 4, 1, 64, 4, 1),
+                    32: _T(128, 64, 4, 3, 64, 4, 1, 64, 4, 1),
+                    64: _T(128, 64, 4, 2, 32, 4, 1, 64, 4, 1),
+                    128: _T(128, 32, 8, 3, 32, 8, 2, 32, 8, 1)},
+    (90, "tf32"): {16: _T(64, 64, 4, 3, 64, 4, 1, 64, 4, 1),
+                   32: _T(64, 64, 4, 3, 64, 4, 1, 64, 4, 1),
+                   64: _T(64, 64, 4, 3, 64, 4, 1, 64, 4, 1),
+                   128: _T(64, 32, 8, 3, 64, 8, 1, 32, 8, 1)},
+    (90, "ieee"): {16: _T(32, 32, 4, 3, 32, 4, 1, 32, 4, 1),
+                   32: _T(32, 32, 4, 3, 32, 4, 1, 32, 4, 1),
+                   64: _T(32, 16, 4, 3, 32, 8, 1, 16, 4, 1),
+                   128: _T(32, 16, 8, 3, 32, 8, 1, 16, 8, 1)},
+    (100, "16bit"): {16: _T(128, 64, 4, 3, 64, 4, 1, 64, 4, 1),
+                     32: _T(128, 64, 4, 3, 64, 4, 1, 64, 4, 1),
+                     64: _T(128, 64, 4, 2, 32, 4, 1, 64, 4, 1),
+                     128: _T(128, 32, 8, 3, 32, 8, 2, 32, 8, 1)},
+    (100, "tf32"): {16: _T(64, 64, 4, 3, 64, 4, 1, 64, 4, 1),
+                    32: _T(64, 64, 4, 3, 64, 4, 1, 64, 4, 1),
+                    64: _T(64, 64, 4, 3, 64, 4, 1, 64, 4, 1),
+                    128: _T(64, 32, 8, 3, 64, 8, 1, 32, 8, 1)},
+    (100, "ieee"): {16: _T(32, 32, 4, 3, 32, 4, 1, 32, 4, 1),
+                    32: _T(32, 32, 4, 3, 32, 4, 1, 32, 4, 1),
+                    64: _T(32, 16, 4, 3, 32, 8, 1, 16, 4, 1),
+                    128: _T(32, 16, 8, 3, 32, 8, 1, 16, 8, 1)},
+}
 
 
 def interpreted(device: torch.device) -> bool:
     """Whether kernels on `device` run in Triton's interpreter (TRITON_INTERPRET=1)."""
-    return device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    return target_arch(device) is None
 
 
 def tile_config(dtype: torch.dtype, head_dim: int, device: torch.device) -> TileConfig:
-    """Tiles for inputs of `dtype` and `head_dim` on `device`.
+    """Tiles and launch settings for inputs of `dtype` and `head_dim` on `device`.
 
-    GPU, 16-bit: 128 x 64 tiles (FlashAttention-2's forward choice: a 128-row query tile
-    reuses each key tile twice as long as a 64-row one), 8 warps and 2 stages at head dims
-    above 64 (registers and shared memory), else 4 warps and 3 stages; the dK/dV kernel steps
-    through a query tile 64 rows at a time to bound its registers. float32 tiles take twice
-    the bytes: 64 x 64 (64 x 32 above head dim 64). The interpreter gets 32 x 32 tiles with
-    16-row dK/dV steps: few programs for the CPU tests, and the stepping is exercised.
+    Natively: the checked `CONFIGS` entry of the device's architecture family, precision and
+    padded head dim (a ValueError for an architecture without one); in the interpreter:
+    `INTERPRETER_CONFIG`.
     """
-    if interpreted(device):
-        return TileConfig(32, 32, 16, 1, 1)
-    wide = _padded_dim(head_dim) > 64
-    if dtype == torch.float32:
-        return TileConfig(64, 32 if wide else 64, 32, 4, 2)
-    return TileConfig(128, 64, 64, 8 if wide else 4, 2 if wide else 3)
+    arch = target_arch(device)
+    if arch is None:
+        return INTERPRETER_CONFIG
+    return CONFIGS[arch_family(arch), precision(dtype)][padded_dim(head_dim)]
 
 
-def _padded_dim(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))
-
-
-def _launch_options(config: TileConfig, device: torch.device) -> dict:
+def _options(config: TileConfig, kernel: str, device: torch.device) -> dict:
+    """Warps and stages of `kernel` ("fwd", "kv" or "q") natively; nothing in the interpreter."""
     if interpreted(device):
         return {}
-    return {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    return {"num_warps": getattr(config, f"{kernel}_warps"),
+            "num_stages": getattr(config, f"{kernel}_stages")}
 
 
 def _config_for(q: Tensor, block_m: int, block_n: int) -> TileConfig:
     """The device's config for q, at the layout's tile sizes."""
     config = tile_config(q.dtype, q.shape[-1], q.device)
-    return TileConfig(block_m, block_n, min(config.sub_m, block_m), config.num_warps,
-                      config.num_stages)
+    return replace(config, block_m=block_m, block_n=block_n, sub_m=min(config.sub_m, block_m),
+                   sub_n=min(config.sub_n, block_n))
+
+
+def _strides(x: Tensor) -> tuple[int, ...]:
+    """Strides of every dim but the last, which the kernels read contiguously."""
+    return x.stride()[:-1]
 
 
 # -- launchers ------------------------------------------------------------------------------
@@ -329,6 +463,13 @@ def _flags(key_padding_mask: Tensor | None, key_bias: Tensor | None, q: Tensor):
     return pad, bias
 
 
+def _precision_args(q: Tensor) -> dict:
+    """DOT_PRECISION for float32 tiles; UPCAST: see the kernels' preamble."""
+    upcast = q.dtype == torch.bfloat16 and interpreted(q.device)
+    dot = "ieee" if upcast or precision(q.dtype) == "ieee" else "tf32"
+    return {"DOT_PRECISION": dot, "UPCAST": upcast}
+
+
 def _forward(q, k, v, kv_index, kv_count, kv_mask, masks, key_padding_mask, key_bias,
              scale, block_m, block_n):
     batch, kv_heads, groups, n, dim = q.shape
@@ -338,22 +479,15 @@ def _forward(q, k, v, kv_index, kv_count, kv_mask, masks, key_padding_mask, key_
     lse = torch.empty(batch, kv_heads, groups, n, dtype=torch.float32, device=q.device)
     pad, bias = _flags(key_padding_mask, key_bias, q)
     grid = (kv_count.shape[0], batch * kv_heads * groups)
-    _forward_kernel[grid](
-        q, k, v, out, lse, kv_index, kv_count, kv_mask, masks, pad, bias,
-        n, m, kv_index.shape[1], scale * LOG2E,
-        HEAD_DIM=dim, GROUPS=groups, KV_HEADS=kv_heads,
-        HAS_PAD=key_padding_mask is not None, HAS_BIAS=key_bias is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_padded_dim(dim),
-        **_precision(q), **_launch_options(config, q.device),
-    )
+    launch(_forward_kernel, grid,
+           q, k, v, out, lse, kv_index, kv_count, kv_mask, masks, pad, bias,
+           *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+           n, m, kv_index.shape[1], scale * LOG2E,
+           HEAD_DIM=dim, GROUPS=groups, KV_HEADS=kv_heads,
+           HAS_PAD=key_padding_mask is not None, HAS_BIAS=key_bias is not None,
+           BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=padded_dim(dim),
+           **_precision_args(q), **_options(config, "fwd", q.device))
     return out, lse
-
-
-def _precision(q: Tensor) -> dict:
-    """float32 matmuls in IEEE precision (no TF32); UPCAST: see the kernels' preamble."""
-    upcast = q.dtype == torch.bfloat16 and interpreted(q.device)
-    precision = "ieee" if q.dtype == torch.float32 or upcast else "tf32"
-    return {"DOT_PRECISION": precision, "UPCAST": upcast}
 
 
 def _backward(grad_out, grad_lse, q, k, v, out, lse, layout_tensors, key_padding_mask,
@@ -362,12 +496,13 @@ def _backward(grad_out, grad_lse, q, k, v, out, lse, layout_tensors, key_padding
     batch, kv_heads, groups, n, dim = q.shape
     m = k.shape[2]
     config = _config_for(q, block_m, block_n)
-    options = _launch_options(config, q.device)
-    padded_dim = _padded_dim(dim)
+    width = padded_dim(dim)
+    grad_lse = grad_lse.contiguous()
     delta = torch.empty_like(lse)
-    _delta_kernel[(triton.cdiv(n, block_m), batch * kv_heads * groups)](
-        out, grad_out, grad_lse, delta, n, HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_D=padded_dim,
-    )
+    launch(_delta_kernel, (triton.cdiv(n, block_m), batch * kv_heads * groups),
+           out, grad_out, grad_lse, delta, *_strides(out), *_strides(grad_out),
+           n, HEAD_DIM=dim, GROUPS=groups, KV_HEADS=kv_heads, BLOCK_M=block_m,
+           BLOCK_D=width)
     pad, bias = _flags(key_padding_mask, key_bias, q)
     grad_q = torch.empty_like(q)
     grad_k, grad_v = torch.empty_like(k), torch.empty_like(v)
@@ -376,17 +511,18 @@ def _backward(grad_out, grad_lse, q, k, v, out, lse, layout_tensors, key_padding
                  if bias_grad else q.new_empty(1, dtype=torch.float32))
     common = dict(HEAD_DIM=dim, GROUPS=groups, KV_HEADS=kv_heads,
                   HAS_PAD=key_padding_mask is not None, HAS_BIAS=key_bias is not None,
-                  BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=padded_dim,
-                  **_precision(q), **options)
-    _grad_kv_kernel[(q_count.shape[0], batch * kv_heads)](
-        q, k, v, grad_out, lse, delta, grad_k, grad_v, grad_bias, q_index, q_count, q_mask,
-        masks, pad, bias, n, m, q_index.shape[1], scale * LOG2E, scale,
-        BIAS_GRAD=bias_grad, SUB_M=config.sub_m, **common,
-    )
-    _grad_q_kernel[(kv_count.shape[0], batch * kv_heads * groups)](
-        q, k, v, grad_out, lse, delta, grad_q, kv_index, kv_count, kv_mask, masks, pad, bias,
-        n, m, kv_index.shape[1], scale * LOG2E, scale, **common,
-    )
+                  BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=width, **_precision_args(q))
+    inputs = (*_strides(q), *_strides(k), *_strides(v), *_strides(grad_out))
+    launch(_grad_kv_kernel, (q_count.shape[0], batch * kv_heads),
+           q, k, v, grad_out, lse, delta, grad_k, grad_v, grad_bias, q_index, q_count, q_mask,
+           masks, pad, bias, *inputs, *_strides(grad_k), *_strides(grad_v),
+           n, m, q_index.shape[1], scale * LOG2E, scale,
+           BIAS_GRAD=bias_grad, SUB_M=config.sub_m, **common,
+           **_options(config, "kv", q.device))
+    launch(_grad_q_kernel, (kv_count.shape[0], batch * kv_heads * groups),
+           q, k, v, grad_out, lse, delta, grad_q, kv_index, kv_count, kv_mask, masks, pad, bias,
+           *inputs, *_strides(grad_q), n, m, kv_index.shape[1], scale * LOG2E, scale,
+           SUB_N=config.sub_n, **common, **_options(config, "q", q.device))
     grad_bias = grad_bias.sum(1) if bias_grad else grad_bias.new_empty(0)
     return grad_q, grad_k, grad_v, grad_bias
 
@@ -418,7 +554,7 @@ def _backward_op(grad_out: Tensor, grad_lse: Tensor, q: Tensor, k: Tensor, v: Te
                  bias_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(grad_q, grad_k, grad_v, grad_key_bias (B, M) float32, or empty when not asked)."""
     layout_tensors = (kv_index, kv_count, kv_mask, q_index, q_count, q_mask, masks)
-    return _backward(grad_out.contiguous(), grad_lse.contiguous(), q, k, v, out, lse,
+    return _backward(inner_contiguous(grad_out), grad_lse, q, k, v, out, lse,
                      layout_tensors, key_padding_mask, key_bias, scale, block_m, block_n,
                      bias_grad)
 
@@ -468,8 +604,9 @@ def block_sparse_attention(
     """Exact attention over the pairs `layout` visits (full tiles and set mask bits).
 
     q: (B, Hkv, G, N, D), G query heads per kv head; k, v: (B, Hkv, M, D); one dtype among
-    float32, bfloat16, float16; D a multiple of 8 up to 128. layout: built for (N, M) at
-    this device's `tile_config(q.dtype, D, q.device)` tiles (`cached_layout`).
+    float32, bfloat16, float16; D a multiple of 8 up to 128; any strides with a contiguous
+    last dim are read in place. layout: built for (N, M) at this device's
+    `tile_config(q.dtype, D, q.device)` tiles (`cached_layout`).
     key_padding_mask: (B, M) bool, True = a real key. key_bias: float broadcastable to (B, M),
     finite, added to the score of key j for every query and head: s_ij = scale * q_i.k_j +
     key_bias[b, j]; differentiable.
@@ -485,7 +622,8 @@ def block_sparse_attention(
         key_bias = key_bias.to(torch.float32).expand(batch, m).contiguous()
     if key_padding_mask is not None:
         key_padding_mask = key_padding_mask.contiguous()
-    out, lse = _forward_op(q.contiguous(), k.contiguous(), v.contiguous(), *layout.tensors(),
+    q, k, v = inner_contiguous(q), inner_contiguous(k), inner_contiguous(v)
+    out, lse = _forward_op(q, k, v, *layout.tensors(),
                            key_padding_mask, key_bias, float(scale), layout.block_m,
                            layout.block_n)
     return out, lse

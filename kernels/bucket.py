@@ -16,7 +16,10 @@ read q, k and v through the table, so no gathered copy of them is ever made.
 
 Both mask keys by position (causal: key position <= query position) and by the padding
 mask, and return the log-sum-exp beside the output; a query with no allowed key has out 0
-and lse -inf. Softmax and accumulation run in float32 whatever the input dtype.
+and lse -inf. Softmax and accumulation run in float32 whatever the input dtype (float32
+matmuls as in `block_sparse`: IEEE, or TF32 when torch's float32 matmul precision allows).
+q, k and v are read through their strides (the head dim contiguous), never copied. Block
+sizes, warps and stages come from `CONFIGS`, each entry natively compile-checked.
 
 The backward pass is deterministic, without atomics: one kernel computes dq by query block,
 another dk and dv by key block (the keys of group g are read by the queries of g and, through
@@ -27,9 +30,19 @@ kv head (lsh), or adds them at the member positions (routing, with `index_add_`)
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
+from attn_zoo.kernels.launch import (
+    arch_family,
+    inner_contiguous,
+    launch,
+    padded_dim,
+    precision,
+    target_arch,
+)
 from torch import Tensor
 
 LOG2E = 1.4426950408889634
@@ -43,9 +56,10 @@ MAX_HEAD_DIM = 128
 
 
 @triton.jit
-def _program(BH, HEADS, KV_GROUP, N, GROUP, N_GROUPS, BLOCK: tl.constexpr):
-    """This program's block start inside its group, its group and table row t (int64), and
-    the row offsets of t into q/k (B * H * N rows), v (B * Hkv * N rows) and the padding."""
+def _program(BH, HEADS, KV_GROUP, N, GROUP, N_GROUPS, stride_qb, stride_qh, stride_kb,
+             stride_kh, stride_vb, stride_vh, BLOCK: tl.constexpr):
+    """This program's block start inside its group, its group, table row t (int64), the
+    offsets of t's (batch, head) in q, k and v (v: its kv head), and its padding row."""
     pid = tl.program_id(0)
     blocks = tl.cdiv(GROUP, BLOCK)
     start = (pid % blocks) * BLOCK
@@ -54,8 +68,9 @@ def _program(BH, HEADS, KV_GROUP, N, GROUP, N_GROUPS, BLOCK: tl.constexpr):
     bh = t % BH
     batch = bh // HEADS
     head = bh % HEADS
-    kv_base = (batch * (HEADS // KV_GROUP) + head // KV_GROUP) * N
-    return start, rest % N_GROUPS, t, bh * N, kv_base, batch * N
+    return (start, rest % N_GROUPS, t, batch * stride_qb + head * stride_qh,
+            batch * stride_kb + head * stride_kh,
+            batch * stride_vb + (head // KV_GROUP) * stride_vh, batch * N)
 
 
 @triton.jit
@@ -74,10 +89,10 @@ def _slots(Slots, t, g, start, GROUP, S, L, BLOCK: tl.constexpr, BY_POSITION: tl
 
 
 @triton.jit
-def _load_rows(X, rows, valid, d, HEAD_DIM):
-    """Rows of X (rows, HEAD_DIM) as a (len(rows), BLOCK_D) tile, zero where masked."""
+def _load_rows(X, rows, stride, valid, d, HEAD_DIM):
+    """Rows of X (row stride `stride`) as a (len(rows), BLOCK_D) tile, zero where masked."""
     mask = valid[:, None] & (d[None, :] < HEAD_DIM)
-    return tl.load(X + rows[:, None] * HEAD_DIM + d[None, :], mask=mask, other=0.0)
+    return tl.load(X + rows[:, None].to(tl.int64) * stride + d[None, :], mask=mask, other=0.0)
 
 
 @triton.jit
@@ -96,11 +111,11 @@ def _allowed(q_pos, q_valid, q_alone, k_pos, k_valid, key_ok,
 
 
 @triton.jit
-def _key_block(Slots, K, V, Pad, t, g, start, q_base, kv_base, pad_base, q_pos, q_valid,
+def _key_block(Slots, K, V, Pad, t, g, start, stride_kn, stride_vn, pad_base, q_pos, q_valid,
                q_alone, d, GROUP, S, HEAD_DIM, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
                ALONE: tl.constexpr, UPCAST: tl.constexpr, BLOCK: tl.constexpr):
-    """Keys and values (BLOCK, BLOCK_D) of group g from `start`, and which of them each query
-    may see: (M, BLOCK) bool."""
+    """Keys and values (BLOCK, BLOCK_D) of group g from `start` (K, V: the head's rows), and
+    which of them each query may see: (M, BLOCK) bool."""
     offset = start + tl.arange(0, BLOCK)
     slot = g * GROUP + offset
     k_valid = (offset < GROUP) & (slot < S)
@@ -110,30 +125,39 @@ def _key_block(Slots, K, V, Pad, t, g, start, q_base, kv_base, pad_base, q_pos, 
         key_ok = key_ok & (tl.load(Pad + pad_base + k_pos, mask=k_valid, other=0) != 0)
     allowed = _allowed(q_pos, q_valid, q_alone, k_pos, k_valid, key_ok, CAUSAL, ALONE)
     mask = k_valid[:, None] & (d[None, :] < HEAD_DIM)
-    k = tl.load(K + (q_base + k_pos)[:, None] * HEAD_DIM + d[None, :], mask=mask, other=0.0)
-    v = tl.load(V + (kv_base + k_pos)[:, None] * HEAD_DIM + d[None, :], mask=mask, other=0.0)
+    rows = k_pos[:, None].to(tl.int64)
+    k = tl.load(K + rows * stride_kn + d[None, :], mask=mask, other=0.0)
+    v = tl.load(V + rows * stride_vn + d[None, :], mask=mask, other=0.0)
     if UPCAST:
         k, v = k.to(tl.float32), v.to(tl.float32)
     return k, v, allowed
 
 
+# Sizes are not specialized on: one compiled kernel serves every length and head count.
+# Strides and HEAD_DIM (the row stride of the results) are, for aligned vector loads.
+_SIZES = ["BH", "HEADS", "KV_GROUP", "N", "S", "L", "GROUP", "N_GROUPS"]
+
+
 # -- forward ----------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SIZES)
 def _bucket_fwd_kernel(
     Q, K, V, Slots, Pad, Out, Lse, Alone,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
     scale, BH, HEADS, KV_GROUP, N, S, L, GROUP, N_GROUPS, HEAD_DIM,
     CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, N_PARTS: tl.constexpr, ALONE: tl.constexpr,
     BY_POSITION: tl.constexpr, INCREASING: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16)
-    start_m, g, t, q_base, kv_base, pad_base = _program(BH, HEADS, KV_GROUP, N, GROUP,
-                                                         N_GROUPS, BLOCK_M)
+    start_m, g, t, q_off, k_off, v_off, pad_base = _program(
+        BH, HEADS, KV_GROUP, N, GROUP, N_GROUPS, stride_qb, stride_qh, stride_kb, stride_kh,
+        stride_vb, stride_vh, BLOCK_M)
     q_pos, q_valid, rows = _slots(Slots, t, g, start_m, GROUP, S, L, BLOCK_M, BY_POSITION)
     d = tl.arange(0, BLOCK_D)
-    q = _load_rows(Q, q_base + q_pos, q_valid, d, HEAD_DIM)
+    q = _load_rows(Q + q_off, q_pos, stride_qn, q_valid, d, HEAD_DIM)
     if UPCAST:
         q = q.to(tl.float32)
     not_yet = tl.zeros([BLOCK_M], dtype=tl.int1)  # own keys wait until the others are known
@@ -148,9 +172,10 @@ def _bucket_fwd_kernel(
         else:
             hi = GROUP
         for start_n in range(0, hi, BLOCK_N):
-            k, v, allowed = _key_block(Slots, K, V, Pad, t, key_group, start_n, q_base, kv_base,
-                                       pad_base, q_pos, q_valid, not_yet, d, GROUP, S, HEAD_DIM,
-                                       CAUSAL, HAS_PAD, ALONE, UPCAST, BLOCK_N)
+            k, v, allowed = _key_block(Slots, K + k_off, V + v_off, Pad, t, key_group, start_n,
+                                       stride_kn, stride_vn, pad_base, q_pos, q_valid, not_yet, d,
+                                       GROUP, S, HEAD_DIM, CAUSAL, HAS_PAD, ALONE, UPCAST,
+                                       BLOCK_N)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
             s = tl.where(allowed, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -168,8 +193,8 @@ def _bucket_fwd_kernel(
         alone = q_valid & ~has_key
         if HAS_PAD:
             alone = alone & (tl.load(Pad + pad_base + q_pos, mask=q_valid, other=0) != 0)
-        k_own = _load_rows(K, q_base + q_pos, alone, d, HEAD_DIM).to(tl.float32)
-        v_own = _load_rows(V, kv_base + q_pos, alone, d, HEAD_DIM).to(tl.float32)
+        k_own = _load_rows(K + k_off, q_pos, stride_kn, alone, d, HEAD_DIM).to(tl.float32)
+        v_own = _load_rows(V + v_off, q_pos, stride_vn, alone, d, HEAD_DIM).to(tl.float32)
         out = tl.where(alone[:, None], v_own, out)
         lse = tl.where(alone, tl.sum(q.to(tl.float32) * k_own, 1) * scale, lse)
         tl.store(Alone + rows, alone.to(tl.int8), mask=q_valid)
@@ -181,21 +206,24 @@ def _bucket_fwd_kernel(
 # -- backward ---------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SIZES)
 def _bucket_bwd_dq_kernel(
     Q, K, V, Slots, Pad, DOut, Lse, Delta, Alone, DQ,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
     scale, BH, HEADS, KV_GROUP, N, S, L, GROUP, N_GROUPS, HEAD_DIM,
     CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, N_PARTS: tl.constexpr, ALONE: tl.constexpr,
     BY_POSITION: tl.constexpr, INCREASING: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dq of a block of queries, from every key block they read."""
-    start_m, g, t, q_base, kv_base, pad_base = _program(BH, HEADS, KV_GROUP, N, GROUP,
-                                                         N_GROUPS, BLOCK_M)
+    start_m, g, t, q_off, k_off, v_off, pad_base = _program(
+        BH, HEADS, KV_GROUP, N, GROUP, N_GROUPS, stride_qb, stride_qh, stride_kb, stride_kh,
+        stride_vb, stride_vh, BLOCK_M)
     q_pos, q_valid, rows = _slots(Slots, t, g, start_m, GROUP, S, L, BLOCK_M, BY_POSITION)
     d = tl.arange(0, BLOCK_D)
-    q = _load_rows(Q, q_base + q_pos, q_valid, d, HEAD_DIM)
-    do = _load_rows(DOut, rows, q_valid, d, HEAD_DIM)
+    q = _load_rows(Q + q_off, q_pos, stride_qn, q_valid, d, HEAD_DIM)
+    do = _load_rows(DOut, rows, HEAD_DIM, q_valid, d, HEAD_DIM)
     if UPCAST:
         q, do = q.to(tl.float32), do.to(tl.float32)
     lse = tl.load(Lse + rows, mask=q_valid, other=0.0) * 1.4426950408889634
@@ -214,9 +242,10 @@ def _bucket_bwd_dq_kernel(
         else:
             hi = GROUP
         for start_n in range(0, hi, BLOCK_N):
-            k, v, allowed = _key_block(Slots, K, V, Pad, t, key_group, start_n, q_base, kv_base,
-                                       pad_base, q_pos, q_valid, alone, d, GROUP, S, HEAD_DIM,
-                                       CAUSAL, HAS_PAD, ALONE, UPCAST, BLOCK_N)
+            k, v, allowed = _key_block(Slots, K + k_off, V + v_off, Pad, t, key_group, start_n,
+                                       stride_kn, stride_vn, pad_base, q_pos, q_valid, alone, d,
+                                       GROUP, S, HEAD_DIM, CAUSAL, HAS_PAD, ALONE, UPCAST,
+                                       BLOCK_N)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
             p = tl.where(allowed, tl.exp2(s - lse[:, None]), 0.0)
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
@@ -226,9 +255,11 @@ def _bucket_bwd_dq_kernel(
     tl.store(DQ + rows[:, None] * HEAD_DIM + d[None, :], dq * scale, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SIZES)
 def _bucket_bwd_dkdv_kernel(
     Q, K, V, Slots, Pad, DOut, Lse, Delta, Alone, DK, DV,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
     scale, BH, HEADS, KV_GROUP, N, S, L, GROUP, N_GROUPS, HEAD_DIM,
     CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, N_PARTS: tl.constexpr, ALONE: tl.constexpr,
     BY_POSITION: tl.constexpr, INCREASING: tl.constexpr, PRECISION: tl.constexpr,
@@ -236,15 +267,16 @@ def _bucket_bwd_dkdv_kernel(
 ):
     """dk and dv of a block of keys of group g, from the queries of g and of g + 1 (whose
     look-back is g)."""
-    start_n, g, t, q_base, kv_base, pad_base = _program(BH, HEADS, KV_GROUP, N, GROUP,
-                                                         N_GROUPS, BLOCK_N)
+    start_n, g, t, q_off, k_off, v_off, pad_base = _program(
+        BH, HEADS, KV_GROUP, N, GROUP, N_GROUPS, stride_qb, stride_qh, stride_kb, stride_kh,
+        stride_vb, stride_vh, BLOCK_N)
     k_pos, k_valid, k_rows = _slots(Slots, t, g, start_n, GROUP, S, L, BLOCK_N, BY_POSITION)
     key_ok = k_valid
     if HAS_PAD:
         key_ok = key_ok & (tl.load(Pad + pad_base + k_pos, mask=k_valid, other=0) != 0)
     d = tl.arange(0, BLOCK_D)
-    k = _load_rows(K, q_base + k_pos, k_valid, d, HEAD_DIM)
-    v = _load_rows(V, kv_base + k_pos, k_valid, d, HEAD_DIM)
+    k = _load_rows(K + k_off, k_pos, stride_kn, k_valid, d, HEAD_DIM)
+    v = _load_rows(V + v_off, k_pos, stride_vn, k_valid, d, HEAD_DIM)
     if UPCAST:
         k, v = k.to(tl.float32), v.to(tl.float32)
     qk_scale = scale * 1.4426950408889634
@@ -267,7 +299,7 @@ def _bucket_bwd_dkdv_kernel(
             else:
                 rows = t * L + slot
             mask = q_valid[:, None] & (d[None, :] < HEAD_DIM)
-            q = tl.load(Q + (q_base + q_pos)[:, None] * HEAD_DIM + d[None, :], mask=mask,
+            q = tl.load(Q + q_off + q_pos[:, None].to(tl.int64) * stride_qn + d[None, :], mask=mask,
                         other=0.0)
             do = tl.load(DOut + rows[:, None] * HEAD_DIM + d[None, :], mask=mask, other=0.0)
             if UPCAST:
@@ -295,44 +327,113 @@ def _bucket_bwd_dkdv_kernel(
 # -- launchers --------------------------------------------------------------------------------
 
 
-class _Launch:
-    """Shapes, flags, tile sizes and grid of one call, shared by the three kernels."""
+@dataclass(frozen=True)
+class BucketConfig:
+    """Largest query/key block of the bucket kernels, and their warps and stages."""
 
-    def __init__(self, q: Tensor, v: Tensor, slots: Tensor, key_padding_mask: Tensor | None,
-                 group: int, causal: bool, scale: float, layout: str) -> None:
+    block: int
+    num_warps: int
+    num_stages: int
+
+
+INTERPRETER_CONFIG = BucketConfig(64, 1, 1)
+
+# (family, precision kind) -> padded head dim -> BucketConfig(block, num_warps, num_stages),
+# chosen and compile-checked as block_sparse.CONFIGS is (sm_100 takes sm_90's); a call with
+# buckets or clusters smaller than `block` uses the next power of two >= 16 instead.
+_B = BucketConfig
+CONFIGS: dict[tuple[int, str], dict[int, BucketConfig]] = {
+    (80, "16bit"): {16: _B(64, 8, 2),
+                    32: _B(64, 4, 2),
+                    64: _B(32, 4, 2),
+                    128: _B(64, 8, 1)},
+    (80, "tf32"): {16: _B(64, 4, 1),
+                   32: _B(64, 4, 1),
+                   64: _B(32, 4, 2),
+                   128: _B(16, 8, 2)},
+    (80, "ieee"): {16: _B(32, 8, 1),
+                   32: _B(64, 8, 1),
+                   64: _B(16, 8, 2),
+                   128: _B(16, 8, 1)},
+    (90, "16bit"): {16: _B(64, 4, 2),
+                    32: _B(64, 4, 2),
+                    64: _B(64, 4, 2),
+                    128: _B(32, 8, 2)},
+    (90, "tf32"): {16: _B(64, 4, 2),
+                   32: _B(64, 4, 2),
+                   64: _B(64, 8, 2),
+                   128: _B(32, 4, 2)},
+    (90, "ieee"): {16: _B(64, 4, 1),
+                   32: _B(64, 8, 1),
+                   64: _B(32, 8, 1),
+                   128: _B(16, 8, 1)},
+    (100, "16bit"): {16: _B(64, 4, 2),
+                     32: _B(64, 4, 2),
+                     64: _B(64, 4, 2),
+                     128: _B(32, 8, 2)},
+    (100, "tf32"): {16: _B(64, 4, 2),
+                    32: _B(64, 4, 2),
+                    64: _B(64, 8, 2),
+                    128: _B(32, 4, 2)},
+    (100, "ieee"): {16: _B(64, 4, 1),
+                    32: _B(64, 8, 1),
+                    64: _B(32, 8, 1),
+                    128: _B(16, 8, 1)},
+}
+
+
+def bucket_config(dtype: torch.dtype, head_dim: int, device: torch.device) -> BucketConfig:
+    """The checked config of `device`'s architecture for `dtype` and `head_dim`, or the
+    interpreter's."""
+    arch = target_arch(device)
+    if arch is None:
+        return INTERPRETER_CONFIG
+    return CONFIGS[arch_family(arch), precision(dtype)][padded_dim(head_dim)]
+
+
+class _Call:
+    """Shapes, strides, flags, block sizes and grid of one call, shared by the three kernels."""
+
+    def __init__(self, q: Tensor, k: Tensor, v: Tensor, slots: Tensor,
+                 key_padding_mask: Tensor | None, group: int, causal: bool, scale: float,
+                 layout: str) -> None:
         batch, heads, n, dim = q.shape
         lsh = layout == "lsh"
         n_groups = -(-slots.shape[1] // group)
-        self.block = min(64, max(16, triton.next_power_of_2(group)))
+        config = bucket_config(q.dtype, dim, q.device)
+        self.block = min(config.block, max(16, triton.next_power_of_2(group)))
         self.grid = (-(-group // self.block) * n_groups * slots.shape[0],)
         self.pad = (q.new_empty(0, dtype=torch.uint8) if key_padding_mask is None
                     else key_padding_mask.contiguous().view(torch.uint8))
         self.rows = slots.shape[0]
         self.length = n if lsh else slots.shape[1]  # L: rows of the results per table row
+        self.strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3])
+        interpreter = target_arch(q.device) is None
         self.args = dict(
             scale=scale, BH=batch * heads, HEADS=heads, KV_GROUP=heads // v.shape[1], N=n,
             S=slots.shape[1], L=self.length, GROUP=group, N_GROUPS=n_groups, HEAD_DIM=dim,
             CAUSAL=causal, HAS_PAD=key_padding_mask is not None,
             N_PARTS=2 if lsh and n_groups > 1 else 1, ALONE=lsh, BY_POSITION=lsh,
-            INCREASING=not lsh, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-            # The interpreter multiplies bfloat16 tiles as their raw bits (triton 3.9): on the
-            # CPU they are multiplied in float32.
-            UPCAST=q.device.type == "cpu" and q.dtype == torch.bfloat16,
-            BLOCK_M=self.block, BLOCK_N=self.block,
-            BLOCK_D=max(16, triton.next_power_of_2(dim)),
-            num_warps=4 if dim <= 64 else 8,
+            INCREASING=not lsh, PRECISION="tf32" if precision(q.dtype) == "tf32" else "ieee",
+            # The interpreter multiplies bfloat16 tiles as their raw bits (triton 3.9): there
+            # they are multiplied in float32.
+            UPCAST=interpreter and q.dtype == torch.bfloat16,
+            BLOCK_M=self.block, BLOCK_N=self.block, BLOCK_D=padded_dim(dim),
         )
+        if not interpreter:
+            self.args.update(num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 def _forward(q: Tensor, k: Tensor, v: Tensor, slots: Tensor, key_padding_mask: Tensor | None,
              group: int, causal: bool, scale: float,
              layout: str) -> tuple[Tensor, Tensor, Tensor]:
-    launch = _Launch(q, v, slots, key_padding_mask, group, causal, scale, layout)
-    rows, length, dim = launch.rows, launch.length, q.shape[3]
+    call = _Call(q, k, v, slots, key_padding_mask, group, causal, scale, layout)
+    rows, length, dim = call.rows, call.length, q.shape[3]
     out = q.new_empty(rows, length, dim)
     lse = q.new_empty(rows, length, dtype=torch.float32)
     alone = q.new_empty((rows, length) if layout == "lsh" else (0,), dtype=torch.int8)
-    _bucket_fwd_kernel[launch.grid](q, k, v, slots, launch.pad, out, lse, alone, **launch.args)
+    launch(_bucket_fwd_kernel, call.grid, q, k, v, slots, call.pad, out, lse, alone,
+           *call.strides, **call.args)
     return out, lse, alone
 
 
@@ -340,18 +441,19 @@ def _backward(grad_out: Tensor, grad_lse: Tensor, q: Tensor, k: Tensor, v: Tenso
               slots: Tensor, key_padding_mask: Tensor | None, out: Tensor, lse: Tensor,
               alone: Tensor, group: int, causal: bool, scale: float,
               layout: str) -> tuple[Tensor, Tensor, Tensor]:
-    launch = _Launch(q, v, slots, key_padding_mask, group, causal, scale, layout)
+    call = _Call(q, k, v, slots, key_padding_mask, group, causal, scale, layout)
     grad_out = grad_out.to(q.dtype).contiguous()
     # d lse_i / d s_ij = p_ij: the lse gradient shifts the softmax-backward term delta; rows
     # without keys have no probabilities, and a zero delta keeps them finite.
     delta = (grad_out.float() * out.float()).sum(-1) - grad_lse.float()
     delta = delta.masked_fill_(lse == float("-inf"), 0.0).contiguous()
-    grad_q, grad_k, grad_v = (torch.zeros(launch.rows, launch.length, q.shape[3],
+    grad_q, grad_k, grad_v = (torch.zeros(call.rows, call.length, q.shape[3],
                                           dtype=torch.float32, device=q.device)
                               for _ in range(3))
-    common = (q, k, v, slots, launch.pad, grad_out, lse, delta, alone)
-    _bucket_bwd_dq_kernel[launch.grid](*common, grad_q, **launch.args)
-    _bucket_bwd_dkdv_kernel[launch.grid](*common, grad_k, grad_v, **launch.args)
+    common = (q, k, v, slots, call.pad, grad_out, lse, delta, alone)
+    launch(_bucket_bwd_dq_kernel, call.grid, *common, grad_q, *call.strides, **call.args)
+    launch(_bucket_bwd_dkdv_kernel, call.grid, *common, grad_k, grad_v, *call.strides,
+           **call.args)
     batch, heads, n, dim = q.shape
     kv_heads = v.shape[1]
     if layout == "lsh":  # per round and query head, at the positions: sum them
@@ -481,7 +583,8 @@ def lsh_attention(q: Tensor, k: Tensor, v: Tensor, order: Tensor, bucket_size: i
     if bucket_size < 1:
         raise ValueError(f"bucket_size must be >= 1, got {bucket_size}")
     slots = order.reshape(-1, n).to(torch.int32).contiguous()
-    out, lse, _ = _bucket_attention(q.contiguous(), k.contiguous(), v.contiguous(), slots,
+    q, k, v = inner_contiguous(q), inner_contiguous(k), inner_contiguous(v)
+    out, lse, _ = _bucket_attention(q, k, v, slots,
                                     key_padding_mask, min(bucket_size, n), causal, scale, "lsh")
     rounds = order.shape[0]
     return out.view(rounds, batch, heads, n, dim), lse.view(rounds, batch, heads, n)
@@ -506,7 +609,8 @@ def routing_attention(q: Tensor, k: Tensor, v: Tensor, members: Tensor, *, causa
                          f"got {tuple(members.shape)}")
     clusters, window = members.shape[2:]
     slots = members.reshape(batch * heads, clusters * window).to(torch.int32).contiguous()
-    out, lse, _ = _bucket_attention(q.contiguous(), k.contiguous(), v.contiguous(), slots,
+    q, k, v = inner_contiguous(q), inner_contiguous(k), inner_contiguous(v)
+    out, lse, _ = _bucket_attention(q, k, v, slots,
                                     key_padding_mask, window, causal, scale, "routing")
     return (out.view(batch, heads, clusters, window, dim),
             lse.view(batch, heads, clusters, window))

@@ -34,6 +34,7 @@ def test_flex_matches_torch(name):
 
 
 def test_auto_picks_torch_on_cpu_and_flex_is_only_for_patterns():
-    assert attn_zoo.build("local").resolve_backend(torch.device("cpu")) == "torch"
+    assert attn_zoo.build("local").resolve_backend(torch.device("cpu"), torch.float32,
+                                                   64) == "torch"
     with pytest.raises(ValueError, match="backend 'flex' is not supported by attention 'full'"):
         attn_zoo.build("full", backend="flex")

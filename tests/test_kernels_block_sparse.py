@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from attn_zoo.kernels.block_sparse import block_sparse_attention, tile_config
+from attn_zoo.kernels.launch import capture
 from attn_zoo.kernels.layout import build_layout, cached_layout
 from conftest import qkv, variant_id
 from test_layout import SMALL
@@ -221,9 +222,24 @@ def test_triton_backend_rejects_what_the_kernel_cannot_run():
 
 
 def test_auto_prefers_the_kernel_on_cuda_except_for_full():
-    cuda = torch.device("cuda")
-    assert attn_zoo.build("local").resolve_backend(cuda) == "triton"
-    assert attn_zoo.build("full").resolve_backend(cuda) == "torch"
-    assert attn_zoo.build("full", backend="triton").resolve_backend(cuda) == "triton"
-    assert attn_zoo.build("local").resolve_backend(torch.device("cpu")) == "torch"
-    assert tile_config(torch.float32, 24, torch.device("cpu")).block_m % 16 == 0
+    cuda, cpu, bf16 = torch.device("cuda"), torch.device("cpu"), torch.bfloat16
+    with capture(90):  # configured as an H100 would be, on any machine
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            assert attn_zoo.build("local").resolve_backend(cuda, dtype, 64) == "triton"
+        assert attn_zoo.build("full").resolve_backend(cuda, bf16, 64) == "torch"
+        assert attn_zoo.build("full", backend="triton").resolve_backend(cuda, bf16, 64) == "triton"
+        # What the kernels cannot run natively goes to FlexAttention (or torch).
+        assert attn_zoo.build("local").resolve_backend(cuda, torch.float64, 64) == "flex"
+        assert attn_zoo.build("local").resolve_backend(cuda, bf16, 20) == "flex"
+        assert attn_zoo.build("hierarchical").resolve_backend(cuda, bf16, 20) == "torch"
+    with capture(75):  # no checked configuration for sm_75
+        assert attn_zoo.build("local").resolve_backend(cuda, bf16, 64) == "flex"
+    assert attn_zoo.build("local").resolve_backend(cpu, bf16, 64) == "torch"
+    assert tile_config(torch.float32, 24, cpu).block_m % 16 == 0
+
+
+def test_an_architecture_without_a_checked_config_is_refused_by_name():
+    q, k, v = qkv(batch=1, q_heads=1, kv_heads=1, n=8, dim=16)
+    with capture(75), pytest.raises(ValueError, match="no checked configuration for compute "
+                                                      "capability 7.5"):
+        attn_zoo.build("local", backend="triton")(q, k, v)
