@@ -35,6 +35,27 @@ more than the dtype's tolerance (relative to the reference's largest magnitude; 
 content-based `lsh` and `routing`, the 99th percentile of per-row errors, as a near-tie may
 route a few rows differently) is recorded as `wrong` and not timed.
 
+Tile efficiency (NATTEN's measure: how much of the speedup its tile count promises a sparse
+kernel delivers). A `triton` point of a block-sparse variant (local, longformer, bigbird,
+sparse_strided, sparse_fixed, full) also records the statistics of the kernel's layout at that
+N (`BlockLayout.stats()`: `block_m`, `block_n`, `visited_tiles`, `dense_tiles` =
+ceil(N / block_m) * ceil(N / block_n), allowed `pairs`, `density` = visited / dense tiles and
+`pair_fill` = pairs / (visited tiles * block_m * block_n)). It is the layout of the variant's
+one exact call over `attn.pattern(N, causal)`, the tiles asked of the kernel by
+`kernel_tiles` (the kernel's `tile_config` for the dtype, head dim and device); it is built,
+or taken from the layout cache the kernel then reads, before the point's first call, so a
+point that fails still has it and `first_call_s` no longer includes the build. In
+`ratios.csv`, at the same (head_dim, direction, mode, N):
+
+* `tile_sparsity` = 1 - visited_tiles / dense_tiles (of the whole N x N grid, causal or not);
+* `dense_kernel_tiles`: the tiles a dense kernel at the same tiles visits: all of them
+  (bidir), or those on and below the diagonal, i.e. holding a pair j <= i (causal);
+* `predicted_speedup` = dense_kernel_tiles / visited_tiles;
+* `achieved_speedup` = `full`'s SDPA time / ours (SDPA, the dense flash kernel, is timed on
+  `full` only: it is every variant's dense reference);
+* `tile_efficiency` = achieved_speedup / predicted_speedup: 1 when our kernel runs each
+  visited tile as fast as SDPA runs a dense tile; for `full` itself it is SDPA time / ours.
+
 A failing point becomes a row with its status (`oom`, `unsupported`, `wrong`, `error`, or
 `skipped` for the longer lengths of a series after an `oom`) and the message in `error`; the run
 goes on. Rows are appended to `<out>/gpu_bench.csv` (rewritten atomically after each point);
@@ -49,8 +70,9 @@ TFLOP/s and memory tables, failures) and `plots/<variant>.png` (time and TFLOP/s
 Goals (the issue's, on an H100), each met / not met / not measured with its worst value and
 where: ours / Flex time <= 1.0 at every N >= 8K for local, longformer, bigbird,
 sparse_strided and sparse_fixed, fwd and fwd_bwd; full causal fwd at >= 0.8x SDPA's speed at
-every N; lsh causal at >= 5x the torch backend's speed at N = 16K (fwd and fwd_bwd). A point
-where our kernel failed but the comparator ran fails its goal.
+every N; lsh causal at >= 5x the torch backend's speed at N = 16K (fwd and fwd_bwd); tile
+efficiency >= 0.8 for local, longformer and bigbird at every point of tile sparsity >= 0.9
+(fwd and fwd_bwd). A point where our kernel failed but the comparator ran fails its goal.
 
 FlexAttention compiles once per shape and mask (`dynamic=False`, as the library's flex
 backend): dynamo's limit of 8 recompiles, past which it would silently run an unfused eager
@@ -108,6 +130,7 @@ import matplotlib.ticker  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from attn_zoo.kernels.layout import cached_layout  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 import attn_zoo  # noqa: E402
@@ -144,7 +167,13 @@ CONTENT_QUANTILE = 0.99
 CSV_NAME = "gpu_bench.csv"
 KEY = ("variant", "impl", "dtype", "head_dim", "seq_len", "batch", "heads", "direction", "mode")
 METRICS = ("ms", "tflops", "peak_mib", "first_call_s", "check_error", "matmul_peak_tflops")
+LAYOUT_COLUMNS = ("block_m", "block_n", "visited_tiles", "dense_tiles", "pairs", "density",
+                  "pair_fill")
 INT_COLUMNS = ("head_dim", "seq_len", "batch", "heads")
+POINT_INDEX = ["variant", "head_dim", "direction", "mode", "seq_len"]  # ratios, statuses
+SETTING_INDEX = ["head_dim", "direction", "mode", "seq_len"]  # a point but its variant
+TILE_COLUMNS = ("block_m", "block_n", "visited_tiles", "dense_tiles", "pairs", "pair_fill",
+                "tile_sparsity", "dense_kernel_tiles", "predicted_speedup")
 
 FLEX_GOAL_VARIANTS = ("local", "longformer", "bigbird", "sparse_strided", "sparse_fixed")
 FLEX_GOAL_MIN_N = 8192
@@ -152,6 +181,13 @@ FLEX_GOAL_RATIO = 1.0
 SDPA_GOAL_SPEED = 0.8
 LSH_GOAL_N = 16384
 LSH_GOAL_SPEEDUP = 5.0
+# Variants whose triton backend is one block-sparse call over `attn.pattern(N, causal)`.
+TILED_VARIANTS = ("local", "longformer", "bigbird", "sparse_strided", "sparse_fixed", "full")
+TILE_GOAL_VARIANTS = ("local", "longformer", "bigbird")
+TILE_GOAL_SPARSITY = 0.9
+TILE_GOAL_EFFICIENCY = 0.8
+TILE_EFFICIENCY_TITLE = ("Tile efficiency: speedup over SDPA / speedup the visited tiles predict "
+                         "(1: each tile as fast as SDPA's)")
 
 Forward = Callable[[Tensor, Tensor, Tensor], Tensor]
 
@@ -248,10 +284,10 @@ def enumerate_points(variants: Iterable[str], impls: Iterable[str], lengths: Ite
 def read_rows(path: Path) -> pd.DataFrame:
     """The rows of a results CSV (key columns as strings); empty when there is none."""
     if not path.exists():
-        return pd.DataFrame(columns=[*KEY, "status", "error", *METRICS])
+        return pd.DataFrame(columns=[*KEY, "status", "error", *METRICS, *LAYOUT_COLUMNS])
     rows = pd.read_csv(path, dtype={column: str for column in KEY} | {"error": str},
                        keep_default_na=False, na_values=[""])
-    for column in METRICS:  # absent while every row so far failed
+    for column in (*METRICS, *LAYOUT_COLUMNS):  # absent while no row had them
         if column not in rows:
             rows[column] = math.nan
     return rows
@@ -275,7 +311,7 @@ def append_row(path: Path, row: dict[str, Any]) -> None:
     rows = rows[[row_key(old) != row_key(row) for _, old in rows.iterrows()]]
     fresh = pd.DataFrame([row])
     merged = fresh if rows.empty else pd.concat([rows, fresh], ignore_index=True)
-    first = [*KEY, "status", "error", *METRICS]
+    first = [*KEY, "status", "error", *METRICS, *LAYOUT_COLUMNS]
     order = [c for c in first if c in merged] + [c for c in merged if c not in first]
     write_atomic(path, merged[order].to_csv(index=False))
 
@@ -299,6 +335,16 @@ def allow_recompiles() -> None:
             setattr(config, name, value)
 
 
+def kernel_tiles(dtype: torch.dtype, head_dim: int, device: torch.device) -> tuple[int, int]:
+    """(block_m, block_n): the tiles the block-sparse kernel builds its layouts at for inputs
+    of `dtype` and `head_dim` on `device` (the one place the benchmark asks the kernel)."""
+    # Imported on use: Triton reads TRITON_INTERPRET when the kernel module is first imported.
+    from attn_zoo.kernels.block_sparse import tile_config
+
+    tiles = tile_config(dtype, head_dim, device)
+    return tiles.block_m, tiles.block_n
+
+
 class Contenders:
     """Builds each point's forward; modules and block masks are built once and reused."""
 
@@ -313,6 +359,24 @@ class Contenders:
             self.modules[variant, backend] = attn_zoo.build(variant, backend=backend).to(
                 self.device)
         return self.modules[variant, backend]
+
+    def layout_stats(self, point: Point) -> dict[str, int | float]:
+        """`LAYOUT_COLUMNS` of the layout the triton backend runs a `TILED_VARIANTS` point on.
+
+        The cache key is the one `Attention.triton_attention` gives its call over
+        `attn.pattern(N, causal)`, so the kernel then finds this layout built; were the keys to
+        differ, it would build an equal one.
+        """
+        if point.variant not in TILED_VARIANTS:
+            raise ValueError(f"variant must be one of {', '.join(TILED_VARIANTS)}, "
+                             f"got {point.variant!r}")
+        attn = self.module(point.variant, "triton")
+        n, causal = point.seq_len, point.causal
+        block_m, block_n = kernel_tiles(DTYPES[point.dtype], point.head_dim, self.device)
+        key = (attn.name, tuple(attn.params.to_dict().items()), "pattern", causal)
+        stats = cached_layout(key, attn.pattern(n, causal), n, n, block_m, block_n,
+                              self.device).stats()
+        return {column: stats[column] for column in LAYOUT_COLUMNS}
 
     def forward(self, point: Point) -> Forward:
         """`(q, k, v) -> out` of the point's contender, q, k, v and out (B, H, N, D)."""
@@ -514,11 +578,49 @@ def typed(rows: pd.DataFrame) -> pd.DataFrame:
     return rows
 
 
+def dense_kernel_tiles(n: int, block_m: int, block_n: int, causal: bool) -> int:
+    """Tiles a dense kernel visits over n queries and n keys at (block_m, block_n): all of them,
+    or (causal) those on and below the diagonal, holding a pair j <= i."""
+    query_tiles, key_tiles = -(-n // block_m), -(-n // block_n)
+    if not causal:
+        return query_tiles * key_tiles
+    return sum((min(n, (tile + 1) * block_m) - 1) // block_n + 1 for tile in range(query_tiles))
+
+
+def tile_frame(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per point of a triton row with layout statistics (whatever its status): `TILE_COLUMNS`,
+    the tile sparsity and the speedup over a dense kernel its visited tiles predict."""
+    if "visited_tiles" not in rows:  # rows of a run that had no tiled triton point
+        rows = rows.assign(**dict.fromkeys(LAYOUT_COLUMNS, math.nan))
+    tiled = rows[(rows["impl"] == "triton") & rows["visited_tiles"].notna()]
+    frame = typed(tiled)[[*POINT_INDEX, *LAYOUT_COLUMNS]].drop_duplicates(POINT_INDEX,
+                                                                          keep="last")
+    for column in ("block_m", "block_n", "visited_tiles", "dense_tiles", "pairs"):
+        frame[column] = frame[column].astype(float).astype("int64")
+    frame["pair_fill"] = frame["pair_fill"].astype(float)
+    frame["tile_sparsity"] = 1.0 - frame["visited_tiles"] / frame["dense_tiles"]
+    frame["dense_kernel_tiles"] = [
+        dense_kernel_tiles(n, bm, bn, direction == "causal") for n, bm, bn, direction in zip(
+            frame["seq_len"], frame["block_m"], frame["block_n"], frame["direction"],
+            strict=True)]
+    frame["predicted_speedup"] = frame["dense_kernel_tiles"] / frame["visited_tiles"]
+    return frame[[*POINT_INDEX, *TILE_COLUMNS]].reset_index(drop=True)
+
+
+def full_sdpa(rows: pd.DataFrame, value: str) -> pd.Series:
+    """`value` ("ms" or "status") of full's SDPA rows by (head_dim, direction, mode, seq_len):
+    the dense reference of every variant at that setting."""
+    chosen = typed(rows[(rows["variant"] == "full") & (rows["impl"] == "sdpa")])
+    return chosen.drop_duplicates(SETTING_INDEX, keep="last").set_index(SETTING_INDEX)[value]
+
+
 def ratios(rows: pd.DataFrame) -> pd.DataFrame:
     """Per (variant, head_dim, direction, mode, seq_len): each contender's median ms and
     `triton_over_flex`, `triton_over_sdpa` (ours / theirs: < 1 means ours is faster) and
-    `torch_over_triton` (the kernel's speedup over the torch backend), from the ok rows."""
-    index = ["variant", "head_dim", "direction", "mode", "seq_len"]
+    `torch_over_triton` (the kernel's speedup over the torch backend), from the ok rows; for
+    triton points with layout statistics, `TILE_COLUMNS`, `full_sdpa_ms`, `achieved_speedup`
+    and `tile_efficiency` (see the module docstring)."""
+    index = POINT_INDEX
     ok = typed(rows[rows["status"] == "ok"])
     if ok.empty:
         times = pd.DataFrame(columns=index)
@@ -530,12 +632,17 @@ def ratios(rows: pd.DataFrame) -> pd.DataFrame:
     for impl in IMPLS:
         if impl not in times:
             times[impl] = math.nan
-    frame = times[index].copy()
+    frame = times[index].astype({"head_dim": int, "seq_len": int})  # int even when empty
     for impl in IMPLS:
         frame[f"{impl}_ms"] = times[impl].astype(float)
     frame["triton_over_flex"] = frame["triton_ms"] / frame["flex_ms"]
     frame["triton_over_sdpa"] = frame["triton_ms"] / frame["sdpa_ms"]
     frame["torch_over_triton"] = frame["torch_ms"] / frame["triton_ms"]
+    frame = frame.merge(tile_frame(rows), on=index, how="left")
+    dense = full_sdpa(rows[rows["status"] == "ok"], "ms").astype(float).rename("full_sdpa_ms")
+    frame = frame.merge(dense, left_on=SETTING_INDEX, right_index=True, how="left")
+    frame["achieved_speedup"] = frame["full_sdpa_ms"] / frame["triton_ms"]
+    frame["tile_efficiency"] = frame["achieved_speedup"] / frame["predicted_speedup"]
     return frame.sort_values(index, ignore_index=True)
 
 
@@ -604,18 +711,30 @@ def goal_checks() -> list[GoalCheck]:
             lambda f, mode=mode: (f["variant"] == "lsh") & (f["mode"] == mode)
             & (f["direction"] == "causal") & (f["seq_len"] == LSH_GOAL_N),
             lambda f: f["torch_over_triton"], LSH_GOAL_SPEEDUP, higher_is_better=True))
+    for variant in TILE_GOAL_VARIANTS:
+        for mode in MODES:
+            checks.append(GoalCheck(
+                f"{variant} {mode}: tile efficiency over SDPA at tile sparsity >= "
+                f"{TILE_GOAL_SPARSITY:.0%}",
+                "full_sdpa",
+                lambda f, variant=variant, mode=mode: (f["variant"] == variant)
+                & (f["mode"] == mode) & (f["tile_sparsity"] >= TILE_GOAL_SPARSITY),
+                lambda f: f["tile_efficiency"], TILE_GOAL_EFFICIENCY, higher_is_better=True))
     return checks
 
 
 def statuses(rows: pd.DataFrame) -> pd.DataFrame:
-    """Per (variant, head_dim, direction, mode, seq_len): each contender's status."""
-    index = ["variant", "head_dim", "direction", "mode", "seq_len"]
+    """Per (variant, head_dim, direction, mode, seq_len): each contender's status, `full_sdpa`
+    (the status of full's SDPA at the setting) and the triton layout's `tile_sparsity`."""
+    index = POINT_INDEX
     if rows.empty:
-        return pd.DataFrame(columns=index)
+        return pd.DataFrame(columns=[*index, "full_sdpa", "tile_sparsity"])
     frame = typed(rows).pivot_table(index=index, columns="impl", values="status",
                                     aggfunc="last").reset_index()
     frame.columns.name = None
-    return frame
+    frame = frame.merge(full_sdpa(rows, "status").rename("full_sdpa"), left_on=SETTING_INDEX,
+                        right_index=True, how="left")
+    return frame.merge(tile_frame(rows)[[*index, "tile_sparsity"]], on=index, how="left")
 
 
 def goals(rows: pd.DataFrame) -> pd.DataFrame:
@@ -644,6 +763,20 @@ def wide(frame: pd.DataFrame, index: list[str], value: str,
     return table.reset_index()
 
 
+def layout_table(rows: pd.DataFrame) -> pd.DataFrame:
+    """"sparsity / pair fill" of each tiled variant's layout per direction, tiles and N."""
+    frame = tile_frame(rows)
+    if frame.empty:
+        return pd.DataFrame(columns=["variant", "direction", "tiles"])
+    frame = frame.assign(
+        tiles=[f"{bm}x{bn}" for bm, bn in zip(frame["block_m"], frame["block_n"], strict=True)],
+        cell=[f"{format_number(float(sparsity))} / {format_number(float(fill))}"
+              for sparsity, fill in zip(frame["tile_sparsity"], frame["pair_fill"],
+                                        strict=True)])
+    index = ["variant", "direction", "tiles"]
+    return wide(frame.drop_duplicates([*index, "seq_len"]), index, "cell")
+
+
 def result_tables(rows: pd.DataFrame) -> dict[str, pd.DataFrame]:
     """The markdown report's tables, by title, from every row of the results CSV."""
     rows = typed(rows)
@@ -659,6 +792,9 @@ def result_tables(rows: pd.DataFrame) -> dict[str, pd.DataFrame]:
     torch_backend = ratio_frame.dropna(subset=["torch_over_triton"])
     tables["lsh: torch backend / ours time (speedup of the kernel)"] = wide(
         torch_backend, setting, "torch_over_triton")
+    tiled = ratio_frame.dropna(subset=["tile_efficiency"])
+    tables[TILE_EFFICIENCY_TITLE] = wide(tiled, ["variant", *setting], "tile_efficiency")
+    tables["Tile layouts of the triton kernel: tile sparsity / pair fill"] = layout_table(rows)
     per_point = ["variant", "impl", *setting]
     for title, column in (("Time (ms)", "ms"), ("Useful TFLOP/s", "tflops"),
                           ("Peak memory (MiB)", "peak_mib")):
@@ -702,7 +838,10 @@ def header(rows: pd.DataFrame, selected: int, missing: int) -> str:
             "`attn.flops(N, D, causal) * B * H` (allowed pairs only), fwd+bwd = 3.5 "
             "forwards. Peak: `max_memory_allocated` above the inputs, output and gradients "
             "included. Triton rows passed a check of output and gradients against the "
-            "float32 torch backend (`check_error`). How everything is measured: "
+            "float32 torch backend (`check_error`). Tile efficiency: (SDPA time of `full` / "
+            "ours) / (dense kernel's tiles / our visited tiles), the dense kernel visiting every "
+            "tile (bidir) or those on and below the diagonal (causal), at our tile sizes; tile "
+            "sparsity = 1 - visited / all tiles. How everything is measured: "
             "`experiments/gpu_bench.py`.\n")
 
 
@@ -929,6 +1068,8 @@ def sweep(pending: Sequence[Point], args: argparse.Namespace, device: torch.devi
             row |= {"status": "skipped", "error": skipped_series[point.series]}
         else:
             try:
+                if point.impl == "triton" and point.variant in TILED_VARIANTS:
+                    row |= contenders.layout_stats(point)  # kept when the point then fails
                 row |= measure_point(point, contenders, inputs, settings, checks)
                 row |= {"status": "ok", "error": ""}
             except Exception as error:  # a failing point is a row; the sweep goes on
@@ -956,7 +1097,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     outcome = run(args)
     if outcome.tables:
-        shown = ("Goals", "Ours / FlexAttention time (< 1: ours faster)")
+        shown = ("Goals", "Ours / FlexAttention time (< 1: ours faster)", TILE_EFFICIENCY_TITLE)
         print_tables({title: outcome.tables[title] for title in shown
                       if not outcome.tables[title].empty}, outcome.out)
     print(f"{outcome.measured} points measured now; {outcome.missing} of {outcome.selected} "

@@ -9,13 +9,16 @@ the zoo repeat a handful of tile shapes (band edges, causal diagonals, stride re
 the query tiles visiting it, with the same mask ids) drive the dK/dV pass.
 
 The pattern is evaluated over bounded chunks of query rows, never as one (N, M) tensor, and
-`cached_layout` builds a layout once per (pattern key, N, M, tiles, device). Under
+`cached_layout` builds a layout once per (pattern key, N, M, tiles, device). The builder also
+counts the allowed pairs, so `BlockLayout.stats()` says how much of the tile grid the kernel
+visits and how full the visited tiles are (NATTEN's tile efficiency, before timing). Under
 `torch.compile` a cached layout is a constant of the graph; building one is a graph break, so
 `fullgraph=True` needs one eager call per shape first.
 """
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Hashable
 from dataclasses import dataclass
@@ -46,6 +49,7 @@ class BlockLayout:
     query tiles that visit it.
     masks: (U, block_m, block_n) uint8, 1 = allowed, pairs past N or M are 0; U >= 1 (a
     zero mask stands in when no tile is partial, so the kernels always get a valid pointer).
+    pairs: the allowed (query, key) pairs with i < n and j < m, counted while building.
     """
 
     n: int
@@ -59,6 +63,7 @@ class BlockLayout:
     q_count: Tensor
     q_mask: Tensor
     masks: Tensor
+    pairs: int
 
     def tensors(self) -> tuple[Tensor, ...]:
         """(kv_index, kv_count, kv_mask, q_index, q_count, q_mask, masks), the kernels' order."""
@@ -67,7 +72,25 @@ class BlockLayout:
 
     @property
     def visited_tiles(self) -> int:
+        """Tiles the kernel visits (full and partial)."""
         return int(self.kv_count.sum())
+
+    @property
+    def dense_tiles(self) -> int:
+        """Tiles of the whole grid: ceil(n / block_m) * ceil(m / block_n)."""
+        return -(-self.n // self.block_m) * -(-self.m // self.block_n)
+
+    def stats(self) -> dict[str, int | float]:
+        """Sizes, tile and pair counts as a report row, with
+        density = visited_tiles / dense_tiles (1 - density: the tile sparsity) and
+        pair_fill = pairs / (visited_tiles * block_m * block_n), the share of the visited
+        tiles' pairs that the pattern allows (NaN when no tile is visited)."""
+        visited = self.visited_tiles
+        tile_pairs = visited * self.block_m * self.block_n
+        return {"n": self.n, "m": self.m, "block_m": self.block_m, "block_n": self.block_n,
+                "visited_tiles": visited, "dense_tiles": self.dense_tiles, "pairs": self.pairs,
+                "density": visited / self.dense_tiles,
+                "pair_fill": self.pairs / tile_pairs if tile_pairs else math.nan}
 
 
 def _pad_columns(rows: list[Tensor], width: int, value: int) -> Tensor:
@@ -94,11 +117,13 @@ def build_layout(pattern: Pattern, n: int, m: int, block_m: int, block_n: int,
     mask_ids: dict[bytes, int] = {}
     masks: list[Tensor] = []
     index_rows, mask_rows, count_rows = [], [], []
+    pairs = 0
     for t0 in range(0, n_query_tiles, step):
         t1 = min(t0 + step, n_query_tiles)
         rows = torch.arange(t0 * block_m, t1 * block_m, device=device)
         in_range = (rows < n)[:, None] & key_in_range
         allowed = pattern(rows[:, None], keys[None, :]).expand_as(in_range) & in_range
+        pairs += int(allowed.sum())
         # (tiles of this chunk, key tiles, block_m, block_n)
         tiles = allowed.view(t1 - t0, block_m, n_key_tiles, block_n).transpose(1, 2)
         in_tiles = in_range.view(t1 - t0, block_m, n_key_tiles, block_n).transpose(1, 2)
@@ -133,7 +158,7 @@ def build_layout(pattern: Pattern, n: int, m: int, block_m: int, block_n: int,
     if not masks:
         masks.append(torch.zeros(block_m, block_n, dtype=torch.uint8, device=device))
     return BlockLayout(n, m, block_m, block_n, kv_index, kv_count, kv_mask, q_index, q_count,
-                       q_mask, torch.stack(masks).contiguous())
+                       q_mask, torch.stack(masks).contiguous(), pairs)
 
 
 def _transpose(kv_index: Tensor, kv_count: Tensor, kv_mask: Tensor,

@@ -9,6 +9,8 @@ from dataclasses import asdict
 import pandas as pd
 import pytest
 import torch
+from attn_zoo.kernels import layout as layout_cache
+from attn_zoo.kernels.layout import build_layout
 
 import attn_zoo
 from experiments import gpu_bench as bench
@@ -22,12 +24,19 @@ def args_for(tmp_path, *extra: str):
     return bench.parse_args([*TINY, "--out", str(tmp_path), *extra])
 
 
-def point_row(variant, impl, n, mode, ms, status="ok", direction="causal", head_dim=64):
-    """A results row as the bench writes it (B = 16384 // N, H = 2048 // D)."""
+def point_row(variant, impl, n, mode, ms, status="ok", direction="causal", head_dim=64,
+              visited_tiles=None):
+    """A results row as the bench writes it (B = 16384 // N, H = 2048 // D); with
+    `visited_tiles`, the layout statistics of a triton row at 128 x 64 tiles."""
     batch, heads = bench.shape(n, head_dim, 16384, 2048)
     row = {"variant": variant, "impl": impl, "dtype": "bfloat16", "head_dim": head_dim,
            "seq_len": n, "batch": batch, "heads": heads, "direction": direction, "mode": mode,
            "status": status, "error": "" if status == "ok" else f"{status} happened"}
+    if visited_tiles is not None:
+        dense = -(-n // 128) * -(-n // 64)
+        row |= {"block_m": 128, "block_n": 64, "visited_tiles": visited_tiles,
+                "dense_tiles": dense, "pairs": visited_tiles * 128 * 32,
+                "density": visited_tiles / dense, "pair_fill": 0.5}
     return row | ({"ms": ms, "tflops": 1.0, "peak_mib": 10.0} if status == "ok"
                   else {"ms": math.nan, "tflops": math.nan, "peak_mib": math.nan})
 
@@ -154,21 +163,21 @@ def test_ratios_pair_contenders_at_the_same_point():
 
 def test_goals_from_a_synthetic_table():
     goals = bench.goals(synthetic_rows()).set_index("goal")
-    assert len(goals) == 10 + 1 + 2
+    assert len(goals) == 10 + 1 + 2 + 6
 
     def goal(prefix: str) -> pd.Series:
         (name,) = [g for g in goals.index if g.startswith(prefix)]
         return goals.loc[name]
 
-    local = goal("local fwd:")  # 0.9 at 8K, 0.95 at 16K; the 3.0 at 4K does not count
+    local = goal("local fwd: ours")  # 0.9 at 8K, 0.95 at 16K; the 3.0 at 4K does not count
     assert (local["met"], local["points"], local["at"]) == ("met", 2, "D=64 N=16384 causal")
     assert local["worst"] == pytest.approx(0.95)
-    assert goal("local fwd_bwd")["met"] == "not met"
-    assert goal("local fwd_bwd")["worst"] == pytest.approx(1.2)
-    longformer = goal("longformer fwd:")  # fast where it ran, but failed where Flex ran
+    assert goal("local fwd_bwd: ours")["met"] == "not met"
+    assert goal("local fwd_bwd: ours")["worst"] == pytest.approx(1.2)
+    longformer = goal("longformer fwd: ours")  # fast where it ran, but failed where Flex ran
     assert (longformer["met"], longformer["ours_failed"], longformer["worst"]) == (
         "not met", 1, 0.5)
-    bigbird = goal("bigbird fwd:")  # Flex failed at 16K: that point is not compared
+    bigbird = goal("bigbird fwd: ours")  # Flex failed at 16K: that point is not compared
     assert (bigbird["met"], bigbird["points"]) == ("met", 1)
     assert "flex failed at 1 point" in bigbird["note"]
     assert goal("sparse_fixed fwd_bwd")["met"] == "not measured"
@@ -178,6 +187,90 @@ def test_goals_from_a_synthetic_table():
     assert goal("lsh causal fwd:")["worst"] == pytest.approx(6.25)
     lsh_train = goal("lsh causal fwd_bwd")
     assert lsh_train["met"] == "not met" and lsh_train["worst"] == pytest.approx(4.0)
+    assert goal("local fwd: tile efficiency")["met"] == "not measured"  # no layout statistics
+
+
+@pytest.mark.parametrize("n", [1000, 4097])
+@pytest.mark.parametrize(("block_m", "block_n"), [(128, 64), (64, 64), (32, 16)])
+def test_dense_kernel_tiles_are_the_full_layouts_tiles(n, block_m, block_n):
+    for causal in (False, True):
+        layout = build_layout(attn_zoo.build("full").pattern(n, causal), n, n, block_m, block_n)
+        assert bench.dense_kernel_tiles(n, block_m, block_n, causal) == layout.visited_tiles
+    assert bench.dense_kernel_tiles(n, block_m, block_n, False) == layout.dense_tiles
+
+
+def tile_rows() -> pd.DataFrame:
+    """Causal fwd points at 128 x 64 tiles: the dense kernel visits 2 * 64 * 65 / 2 = 4160
+    tiles at 8K (of 8192), 128 * 129 = 16512 at 16K (of 32768), 32 * 33 = 1056 at 4K."""
+    return pd.DataFrame([
+        point_row("full", "sdpa", 4096, "fwd", 1.0),
+        point_row("full", "sdpa", 8192, "fwd", 9.0),
+        point_row("full", "sdpa", 16384, "fwd", 19.0),
+        point_row("full", "triton", 8192, "fwd", 10.0, visited_tiles=4160),
+        # sparsity 1 - 400 / 2048 < 0.9: not a goal point
+        point_row("local", "triton", 4096, "fwd", 1.0, visited_tiles=400),
+        # predicted 4160 / 416 = 10, achieved 9 / 0.9 = 10: efficiency 1
+        point_row("local", "triton", 8192, "fwd", 0.9, visited_tiles=416),
+        # predicted 16512 / 1032 = 16, achieved 19 / 1.9 = 10: efficiency 0.625
+        point_row("local", "triton", 16384, "fwd", 1.9, visited_tiles=1032),
+        point_row("longformer", "triton", 8192, "fwd", 0.9, visited_tiles=416),
+        # failed where SDPA ran; its layout (sparsity 0.95) puts it among the goal's points
+        point_row("longformer", "triton", 16384, "fwd", None, status="oom", visited_tiles=1640),
+        point_row("bigbird", "triton", 8192, "fwd", 1.0, visited_tiles=208),
+        point_row("bigbird", "triton", 16384, "fwd", 1.0),  # no layout statistics: left out
+    ])
+
+
+def test_tile_efficiency_is_the_achieved_over_the_tile_predicted_speedup():
+    frame = bench.ratios(tile_rows()).set_index(["variant", "seq_len"])
+    local = frame.loc["local"]
+    assert local.loc[8192, "dense_kernel_tiles"] == 4160
+    assert local.loc[8192, "predicted_speedup"] == pytest.approx(10.0)
+    assert local.loc[8192, "achieved_speedup"] == pytest.approx(10.0)
+    assert local.loc[8192, "tile_efficiency"] == pytest.approx(1.0)
+    assert local.loc[8192, "tile_sparsity"] == pytest.approx(1 - 416 / 8192)
+    assert local.loc[16384, "tile_efficiency"] == pytest.approx(0.625)
+    assert local.loc[4096, "tile_efficiency"] == pytest.approx((1.0 / 1.0) / (1056 / 400))
+    # full: every causal dense tile visited, so its efficiency is SDPA's time over ours.
+    assert frame.loc[("full", 8192), "predicted_speedup"] == 1.0
+    assert frame.loc[("full", 8192), "tile_efficiency"] == pytest.approx(0.9)
+    assert math.isnan(frame.loc[("bigbird", 16384), "tile_efficiency"])
+
+
+def test_tile_efficiency_goals_take_points_of_high_sparsity_only():
+    goals = bench.goals(tile_rows()).set_index("goal")
+
+    def goal(prefix: str) -> pd.Series:
+        (name,) = [g for g in goals.index if g.startswith(prefix)]
+        return goals.loc[name]
+
+    local = goal("local fwd: tile efficiency")  # 1.0 at 8K, 0.625 at 16K; 4K is too dense
+    assert (local["met"], local["points"], local["target"]) == ("not met", 2, ">= 0.8")
+    assert local["worst"] == pytest.approx(0.625) and local["at"] == "D=64 N=16384 causal"
+    longformer = goal("longformer fwd: tile efficiency")
+    assert (longformer["met"], longformer["points"], longformer["ours_failed"]) == (
+        "not met", 1, 1)
+    assert "ours failed at 1 point(s) where full_sdpa ran" in longformer["note"]
+    bigbird = goal("bigbird fwd: tile efficiency")  # 9 / 1 / (4160 / 208) = 0.45
+    assert (bigbird["met"], bigbird["points"]) == ("not met", 1)
+    assert bigbird["worst"] == pytest.approx(0.45)
+    assert goal("local fwd_bwd: tile efficiency")["met"] == "not measured"
+    passing = tile_rows()
+    passing = passing[(passing["variant"] != "local") | (passing["seq_len"] != 16384)]
+    assert bench.goals(passing).set_index("goal").loc[local.name, "met"] == "met"
+
+
+def test_tile_tables_show_efficiency_and_layouts():
+    tables = bench.result_tables(tile_rows())
+    efficiency = tables[bench.TILE_EFFICIENCY_TITLE].set_index(
+        ["variant", "head_dim", "direction", "mode"])
+    assert efficiency.loc[("local", 64, "causal", "fwd"), "16K"] == "0.625"
+    assert efficiency.loc[("full", 64, "causal", "fwd"), "8K"] == "0.900"
+    layouts = tables["Tile layouts of the triton kernel: tile sparsity / pair fill"].set_index(
+        ["variant", "direction", "tiles"])
+    assert layouts.loc[("local", "causal", "128x64"), "8K"] == "0.949 / 0.500"
+    assert layouts.loc[("longformer", "causal", "128x64"), "16K"] == "0.950 / 0.500"
+    assert "bigbird" in layouts.index.get_level_values(0)  # its 8K point has statistics
 
 
 def test_a_goal_whose_kernel_failed_everywhere_is_not_met():
@@ -258,6 +351,10 @@ def test_failing_points_become_rows_and_the_sweep_goes_on(tmp_path, monkeypatch)
     assert rows.loc[("lsh", "torch", 128), "status"] == "wrong"
     assert rows.loc[("lsh", "torch", 256), "status"] == "ok"
     assert rows.loc[("full", "triton", 256), "ms"] == 2.56
+    # Layout statistics of tiled triton points, failed ones too; none for lsh or SDPA.
+    assert rows.loc[("full", "triton", 64), "visited_tiles"] == 3  # causal, 32 x 32 tiles
+    assert rows.loc[("full", "triton", 256), "pairs"] == 256 * 257 // 2
+    assert rows.loc[[("lsh", "triton", 64), ("full", "sdpa", 64)], "visited_tiles"].isna().all()
     assert len(calls) == 11  # every point but the skipped one
     for name in ("gpu_bench.md", "goals.csv", "ratios.csv"):
         assert (tmp_path / name).is_file(), name
@@ -356,6 +453,30 @@ def test_tiny_cpu_run_measures_sdpa_and_the_lsh_torch_backend(tmp_path):
         expected = attn.flops(64, 16, True) * 2 * 2 * factor / (row.ms / 1e3) / 1e12
         assert row.tflops == pytest.approx(expected)
     assert (tmp_path / "plots" / "full.png").stat().st_size > 0
+
+
+def test_tiny_cpu_run_of_the_kernel_records_the_layout_it_ran_on(tmp_path):
+    args = args_for(tmp_path, "--variants", "local", "full", "--impls", "triton", "sdpa",
+                    "--lengths", "80", "--modes", "fwd", "--check-n", "40", "--point-budget",
+                    "0.1")
+    outcome = bench.run(args)
+    rows = bench.typed(bench.read_rows(tmp_path / bench.CSV_NAME)).set_index(["variant", "impl"])
+    assert list(rows["status"]) == ["ok"] * 3, rows["error"].tolist()
+    block_m, block_n = bench.kernel_tiles(torch.float32, 16, torch.device("cpu"))
+    local = attn_zoo.build("local", backend="triton")
+    expected = build_layout(local.pattern(80, True), 80, 80, block_m, block_n).stats()
+    for column in bench.LAYOUT_COLUMNS:
+        assert rows.loc[("local", "triton"), column] == pytest.approx(expected[column]), column
+    # The kernel ran on the layout the benchmark built: one cached layout of this module at N=80
+    # (cache keys: (pattern key, n, m, block_m, block_n, device)).
+    params = tuple(local.params.to_dict().items())
+    built = [key for key in layout_cache._CACHE
+             if key[0][:2] == ("local", params) and key[1:5] == (80, 80, block_m, block_n)]
+    assert len(built) == 1
+    ratios = pd.read_csv(tmp_path / "ratios.csv").set_index("variant")
+    assert ratios.loc["local", "tile_efficiency"] > 0
+    assert bench.TILE_EFFICIENCY_TITLE in outcome.tables
+    assert "tile sparsity / pair fill" in (tmp_path / "gpu_bench.md").read_text()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from attn_zoo.kernels.layout import FULL, BlockLayout, build_layout, cached_layout
@@ -58,6 +60,7 @@ def test_layout_visits_exactly_the_pattern(name, causal, block_m, block_n):
     # A tiny chunk makes the builder evaluate the pattern in many pieces.
     layout = build_layout(pattern, n, n, block_m, block_n, chunk_elements=700)
     assert torch.equal(visited_pairs(layout), dense_mask(pattern, n))
+    assert layout.pairs == int(dense_mask(pattern, n).sum())  # summed over the chunks
     # Stored masks are distinct and each allows some pair (empty tiles are dropped).
     if (layout.kv_mask != FULL).any():
         assert layout.masks.flatten(1).any(1).all()
@@ -70,6 +73,52 @@ def test_layout_visits_exactly_the_pattern(name, causal, block_m, block_n):
         for row in range(index.shape[0]):  # each list is increasing
             listed = index[row, :int(count[row])]
             assert torch.all(listed[1:] > listed[:-1])
+
+
+def tile_grid(mask: torch.Tensor, block_m: int, block_n: int) -> torch.Tensor:
+    """(ceil(N / block_m), ceil(M / block_n)) bool: the tiles of a dense (N, M) mask with a pair."""
+    n, m = mask.shape
+    padded = torch.nn.functional.pad(mask, (0, -m % block_n, 0, -n % block_m))
+    return padded.view(padded.shape[0] // block_m, block_m, -1, block_n).any(3).any(1)
+
+
+STATS_CASES = [("local", {"window": 7}, False), ("local", {"window": 7}, True),
+               ("longformer", {"window": 4, "dilation": 2, "n_global": 5}, True),
+               ("bigbird", {"block": 8, "window_blocks": 3, "n_global_blocks": 1,
+                            "n_random": 2}, False),
+               ("sparse_fixed", {"stride": 16, "summary": 3}, True),
+               ("full", {}, True)]
+
+
+@pytest.mark.parametrize(("name", "params", "causal"), STATS_CASES,
+                         ids=[f"{c[0]}-{'causal' if c[2] else 'bidir'}" for c in STATS_CASES])
+@pytest.mark.parametrize("n", [97, 131])
+def test_stats_count_tiles_and_pairs_of_the_dense_mask(name, params, causal, n):
+    pattern = attn_zoo.build(name, **params).pattern(n, causal)
+    block_m, block_n = 32, 16
+    layout = build_layout(pattern, n, n, block_m, block_n, chunk_elements=5000)
+    mask = dense_mask(pattern, n)
+    visited = int(tile_grid(mask, block_m, block_n).sum())
+    dense = -(-n // block_m) * -(-n // block_n)
+    assert (layout.visited_tiles, layout.dense_tiles, layout.pairs) == (
+        visited, dense, int(mask.sum()))
+    stats = layout.stats()
+    assert stats == {"n": n, "m": n, "block_m": block_m, "block_n": block_n,
+                     "visited_tiles": visited, "dense_tiles": dense, "pairs": int(mask.sum()),
+                     "density": pytest.approx(visited / dense),
+                     "pair_fill": pytest.approx(int(mask.sum()) / (visited * block_m * block_n))}
+    assert 0 < stats["pair_fill"] <= 1 and 0 < stats["density"] <= 1
+
+
+def test_stats_of_cross_lengths_and_of_an_empty_pattern():
+    # M != N: the grid is ceil(45 / 16) x ceil(30 / 8); keys j <= i - 20.
+    layout = build_layout(lambda i, j: j <= i - 20, 45, 30, 16, 8)
+    mask = dense_mask(lambda i, j: j <= i - 20, 45, 30)
+    assert (layout.dense_tiles, layout.pairs) == (3 * 4, int(mask.sum()))
+    assert layout.visited_tiles == int(tile_grid(mask, 16, 8).sum())
+    empty = build_layout(lambda i, j: i < 0, 20, 20, 16, 16).stats()
+    assert (empty["visited_tiles"], empty["pairs"], empty["density"]) == (0, 0, 0.0)
+    assert math.isnan(empty["pair_fill"])
 
 
 def test_identical_partial_tiles_share_one_mask():
