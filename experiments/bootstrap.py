@@ -4,7 +4,8 @@
     python3 -m experiments.bootstrap test     # the whole test suite (extra args go to pytest)
 
 The first run creates `.venv/` beside pyproject.toml and installs attn-zoo into it, editable,
-with its dev extra. torch comes first: on a machine without a CUDA GPU the CPU build
+with its dev extra, and Triton 3.6 apart in `.venv/triton-3.6/` (the version the GPU machines
+carry), for the test that compiles the kernels natively with it too. torch comes first: on a machine without a CUDA GPU the CPU build
 (`torch==2.13.0`, from PyTorch's CPU wheel index when that index is reachable), never the
 multi-GB CUDA build. Later runs reuse the environment until pyproject.toml changes.
 """
@@ -25,6 +26,8 @@ VENV = ROOT / ".venv"
 CPU_TORCH = "torch==2.13.0"
 CPU_INDEX_HOST = "download.pytorch.org"
 CPU_INDEX = f"https://{CPU_INDEX_HOST}/whl/cpu"
+COMPAT_TRITON = "triton==3.6.0"
+COMPAT_DIR = VENV / "triton-3.6"
 JOBS = {
     "sweep": ["-m", "experiments.bench", "-m"],
     "test": ["-m", "pytest", "-q"],
@@ -76,6 +79,8 @@ def ensure_venv() -> Path:
     pip = [str(python), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
     subprocess.run([*pip, *torch_args], check=True)
     subprocess.run([*pip, "-e", f"{ROOT}[dev]"], check=True)
+    subprocess.run([*pip, "--no-deps", "--upgrade", "--target", str(COMPAT_DIR), COMPAT_TRITON],
+                   check=True)
     stamp.write_text(stamp_text)
     return python
 

@@ -1,0 +1,161 @@
+"""The kernels compiled natively for real GPU targets (no GPU needed), and read in place.
+
+`attn_zoo.kernels.compile_check` compiles what the launchers would launch on sm_80 / sm_90
+with Triton's compiler and bundled ptxas; these tests run its CI subset and hold the kernels
+to the spill goals, check that captured launches are the real ones, that every configuration
+table entry is in the check's matrix, and that a (B, N, H, D) projection output viewed as
+(B, H, N, D) reaches the kernels without a copy.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from attn_zoo.kernels import block_sparse, bucket
+from attn_zoo.kernels import compile_check as check
+from attn_zoo.kernels.block_sparse import block_sparse_attention, tile_config
+from attn_zoo.kernels.bucket import lsh_attention
+from attn_zoo.kernels.launch import (
+    ARCH_FAMILIES,
+    PRECISIONS,
+    capture,
+    padded_dim,
+    precision,
+    target_arch,
+)
+from attn_zoo.kernels.layout import build_layout
+
+from experiments.bootstrap import COMPAT_DIR, ROOT
+from experiments.measure import peak_memory
+
+
+def test_capture_configures_for_the_arch_and_records_instead_of_running():
+    q = torch.zeros(1, 1, 1, 40, 64, dtype=torch.bfloat16)
+    k = v = torch.zeros(1, 1, 40, 64, dtype=torch.bfloat16)
+    with capture(90) as launches:
+        assert target_arch(torch.device("cpu")) == 90
+        tiles = tile_config(q.dtype, 64, q.device)
+        layout = build_layout(lambda i, j: j <= i, 40, 40, tiles.block_m, tiles.block_n)
+        block_sparse_attention(q, k, v, layout, scale=0.125)
+    assert tiles == block_sparse.CONFIGS[90, "16bit"][64]
+    assert [launch.kernel.fn.__name__ for launch in launches] == ["_forward_kernel"]
+    launch = launches[0]
+    assert launch.args[0] is q and launch.kwargs["BLOCK_M"] == tiles.block_m
+    assert launch.kwargs["num_warps"] == tiles.fwd_warps
+    assert target_arch(torch.device("cpu")) is None  # the interpreter again, outside
+
+
+def test_every_configuration_table_entry_is_in_the_check_matrix():
+    covered = {(case.arch, check.KINDS[case.precision], padded_dim(case.head_dim))
+               for case in check.cases("full", check.ARCHS)}
+    for table in (block_sparse.CONFIGS, bucket.CONFIGS):
+        assert set(table) == {(family, kind) for family in ARCH_FAMILIES for kind in PRECISIONS}
+        entries = {(family, kind, dim) for (family, kind), dims in table.items() for dim in dims}
+        assert entries == covered
+    assert set(check.SHARED_LIMITS) == set(ARCH_FAMILIES) == set(check.ARCHS)
+
+
+def _block_sparse_call(q, k, v, layout):
+    out, lse = block_sparse_attention(q, k, v, layout, scale=0.125)
+    return torch.autograd.grad((out, lse), (q, k, v), (torch.ones_like(out),
+                                                       torch.ones_like(lse)))
+
+
+def _lsh_call(q, k, v, order):
+    out, lse = lsh_attention(q, k, v, order, 16, causal=True, scale=0.125)
+    return torch.autograd.grad((out, lse), (q, k, v), (torch.ones_like(out),
+                                                       torch.ones_like(lse)))
+
+
+@pytest.mark.parametrize("kernel", ["block_sparse", "lsh"])
+def test_a_transposed_projection_output_is_read_in_place(kernel):
+    batch, n, heads, dim = 2, 96, 4, 64
+    projected = [torch.randn(batch, n, heads, dim, dtype=torch.bfloat16) for _ in range(3)]
+    transposed = [x.transpose(1, 2).requires_grad_() for x in projected]  # (B, H, N, D) views
+    contiguous = [x.detach().contiguous().requires_grad_() for x in transposed]
+    if kernel == "block_sparse":
+        with capture(90):
+            tiles = tile_config(torch.bfloat16, dim, torch.device("cpu"))
+        layout = build_layout(lambda i, j: (i - j).abs() <= 32, n, n, tiles.block_m,
+                              tiles.block_n)
+
+        def call(q, k, v):  # GQA: 2 query heads per kv head, as the library groups them
+            return _block_sparse_call(q.view(batch, 2, 2, n, dim), k[:, :2], v[:, :2], layout)
+    else:
+        order = torch.arange(n).expand(2, batch, heads, n)
+
+        def call(q, k, v):
+            return _lsh_call(q, k, v[:, :2], order)
+
+    with capture(90) as launches:
+        allocated = {label: peak_memory(lambda xs=xs: call(*xs))
+                     for label, xs in (("transposed", transposed), ("contiguous", contiguous))}
+    # The launches read the projection's own memory with its strides: nothing was copied.
+    first = launches[0]
+    assert first.args[0].data_ptr() == projected[0].data_ptr()
+    assert first.args[0].stride() != first.args[0].contiguous().stride()
+    assert allocated["transposed"] == allocated["contiguous"]
+
+
+@pytest.fixture(scope="module")
+def ci_rows(tmp_path_factory):
+    rows = check.run("ci", (90, 80), jobs=os.cpu_count() or 1)
+    check.write(rows, tmp_path_factory.mktemp("compile"), "ci", (90, 80))
+    return rows
+
+
+def test_every_ci_configuration_compiles_natively_within_shared_memory(ci_rows):
+    assert {row.arch for row in ci_rows} == {80, 90}
+    kernels = {row.kernel for row in ci_rows}
+    assert kernels == {"forward_kernel", "delta_kernel", "grad_kv_kernel", "grad_q_kernel",
+                       "bucket_fwd_kernel", "bucket_bwd_dq_kernel", "bucket_bwd_dkdv_kernel"}
+    assert {row.precision for row in ci_rows} == {"ieee", "bf16", "fp16"}
+    assert check.failures(ci_rows) == []
+    assert all(row.shared_bytes <= row.shared_limit for row in ci_rows)
+    assert all(row.registers is not None and row.spill_stores is not None for row in ci_rows)
+
+
+def test_no_register_spills_on_sm90_plain_and_few_with_padding(ci_rows):
+    for row in ci_rows:
+        if row.arch == 90:
+            goal = check.SPILL_GOAL["plain" if row.flags.endswith("plain") else "flags"]
+            assert row.spill_stores <= goal, row
+
+
+def test_no_register_spills_on_sm80_up_to_head_dim_64(ci_rows):
+    spilled = [row for row in ci_rows if row.arch == 80 and row.head_dim <= 64
+               and row.spill_stores]
+    assert spilled == []
+
+
+@pytest.mark.skipif(not COMPAT_DIR.is_dir(), reason="Triton 3.6 is installed for this check by "
+                    "`python3 -m experiments.bootstrap test`")
+def test_the_kernels_compile_with_triton_3_6_as_on_the_gpu_machines(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(COMPAT_DIR), str(ROOT)])}
+    env.pop("TRITON_INTERPRET", None)
+    version = subprocess.run([sys.executable, "-c", "import triton; print(triton.__version__)"],
+                             env=env, capture_output=True, text=True, check=True)
+    assert version.stdout.startswith("3.6")
+    done = subprocess.run([sys.executable, "-m", "attn_zoo.kernels.compile_check", "--subset",
+                           "ci", "--archs", "90", "--out", str(tmp_path)], env=env,
+                          capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Triton 3.6" in (tmp_path / "compile_check.md").read_text()
+
+
+def test_float32_runs_in_ieee_precision_unless_tf32_is_allowed():
+    assert precision(torch.float32) == "ieee"
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        assert precision(torch.float32) == "tf32"
+        assert precision(torch.bfloat16) == "16bit"
+        with capture(90):
+            assert tile_config(torch.float32, 64, torch.device("cpu")) == \
+                block_sparse.CONFIGS[90, "tf32"][64]
+    finally:
+        torch.set_float32_matmul_precision(previous)
