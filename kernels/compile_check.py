@@ -284,6 +284,9 @@ def _compile_task(task: tuple[Case, int]) -> Row:
 
 def run(subset: str, archs: Sequence[int], jobs: int = 2) -> list[Row]:
     """Compile every distinct launch of `subset` on the supported `archs`."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("the compile check compiles the kernels natively: run it without "
+                           "TRITON_INTERPRET=1 (got TRITON_INTERPRET=1)")
     tasks, seen = [], set()
     for case in cases(subset, [arch for arch in archs if arch_supported(arch)]):
         for index, launch in enumerate(capture_case(case)):

@@ -9,6 +9,7 @@ table entry is in the check's matrix, and that a (B, N, H, D) projection output 
 
 from __future__ import annotations
 
+import csv
 import os
 import subprocess
 import sys
@@ -101,50 +102,62 @@ def test_a_transposed_projection_output_is_read_in_place(kernel):
     assert allocated["transposed"] == allocated["contiguous"]
 
 
+def native_check(out, archs, python_path=()):
+    """Run the CI subset in a process of its own, without TRITON_INTERPRET (kernels defined
+    under the interpreter cannot be compiled), and read its rows back."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([*map(str, python_path), str(ROOT)])}
+    env.pop("TRITON_INTERPRET", None)
+    done = subprocess.run([sys.executable, "-m", "attn_zoo.kernels.compile_check", "--subset",
+                           "ci", "--archs", *map(str, archs), "--out", str(out)], env=env,
+                          capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    with open(out / "compile_check.csv") as rows:
+        return [{key: int(value) if value.isdigit() else value for key, value in row.items()}
+                for row in csv.DictReader(rows)]
+
+
 @pytest.fixture(scope="module")
 def ci_rows(tmp_path_factory):
-    rows = check.run("ci", (90, 80), jobs=os.cpu_count() or 1)
-    check.write(rows, tmp_path_factory.mktemp("compile"), "ci", (90, 80))
-    return rows
+    return native_check(tmp_path_factory.mktemp("compile"), (90, 80))
+
+
+def test_the_check_refuses_interpreted_kernels(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(RuntimeError, match="without TRITON_INTERPRET=1"):
+        check.run("ci", (90,))
 
 
 def test_every_ci_configuration_compiles_natively_within_shared_memory(ci_rows):
-    assert {row.arch for row in ci_rows} == {80, 90}
-    kernels = {row.kernel for row in ci_rows}
+    assert {row["arch"] for row in ci_rows} == {80, 90}
+    kernels = {row["kernel"] for row in ci_rows}
     assert kernels == {"forward_kernel", "delta_kernel", "grad_kv_kernel", "grad_q_kernel",
                        "bucket_fwd_kernel", "bucket_bwd_dq_kernel", "bucket_bwd_dkdv_kernel"}
-    assert {row.precision for row in ci_rows} == {"ieee", "bf16", "fp16"}
-    assert check.failures(ci_rows) == []
-    assert all(row.shared_bytes <= row.shared_limit for row in ci_rows)
-    assert all(row.registers is not None and row.spill_stores is not None for row in ci_rows)
+    assert {row["precision"] for row in ci_rows} == {"ieee", "bf16", "fp16"}
+    assert {row["status"] for row in ci_rows} == {"ok"}
+    assert all(row["shared_bytes"] <= row["shared_limit"] for row in ci_rows)
+    assert all(isinstance(row["registers"], int) and isinstance(row["spill_stores"], int)
+               for row in ci_rows)
 
 
 def test_no_register_spills_on_sm90_plain_and_few_with_padding(ci_rows):
-    for row in ci_rows:
-        if row.arch == 90:
-            goal = check.SPILL_GOAL["plain" if row.flags.endswith("plain") else "flags"]
-            assert row.spill_stores <= goal, row
+    sm90 = [row for row in ci_rows if row["arch"] == 90]
+    assert {row["flags"].split()[-1] for row in sm90} == {"plain", "pad"}
+    for row in sm90:
+        goal = check.SPILL_GOAL["plain" if row["flags"].endswith("plain") else "flags"]
+        assert row["spill_stores"] <= goal, row
 
 
 def test_no_register_spills_on_sm80_up_to_head_dim_64(ci_rows):
-    spilled = [row for row in ci_rows if row.arch == 80 and row.head_dim <= 64
-               and row.spill_stores]
-    assert spilled == []
+    sm80 = [row for row in ci_rows if row["arch"] == 80 and row["head_dim"] <= 64]
+    assert sm80 and [row for row in sm80 if row["spill_stores"]] == []
 
 
 @pytest.mark.skipif(not COMPAT_DIR.is_dir(), reason="Triton 3.6 is installed for this check by "
                     "`python3 -m experiments.bootstrap test`")
 def test_the_kernels_compile_with_triton_3_6_as_on_the_gpu_machines(tmp_path):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(COMPAT_DIR), str(ROOT)])}
-    env.pop("TRITON_INTERPRET", None)
-    version = subprocess.run([sys.executable, "-c", "import triton; print(triton.__version__)"],
-                             env=env, capture_output=True, text=True, check=True)
-    assert version.stdout.startswith("3.6")
-    done = subprocess.run([sys.executable, "-m", "attn_zoo.kernels.compile_check", "--subset",
-                           "ci", "--archs", "90", "--out", str(tmp_path)], env=env,
-                          capture_output=True, text=True, cwd=ROOT)
-    assert done.returncode == 0, done.stderr[-3000:]
+    rows = native_check(tmp_path, (90,), python_path=(COMPAT_DIR,))
     assert "Triton 3.6" in (tmp_path / "compile_check.md").read_text()
+    assert len({row["kernel"] for row in rows}) == 7 and {row["status"] for row in rows} == {"ok"}
 
 
 def test_float32_runs_in_ieee_precision_unless_tf32_is_allowed():
