@@ -204,10 +204,33 @@ _PTXAS = {
 }
 
 
-def compile_launch(launch: Launch, case: Case) -> Row:
-    """Compile `launch` natively for `case.arch` and read its resources."""
+@contextlib.contextmanager
+def _compiling() -> Iterator[tuple[io.StringIO, io.StringIO]]:
+    """Fresh compiles whose ptxas log (printed) and compiler diagnostics (file descriptor 2)
+    are caught: yields (log, diagnostics), the latter filled when the block ends."""
     from triton import knobs
 
+    settings = (knobs.compilation.always_compile, knobs.nvidia.dump_ptxas_log)
+    # A cached binary would skip ptxas, and its log with it.
+    knobs.compilation.always_compile, knobs.nvidia.dump_ptxas_log = True, True
+    log, diagnostics = io.StringIO(), io.StringIO()
+    saved = os.dup(2)
+    try:
+        with tempfile.TemporaryFile("w+") as errors, contextlib.redirect_stdout(log):
+            os.dup2(errors.fileno(), 2)
+            try:
+                yield log, diagnostics
+            finally:
+                os.dup2(saved, 2)
+                errors.seek(0)
+                diagnostics.write(errors.read())
+    finally:
+        os.close(saved)
+        knobs.compilation.always_compile, knobs.nvidia.dump_ptxas_log = settings
+
+
+def compile_launch(launch: Launch, case: Case) -> Row:
+    """Compile `launch` natively for `case.arch` and read its resources."""
     source, target, options = _compile_parts(launch, case.arch)
     constants = launch.kwargs
     tiles = "x".join(str(constants[key]) for key in ("BLOCK_M", "BLOCK_N") if key in constants)
@@ -216,25 +239,17 @@ def compile_launch(launch: Launch, case: Case) -> Row:
               case.flags if case.family == "block_sparse" else f"{case.family} {case.flags}",
               " ".join([tiles, *steps]), options.num_warps, options.num_stages, "ok", None,
               SHARED_LIMITS[case.arch], None, None, None, 0.0)
-    knobs.compilation.always_compile = True  # a cached binary would skip ptxas and its log
-    knobs.nvidia.dump_ptxas_log = True
-    log = io.StringIO()
     start = time.perf_counter()
-    with tempfile.TemporaryFile("w+") as errors, contextlib.redirect_stdout(log):
-        saved = os.dup(2)
-        os.dup2(errors.fileno(), 2)  # the compiler's diagnostics, kept for the error column
-        try:
+    try:
+        with _compiling() as (log, diagnostics):
             compiled = triton.compile(source, target=target, options=options.__dict__)
-        except Exception as error:  # the compiler's own error is the result
-            errors.seek(0)
-            lines = [line for line in errors.read().splitlines() if "error" in line.lower()]
-            row.status = "error"
-            row.error = " / ".join([*lines[:2], f"{type(error).__name__}: {error}"])[:400]
-            return row
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            row.seconds = round(time.perf_counter() - start, 2)
+    except Exception as error:  # the compiler's own error is the result
+        lines = [line for line in diagnostics.getvalue().splitlines() if "error" in line.lower()]
+        row.status = "error"
+        row.error = " / ".join([*lines[:2], f"{type(error).__name__}: {error}"])[:400]
+        return row
+    finally:
+        row.seconds = round(time.perf_counter() - start, 2)
     row.shared_bytes = int(compiled.metadata.shared)
     if row.shared_bytes > row.shared_limit:
         row.status = "shared memory overflow"
@@ -257,15 +272,9 @@ def arch_supported(arch: int) -> bool:
         tl.store(x, 1.0)
 
     try:
-        with tempfile.TemporaryFile("w+") as sink, contextlib.redirect_stdout(io.StringIO()):
-            saved = os.dup(2)
-            os.dup2(sink.fileno(), 2)
-            try:
-                triton.compile(ASTSource(probe, {"x": "*fp32"}, {}, {}),
-                               target=GPUTarget("cuda", arch, 32))
-            finally:
-                os.dup2(saved, 2)
-                os.close(saved)
+        with _compiling():
+            triton.compile(ASTSource(probe, {"x": "*fp32"}, {}, {}),
+                           target=GPUTarget("cuda", arch, 32))
     except Exception:  # any failure to build for the arch means it is not supported here
         return False
     return True
