@@ -246,7 +246,8 @@ def compile_launch(launch: Launch, case: Case) -> Row:
     except Exception as error:  # the compiler's own error is the result
         lines = [line for line in diagnostics.getvalue().splitlines() if "error" in line.lower()]
         row.status = "error"
-        row.error = " / ".join([*lines[:2], f"{type(error).__name__}: {error}"])[:400]
+        message = " ".join(str(error).split())  # one line; the end says what failed
+        row.error = " / ".join([*lines[:2], f"{type(error).__name__}: ...{message[-240:]}"])
         return row
     finally:
         row.seconds = round(time.perf_counter() - start, 2)

@@ -116,6 +116,22 @@ def native_check(out, archs, python_path=()):
                 for row in csv.DictReader(rows)]
 
 
+def test_the_check_reports_what_the_compiler_rejects():
+    # A bucket block of 8 breaks the kernels' static assertion (blocks of at least 16).
+    script = """
+from attn_zoo.kernels import bucket, compile_check as check
+bucket.CONFIGS[90, "16bit"][64] = bucket.BucketConfig(8, 4, 2)
+case = check.Case(90, "routing", "bf16", 64, "plain", group=8)
+row = check.compile_launch(check.capture_case(case)[0], case)
+print(row.status, "|", row.error)
+"""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, cwd=ROOT, check=True)
+    status, error = done.stdout.strip().splitlines()[-1].split(" | ", 1)
+    assert status == "error" and "BLOCK_M >= 16" in error
+
+
 @pytest.fixture(scope="module")
 def ci_rows(tmp_path_factory):
     return native_check(tmp_path_factory.mktemp("compile"), (90, 80))
