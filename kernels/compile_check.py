@@ -1,9 +1,10 @@
 """Native compile check: every kernel configuration the dispatcher can choose, built for real
 GPU targets by Triton's compiler and its bundled ptxas, on a machine without a GPU.
 
-    python -m attn_zoo.kernels.compile_check                   # the whole matrix, 2 processes
+    python -m attn_zoo.kernels.compile_check                   # the whole matrix
     python -m attn_zoo.kernels.compile_check --subset ci       # the CI subset
     python -m attn_zoo.kernels.compile_check --archs 90 --out /tmp/check
+    python -m attn_zoo.kernels.compile_check --tune            # re-derive the config tables
 
 A case is one call of a public kernel entry point (`block_sparse_attention`, `lsh_attention`,
 `routing_attention`), forward and backward, on small CPU tensors inside `launch.capture(arch)`:
@@ -21,9 +22,14 @@ kernels lsh and routing, causal and not, with and without padding, at their larg
 (and, plain, at buckets of 16 and 32); plus head dim 72 (padded to 128, strides not multiples
 of 16: another specialization), plain. The CI subset: every kernel (bucket kernels as lsh
 causal and routing) x float32 (IEEE), bfloat16, float16 x head dims 64 and 128 x plain and
-padded on sm_90; plain on sm_80.
-Rows go to `<out>/compile_check.csv` and `<out>/compile_check.md`; the exit code is 1 when a
-launch fails to compile or overflows shared memory.
+padded on sm_90; plain on sm_80. Rows go to `<out>/compile_check.csv` and
+`<out>/compile_check.md` (the full matrix adds every static variant's layout statistics); the
+exit code is 1 when a launch fails to compile or overflows shared memory. Compiler processes:
+`--jobs` (default: the CPU count). Kernels defined under TRITON_INTERPRET=1 cannot be
+compiled: run it without.
+
+`--tune` searches the launchers' configuration tables (`block_sparse.CONFIGS`,
+`bucket.CONFIGS`) for each of `--archs` and prints them: see `tune_block_sparse`.
 """
 
 from __future__ import annotations
