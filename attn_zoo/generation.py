@@ -10,6 +10,7 @@ Every variant has a cache (`attn_zoo.cache`): the prompt is one prefill call thr
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -20,6 +21,8 @@ from attn_zoo.layers import check_choice
 from attn_zoo.params import require
 
 STRATEGIES = ("greedy", "sample", "beam")
+CHECKED_OPTIONS = ("strategy", "temperature", "top_k", "top_p", "num_beams", "eos_token_id")
+"""The options of `generate` that `check_options` checks, besides max_new_tokens and vocab_size."""
 
 Forward = Callable[..., Tensor]
 
@@ -52,12 +55,63 @@ class _Sequences:
         self.cache.reorder(index)
 
 
+def _int(name: str, value: object, low: int, high: int | None = None,
+         optional: bool = False) -> None:
+    """TypeError unless `value` is an int (None too when `optional`); ValueError unless it is
+    in [low, high) (high None: no upper bound)."""
+    if optional and value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int{' or None' if optional else ''}, "
+                        f"got {value!r}")
+    within = f"in [{low}, {high})" if high is not None else f">= {low}"
+    require(low <= value and (high is None or value < high), name, value, f"an int {within}")
+
+
+def _real(name: str, value: object, optional: bool = False) -> None:
+    """TypeError unless `value` is a finite real number (None too when `optional`)."""
+    if optional and value is None:
+        return
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a number{' or None' if optional else ''}, "
+                        f"got {value!r}")
+    require(math.isfinite(value), name, value, "a finite number")
+
+
+def check_options(
+    *,
+    max_new_tokens: int,
+    strategy: str = "greedy",
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    num_beams: int = 4,
+    eos_token_id: int | None = None,
+    vocab_size: int | None = None,
+) -> None:
+    """Check `generate`'s options (see there): a TypeError or ValueError naming the first bad
+    one and its value. `eos_token_id` must be below `vocab_size` when that is given."""
+    _int("max_new_tokens", max_new_tokens, 0)
+    if not isinstance(strategy, str):
+        raise TypeError(f"strategy must be a str, got {strategy!r}")
+    check_choice("strategy", strategy, STRATEGIES)
+    _real("temperature", temperature)
+    require(temperature > 0, "temperature", temperature, "> 0 (use strategy='greedy')")
+    _int("top_k", top_k, 1, optional=True)
+    _real("top_p", top_p, optional=True)
+    require(top_p is None or 0 < top_p <= 1, "top_p", top_p, "in (0, 1] or None")
+    _int("num_beams", num_beams, 1)
+    _int("vocab_size", vocab_size, 1, optional=True)
+    _int("eos_token_id", eos_token_id, 0, vocab_size, optional=True)
+
+
 def generate(
     forward: Forward,
     prompt: Tensor,
     max_new_tokens: int,
     *,
     cache: DecodeCache,
+    vocab_size: int | None = None,
     context: dict[str, Tensor | None] | None = None,
     strategy: str = "greedy",
     temperature: float = 1.0,
@@ -74,25 +128,35 @@ def generate(
     with `generator`), or "beam" (`num_beams` beams per row, ranked by their plain summed
     log-probability, no length normalisation; the best beam of each row is returned).
     With `eos_token_id`, a row that produced it is padded with it, and generation stops early
-    once every row (every beam) has finished. `context`: extra per-row keyword arguments of
-    `forward` (None values pass through). `cache`: an empty `DecodeCache` (the model's
-    `init_cache()`).
+    once every row (every beam) has finished. `vocab_size`: the model's vocabulary; when
+    given, the prompt's ids and `eos_token_id` must lie in [0, vocab_size). `context`: extra
+    per-row keyword arguments of `forward` (None values pass through). `cache`: an empty
+    `DecodeCache` (the model's `init_cache()`). Every argument is checked before the first
+    call of `forward`; an empty batch (B = 0) returns the prompt.
     """
-    require(isinstance(prompt, Tensor) and prompt.dim() == 2 and prompt.shape[1] >= 1
-            and not prompt.is_floating_point(), "prompt", getattr(prompt, "shape", prompt),
-            "a (B, P) integer tensor with P >= 1")
-    require(isinstance(max_new_tokens, int) and max_new_tokens >= 0, "max_new_tokens",
-            max_new_tokens, "an int >= 0")
-    check_choice("strategy", strategy, STRATEGIES)
-    require(temperature > 0, "temperature", temperature, "> 0 (use strategy='greedy')")
-    require(top_k is None or (isinstance(top_k, int) and top_k >= 1), "top_k", top_k,
-            "an int >= 1 or None")
-    require(top_p is None or 0 < top_p <= 1, "top_p", top_p, "in (0, 1] or None")
-    require(isinstance(num_beams, int) and num_beams >= 1, "num_beams", num_beams, "an int >= 1")
+    check_options(max_new_tokens=max_new_tokens, strategy=strategy, temperature=temperature,
+                  top_k=top_k, top_p=top_p, num_beams=num_beams, eos_token_id=eos_token_id,
+                  vocab_size=vocab_size)
+    if not isinstance(prompt, Tensor):
+        raise TypeError(f"prompt must be a (B, P) integer tensor, got {type(prompt).__name__}")
+    require(prompt.dim() == 2 and prompt.shape[1] >= 1 and not prompt.is_floating_point()
+            and not prompt.is_complex() and prompt.dtype != torch.bool, "prompt",
+            f"{prompt.dtype} of shape {tuple(prompt.shape)}", "a (B, P) integer tensor, P >= 1")
+    if prompt.numel():
+        low, high = int(prompt.min()), int(prompt.max())
+        require(low >= 0 and (vocab_size is None or high < vocab_size), "prompt",
+                f"ids in [{low}, {high}]", "token ids >= 0" if vocab_size is None
+                else f"token ids in [0, vocab_size={vocab_size})")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {generator!r}")
+    if context is not None and not isinstance(context, dict):
+        raise TypeError(f"context must be a dict or None, got {type(context).__name__}")
     if not isinstance(cache, DecodeCache):
         raise TypeError(f"cache must be a DecodeCache, got {type(cache).__name__}")
     if cache.seen:
         raise ValueError(f"cache must be empty, got one at position {cache.seen}")
+    if prompt.shape[0] == 0:
+        return prompt.clone()
     sequences = _Sequences(forward, prompt, cache, dict(context or {}))
     if strategy == "beam":
         return _beam_search(sequences, max_new_tokens, num_beams, eos_token_id)

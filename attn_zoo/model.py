@@ -314,7 +314,7 @@ class TransformerLM(nn.Module):
         """
         with _generating(self):
             return generation.generate(self, prompt, max_new_tokens, cache=self.init_cache(),
-                                       **options)
+                                       vocab_size=self.embedding.num_embeddings, **options)
 
 
 class Seq2SeqTransformer(nn.Module):
@@ -379,8 +379,14 @@ class Seq2SeqTransformer(nn.Module):
 
         The source is encoded once; options as in `TransformerLM.generate`.
         """
+        checked = {key: value for key, value in options.items()
+                   if key in generation.CHECKED_OPTIONS}
+        # Checked before the encoder runs; `generate` checks the rest.
+        generation.check_options(max_new_tokens=max_new_tokens,
+                                 vocab_size=self.embedding.num_embeddings, **checked)
         with _generating(self):
             memory = self.encode(source, source_mask)
             context = {"memory": memory, "source_mask": source_mask}
             return generation.generate(self.decode, prompt, max_new_tokens,
-                                       cache=self.init_cache(), context=context, **options)
+                                       cache=self.init_cache(), context=context,
+                                       vocab_size=self.embedding.num_embeddings, **options)

@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 
 CSV_NAME = "train.csv"
 CHECKPOINT_FORMAT = "attn_zoo.train/1"
+CHECKPOINT_KEYS = ("model", "model_kwargs", "task", "config")
 BUDGET = ("steps", "tokens_per_step", "lr", "seed")
 KEY = ("attention", "params", "model", "task", "task_params", "seq_len", "eval_len", *BUDGET)
 METRICS = ("eval_loss", "accuracy", "bits_per_byte", "train_loss", "train_seconds",
@@ -234,18 +235,37 @@ def save_checkpoint(path: str | os.PathLike, model: TransformerLM, kwargs: Mappi
 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
                     ) -> tuple[TransformerLM, Task, dict[str, Any]]:
-    """(model in eval mode, task, the checkpoint's dict) rebuilt from the checkpoint alone."""
+    """(model in eval mode, task, the checkpoint's dict) rebuilt from the checkpoint alone.
+
+    A file that is missing, empty, not a torch file, not one of `save_checkpoint`, lacking
+    an entry, or whose weights do not fit the model it describes is an error naming
+    `ckpt=<path>` and what is wrong.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"ckpt={path}: no such checkpoint file")
-    state = torch.load(path, map_location=device, weights_only=True)
+    if path.stat().st_size == 0:
+        raise ValueError(f"ckpt={path}: the file is empty (0 bytes)")
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as error:  # the torch loaders raise many types for a damaged file
+        raise ValueError(f"ckpt={path}: not a readable torch checkpoint "
+                         f"({type(error).__name__}: {error})".replace("\n", " ")) from error
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"ckpt={path} is not a checkpoint of experiments.train "
-                         f"(format {CHECKPOINT_FORMAT})")
-    task_config = dict(state["task"])
-    task = make_task(task_config.pop("name"), **task_config)
-    model = TransformerLM(**state["model_kwargs"])
-    model.load_state_dict(state["model"])
+        raise ValueError(f"ckpt={path}: not a checkpoint of experiments.train (format "
+                         f"{CHECKPOINT_FORMAT!r}, got "
+                         f"{state.get('format') if isinstance(state, dict) else type(state)!r})")
+    missing = [key for key in CHECKPOINT_KEYS if not isinstance(state.get(key), dict)]
+    if missing:
+        raise ValueError(f"ckpt={path}: lacks the entries {missing} (each a dict)")
+    try:
+        task_config = dict(state["task"])
+        task = make_task(task_config.pop("name"), **task_config)
+        model = TransformerLM(**state["model_kwargs"])
+        model.load_state_dict(state["model"])
+    except Exception as error:  # bad arguments, missing or misshapen weights
+        raise ValueError(f"ckpt={path}: cannot rebuild its model and task "
+                         f"({type(error).__name__}: {error})".replace("\n", " ")) from error
     return model.to(device).eval(), task, state
 
 

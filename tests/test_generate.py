@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 
 import pytest
 import torch
@@ -61,11 +62,56 @@ def test_missing_checkpoint_and_non_text_task(tmp_path):
         generate.stream(tmp_path / "mqar.pt", "x", 4)
 
 
-def test_bad_arguments(text_checkpoint):
-    with pytest.raises(ValueError, match="prompt"):
-        generate.stream(text_checkpoint, "", 4)
-    with pytest.raises(ValueError, match="temperature"):
-        generate.stream(text_checkpoint, "x", 4, temperature=-1.0)
+@pytest.mark.parametrize("options,error,message", [
+    ({"prompt": ""}, ValueError, "prompt must be a non-empty string"),
+    ({"temperature": -1.0}, ValueError, "temperature must be >= 0"),
+    ({"temperature": "hot"}, TypeError, "temperature must be a number \\(0: greedy\\), got 'hot'"),
+    ({"top_k": 0}, ValueError, "top_k must be an int >= 1, got 0"),
+    ({"top_k": "5"}, TypeError, "top_k must be an int or None, got '5'"),
+    ({"top_p": 2.0}, ValueError, "top_p must be in"),
+    ({"max_new_tokens": -3}, ValueError, "max_new_tokens must be an int >= 0, got -3"),
+    ({"max_new_tokens": 1.5}, TypeError, "max_new_tokens must be an int, got 1.5"),
+    ({"seed": "one"}, TypeError, "seed must be an int, got 'one'"),
+])
+def test_bad_arguments_fail_before_the_checkpoint_is_read(tmp_path, options, error, message):
+    arguments = {"prompt": "x", "max_new_tokens": 4} | options
+    # The checkpoint does not exist: the argument's error must come first.
+    with pytest.raises(error, match=message):
+        generate.stream(tmp_path / "none.pt", **arguments)
+
+
+def damaged(path, kind: str, checkpoint=None):
+    """Write a damaged checkpoint of `kind` to `path`; returns what its error must say."""
+    if kind == "empty":
+        path.write_bytes(b"")
+        return "the file is empty"
+    if kind == "random bytes":
+        path.write_bytes(bytes(torch.randint(0, 256, (4096,),
+                                             generator=torch.Generator().manual_seed(0)).tolist()))
+        return "not a readable torch checkpoint"
+    state = torch.load(checkpoint, weights_only=True)
+    if kind == "lacking keys":
+        del state["model_kwargs"], state["task"]
+        message = r"lacks the entries \['model_kwargs', 'task'\]"
+    elif kind == "other format":
+        state = {"weights": state["model"]}
+        message = "not a checkpoint of experiments.train"
+    else:  # lacking weights
+        state["model"].pop("embedding.weight")
+        message = "cannot rebuild its model and task .*embedding.weight"
+    torch.save(state, path)
+    return message
+
+
+@pytest.mark.parametrize("kind", ["empty", "random bytes", "lacking keys", "other format",
+                                  "lacking weights"])
+def test_a_damaged_checkpoint_names_ckpt_and_what_is_wrong(text_checkpoint, tmp_path, kind):
+    path = tmp_path / "bad.pt"
+    message = damaged(path, kind, text_checkpoint)
+    with pytest.raises(ValueError, match=f"ckpt={re.escape(str(path))}: {message}"):
+        train.load_checkpoint(path)
+    with pytest.raises(ValueError, match="ckpt="):
+        generate.stream(path, "x", 4, out=io.StringIO())
 
 
 def test_command_line_takes_any_prompt(text_checkpoint, capsys):

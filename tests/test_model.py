@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import attn_zoo
+from attn_zoo import generation
 from attn_zoo.layers import RotaryEmbedding
 from attn_zoo.model import Seq2SeqTransformer, TransformerEncoder, TransformerLM
 from attn_zoo.registry import get
@@ -258,3 +259,58 @@ def test_bad_arguments_name_the_parameter(kwargs, name):
 def test_bad_generation_arguments_name_the_parameter(kwargs, name):
     with pytest.raises(ValueError, match=name):
         tiny_lm().generate(tokens((1, 3)), 2, **kwargs)
+
+
+def never_called(*args, **kwargs):
+    raise AssertionError("the model ran before the arguments were checked")
+
+
+@pytest.mark.parametrize("kwargs,error,message", [
+    ({"eos_token_id": VOCAB}, ValueError, f"eos_token_id must be an int in \\[0, {VOCAB}\\), "
+     f"got {VOCAB}"),
+    ({"eos_token_id": -1}, ValueError, "eos_token_id"),
+    ({"eos_token_id": 2.0}, TypeError, "eos_token_id must be an int or None, got 2.0"),
+    ({"prompt": torch.tensor([[1, VOCAB + 3]])}, ValueError,
+     f"prompt must be token ids in \\[0, vocab_size={VOCAB}\\), got 'ids in \\[1, {VOCAB + 3}\\]'"),
+    ({"prompt": torch.tensor([[-1, 2]])}, ValueError, "prompt must be token ids"),
+    ({"prompt": torch.ones(1, 3)}, ValueError, "prompt must be a \\(B, P\\) integer tensor"),
+    ({"prompt": [[1, 2]]}, TypeError, "prompt must be"),
+    ({"temperature": "hot"}, TypeError, "temperature must be a number, got 'hot'"),
+    ({"temperature": float("inf")}, ValueError, "temperature must be a finite number"),
+    ({"strategy": "sample", "top_k": 2.5}, TypeError, "top_k must be an int or None, got 2.5"),
+    ({"strategy": "sample", "top_k": True}, TypeError, "top_k"),
+    ({"strategy": "sample", "top_p": "most"}, TypeError, "top_p must be a number or None"),
+    ({"strategy": "sample", "top_p": 1.5}, ValueError, "top_p must be in \\(0, 1\\]"),
+    ({"strategy": "beam", "num_beams": "4"}, TypeError, "num_beams must be an int, got '4'"),
+    ({"max_new_tokens": -1}, ValueError, "max_new_tokens must be an int >= 0, got -1"),
+    ({"max_new_tokens": 2.0}, TypeError, "max_new_tokens must be an int, got 2.0"),
+    ({"strategy": None}, TypeError, "strategy must be a str, got None"),
+    ({"generator": 0}, TypeError, "generator must be a torch.Generator or None, got 0"),
+    ({"context": [1]}, TypeError, "context must be a dict or None"),
+    ({"vocab_size": 0}, ValueError, "vocab_size must be an int >= 1, got 0"),
+])
+def test_generation_arguments_are_checked_before_the_model_runs(kwargs, error, message):
+    options = {"prompt": tokens((1, 3)), "max_new_tokens": 2, "vocab_size": VOCAB} | kwargs
+    model = tiny_lm()
+    with pytest.raises(error, match=message):
+        generation.generate(never_called, cache=model.init_cache(), **options)
+
+
+@pytest.mark.parametrize("kwargs", [{"eos_token_id": VOCAB}, {"temperature": "hot"}])
+def test_models_pass_their_vocabulary_and_check_before_encoding(kwargs, monkeypatch):
+    with pytest.raises((ValueError, TypeError), match=next(iter(kwargs))):
+        tiny_lm().generate(tokens((1, 3)), 2, **kwargs)
+    with pytest.raises(ValueError, match="prompt must be token ids"):
+        tiny_lm().generate(torch.tensor([[VOCAB]]), 2)
+    torch.manual_seed(0)
+    model = Seq2SeqTransformer(VOCAB, 16, 1, 2)
+    monkeypatch.setattr(model, "encode", never_called)
+    with pytest.raises((ValueError, TypeError), match=next(iter(kwargs))):
+        model.generate(tokens((1, 4)), tokens((1, 1)), 2, **kwargs)
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "sample", "beam"])
+def test_an_empty_batch_generates_an_empty_result(strategy):
+    prompt = torch.zeros(0, 3, dtype=torch.long)
+    out = tiny_lm().generate(prompt, 4, strategy=strategy, num_beams=3)
+    assert out.shape == (0, 3) and out.dtype == torch.long
