@@ -130,7 +130,6 @@ class DecodeConfig:
     attention: Any = MISSING
     out_dir: str = MISSING
     contexts: list[int] = MISSING
-    bounded: list[str] = MISSING
     max_context: int = MISSING
     vocab_size: int = MISSING
     dim: int = MISSING

@@ -19,13 +19,15 @@ and none always runs first). A point (variant, C) records:
   `keys_per_layer`: positions a layer's cache holds (pooled keys counted once each);
 * `prefill_tokens_per_s`: throughput of the chunked prefill that reached C.
 
-Variants listed in `bounded` (constant-size caches) run every context; the others (growing
-caches, quadratic prefill) stop at `max_context`, and their longer contexts become rows with
-status `skipped`. A failing point is a row with `status` (oom, unsupported, error) and the
-message; the sweep goes on. Rows go to `<out_dir>/decode.csv` (rewritten atomically); a point
+A variant whose cache is bounded (its cache class declares `bounded = True`: constant size)
+runs every context; the others (growing caches, quadratic prefill) stop at `max_context`, and
+their longer contexts become rows with status `skipped`. A failing point is a row with
+`status` (oom, unsupported, error) and the message; the sweep goes on. Rows are appended to
+`<out_dir>/decode.csv` (`experiments.results.Table`: typed columns, whole lines under a lock,
+a malformed line moved aside with a warning), with `bounded` and the environment; a point
 already there is not measured again (failed ones are, with `retry_failed=true`), so a re-run
-resumes. After each job the table (`decode.md`, `decode_table.csv`) and the plot
-(`decode.png`) are rebuilt from every row.
+resumes. After each job the report (`experiments.report`: `report.md`, `plots/decode.png`,
+the goals of `conf/goals/decode.yaml`) is rebuilt from every row.
 """
 
 from __future__ import annotations
@@ -33,66 +35,47 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any
 
 import hydra
-import numpy as np
 import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+import attn_zoo
 from attn_zoo import DecodeCache, TransformerLM
-from experiments.bench import (
-    CONF_DIR,
-    check_device,
-    classify,
+from attn_zoo.cache import cache_for
+from experiments import report
+from experiments.bench import CONF_DIR, check_device
+from experiments.config import attention_params, register_configs
+from experiments.measure import MIB, interleaved_median_times, text_table
+from experiments.results import (
+    ENVIRONMENT_COLUMNS,
+    STATUS_COLUMNS,
+    Table,
     device_name,
     environment,
-)
-from experiments.config import attention_params, register_configs
-from experiments.measure import (
-    MIB,
-    interleaved_median_times,
-    locked,
-    print_tables,
-    read_rows,
-    write_atomic,
-    write_tables,
+    error_row,
 )
 
 log = logging.getLogger(__name__)
 
 CSV_NAME = "decode.csv"
-MODEL_AXES = ("vocab_size", "dim", "depth", "heads", "kv_heads", "batch", "dtype", "device",
-              "prefill_chunk", "steps")
+MODEL_AXES = {"vocab_size": int, "dim": int, "depth": int, "heads": int, "kv_heads": int,
+              "batch": int, "dtype": str, "device": str, "prefill_chunk": int, "steps": int}
 KEY = ("attention", "params", "context", *MODEL_AXES)
 METRICS = ("ms_per_token", "cache_mib", "keys_per_layer", "prefill_tokens_per_s")
-COLUMNS = (*KEY, "status", "error", *METRICS)
+COLUMNS = ({"attention": str, "params": str, "context": int} | MODEL_AXES
+           | {"bounded": bool} | STATUS_COLUMNS | dict.fromkeys(METRICS, float)
+           | ENVIRONMENT_COLUMNS)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-FLAT_GOAL = 0.10
-"""A bounded cache's latency and bytes stay within 10% over the contexts (max / min - 1)."""
 
 
-# -- rows -----------------------------------------------------------------------------------
-
-
-def key_of(row: dict[str, Any]) -> tuple[str, ...]:
-    return tuple(str(row[column]) for column in KEY)
-
-
-def write_row(out_dir: Path, row: dict[str, Any]) -> None:
-    """Add `row` to `<out_dir>/decode.csv`, replacing a row with the same key, atomically."""
-    with locked(out_dir / CSV_NAME):
-        rows = read_rows(out_dir / CSV_NAME, COLUMNS, KEY)
-        if not rows.empty:
-            rows = rows[[key_of(old) != key_of(row) for _, old in rows.iterrows()]]
-        fresh = pd.DataFrame([row])
-        merged = fresh if rows.empty else pd.concat([rows, fresh], ignore_index=True)
-        order = [c for c in COLUMNS if c in merged] + [c for c in merged if c not in COLUMNS]
-        write_atomic(out_dir / CSV_NAME, merged[order].to_csv(index=False))
+def table(out_dir: str | Path) -> Table:
+    """The results table `<out_dir>/decode.csv`."""
+    return Table(Path(out_dir) / CSV_NAME, COLUMNS, KEY)
 
 
 def points_of(cfg: DictConfig) -> list[dict[str, Any]]:
@@ -102,6 +85,12 @@ def points_of(cfg: DictConfig) -> list[dict[str, Any]]:
     base = {"attention": cfg.attention.name, "params": json.dumps(params, sort_keys=True)}
     base |= {axis: values[axis] for axis in MODEL_AXES}
     return [base | {"context": context} for context in sorted(values["contexts"])]
+
+
+def is_bounded(cfg: DictConfig) -> bool:
+    """Whether the variant's cache has a constant size (its cache class says so)."""
+    attention = attn_zoo.build(cfg.attention.name, **attention_params(cfg.attention))
+    return bool(type(cache_for(attention)).bounded)
 
 
 # -- measuring ------------------------------------------------------------------------------
@@ -178,29 +167,29 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     Returns {"rows": this job's rows (fresh or reused), "measured": how many were measured}.
     """
-    out_dir = Path(cfg.out_dir)
-    with locked(out_dir / CSV_NAME):
-        rows = read_rows(out_dir / CSV_NAME, COLUMNS, KEY)
-        done = {key_of(row): row for row in rows.to_dict("records")}
-    bounded = cfg.attention.name in cfg.bounded
+    results = table(cfg.out_dir)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
+    try:
+        bounded, broken = is_bounded(cfg), None
+    except Exception as error:  # bad parameters: every point of the job is a failure row
+        bounded, broken = None, error
     rows: dict[int, dict[str, Any]] = {}
     streams: dict[int, Stream] = {}
-    decoder, broken, device = None, "", torch.device("cpu")
+    decoder, device = None, torch.device("cpu")
     for point in points_of(cfg):
         context = point["context"]
-        earlier = done.get(key_of(point))
+        earlier = results.done(point)
         if earlier is not None and earlier["status"] != "skipped" and (
                 earlier["status"] == "ok" or not cfg.retry_failed):
             rows[context] = earlier | {"measured": False}
             continue
-        row = rows[context] = dict(point) | {"measured": True}
-        if not bounded and context > cfg.max_context:
+        row = rows[context] = dict(point) | {"bounded": bounded, "measured": True}
+        if broken is not None:
+            fail(row, broken)
+        elif not bounded and context > cfg.max_context:
             row |= {"status": "skipped", "error": f"context above max_context="
                     f"{cfg.max_context} for a cache that grows with the context"}
-        elif broken:
-            row |= {"status": "error", "error": f"an earlier context failed: {broken}"}
         else:
             try:
                 device = check_device(cfg.device)
@@ -209,8 +198,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 row["prefill_tokens_per_s"] = decoder.prefill(context)
                 streams[context] = decoder.fork()
             except Exception as error:  # a failing point is a row; the sweep goes on
+                fail(row, error)
                 # The cache is in an unknown state: the longer contexts fail too.
-                broken = fail(row, error)
+                broken = RuntimeError(f"an earlier context failed: {row['error']}")
     if streams:
         try:
             for context, measured in time_streams(streams, cfg, device).items():
@@ -218,133 +208,19 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         except Exception as error:
             for context in streams:
                 fail(rows[context], error)
-    for row in rows.values():
-        if row["measured"]:
-            write_row(out_dir, {key: value for key, value in row.items() if key != "measured"})
-            log.info("%s-c%s %s", row["attention"], row["context"], row["status"])
-    write_report(out_dir, cfg)
-    return {"rows": list(rows.values()),
-            "measured": sum(bool(row["measured"]) for row in rows.values())}
+    fresh = [row for row in rows.values() if row["measured"]]
+    results.append({key: value for key, value in row.items() if key != "measured"}
+                   for row in fresh)
+    for row in fresh:
+        log.info("%s-c%s %s", row["attention"], row["context"], row["status"])
+    report.run([cfg.out_dir])
+    return {"rows": list(rows.values()), "measured": len(fresh)}
 
 
-def fail(row: dict[str, Any], error: BaseException) -> str:
-    """Mark `row` failed by `error` (status and message); returns the message."""
-    row |= {"status": classify(error),
-            "error": f"{type(error).__name__}: {error}".replace("\n", " ")}
+def fail(row: dict[str, Any], error: BaseException) -> None:
+    """Mark `row` failed by `error` (status and message)."""
+    row |= error_row(error)
     log.error("%s-c%s failed: %s", row["attention"], row["context"], row["error"])
-    return row["error"]
-
-
-# -- the report -----------------------------------------------------------------------------
-
-
-def flatness(frame: pd.DataFrame, column: str) -> float:
-    """max / min - 1 of `column` over a variant's ok rows (NaN with fewer than two)."""
-    values = frame[column].dropna()
-    return values.max() / values.min() - 1 if len(values) > 1 else math.nan
-
-
-def growth_exponent(frame: pd.DataFrame, column: str) -> float:
-    """Slope of log(column) against log(context): 1 is linear growth, 0 flat."""
-    ok = frame.dropna(subset=[column])
-    if len(ok) < 2:
-        return math.nan
-    return float(np.polyfit(np.log(ok["context"].astype(float)), np.log(ok[column]), 1)[0])
-
-
-def tables(rows: pd.DataFrame, bounded: list[str]) -> dict[str, tuple[str, pd.DataFrame]]:
-    """The goal summary, the latency and bytes pivots and the per-point table of `rows` (every
-    column of `COLUMNS`, context as int)."""
-    ok = rows[rows["status"] == "ok"].astype({column: float for column in METRICS})
-    points = rows[["attention", "context", "status", *METRICS, "error"]].copy()
-    points["error"] = points["error"].astype(object).fillna("")
-    points = points.sort_values(["attention", "context"])
-    pivots = {}
-    for column in ("ms_per_token", "cache_mib"):
-        frame = ok.pivot_table(index="attention", columns="context", values=column)
-        frame.columns = [str(c) for c in frame.columns]
-        pivots[column] = frame.reset_index()
-    summary = []
-    for name, frame in ok.groupby("attention"):
-        summary.append({
-            "attention": name, "bounded": name in bounded,
-            "contexts": f"{frame['context'].min()}..{frame['context'].max()}",
-            # Rounded: a constant size fits an exponent of 1e-17, which reads as noise.
-            "latency_spread": round(flatness(frame, "ms_per_token"), 3),
-            "bytes_spread": round(flatness(frame, "cache_mib"), 3),
-            "latency_exponent": round(growth_exponent(frame, "ms_per_token"), 3),
-            "bytes_exponent": round(growth_exponent(frame, "cache_mib"), 3),
-        })
-        row = summary[-1]
-        if name in bounded:
-            flat = max(row["latency_spread"], row["bytes_spread"]) <= FLAT_GOAL
-            row["goal"] = f"flat within {FLAT_GOAL:.0%}: {'met' if flat else 'missed'}"
-        elif name == "full":
-            linear = abs(row["bytes_exponent"] - 1) <= FLAT_GOAL
-            row["goal"] = f"bytes linear: {'met' if linear else 'missed'}"
-        else:
-            row["goal"] = ""
-    summary = pd.DataFrame(summary)
-    return {
-        "decode_summary": ("Growth over the contexts: spread = max / min - 1; exponent = "
-                           "slope of log(value) against log(context)", summary),
-        "decode_ms_per_token": ("Per-token decode latency (ms, median)", pivots["ms_per_token"]),
-        "decode_cache_mib": ("Cache size (MiB, every layer)", pivots["cache_mib"]),
-        "decode_points": ("Every point", points),
-    }
-
-
-def plot(rows: pd.DataFrame, path: Path) -> None:
-    """Latency and cache bytes against context, log-log, one line per variant (rows as for
-    `tables`)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ok = rows[rows["status"] == "ok"].astype({"ms_per_token": float, "cache_mib": float})
-    figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for name, frame in ok.sort_values("context").groupby("attention"):
-        for axis, column in zip(axes, ("ms_per_token", "cache_mib"), strict=True):
-            axis.plot(frame["context"], frame[column], marker="o", label=name)
-    for axis, label in zip(axes, ("ms per token (median)", "cache MiB (all layers)"),
-                           strict=True):
-        axis.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel=label)
-        axis.grid(True, which="both", alpha=0.3)
-    if not ok.empty:
-        axes[1].legend(fontsize=8)
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    figure.savefig(tmp, dpi=120)
-    plt.close(figure)
-    tmp.replace(path)
-
-
-def write_report(out_dir: Path, cfg: DictConfig) -> dict[str, pd.DataFrame]:
-    """Rebuild `decode.md`, the table CSVs and `decode.png` from every row under `out_dir`."""
-    with locked(out_dir / CSV_NAME):
-        rows = read_rows(out_dir / CSV_NAME, COLUMNS, KEY)
-    if rows.empty:
-        return {}
-    rows = rows.reindex(columns=list(dict.fromkeys([*COLUMNS, *rows.columns])))
-    rows["context"] = rows["context"].astype(int)
-    built = tables(rows, list(cfg.bounded))
-    first = rows.iloc[0]
-    header = (f"# Streaming decode: latency and cache size against context\n\n"
-              f"Model: TransformerLM dim={first['dim']}, depth={first['depth']}, "
-              f"heads={first['heads']}, kv_heads={first['kv_heads']}, "
-              f"vocab={first['vocab_size']}, batch={first['batch']}, {first['dtype']} on "
-              f"{first.get('device_name', first['device'])} with "
-              f"{first.get('threads', '?'):.0f} thread(s). Context built by chunked prefill "
-              f"({first['prefill_chunk']} tokens per call); latency: {first['steps']} greedy "
-              f"decode steps per context, interleaved across contexts (half in ascending, half "
-              f"in descending order), mean of the two medians. Goal: bounded caches "
-              f"({', '.join(cfg.bounded)}) flat within {FLAT_GOAL:.0%} in latency and bytes; "
-              f"`full` bytes growing linearly (exponent 1).\n\n![decode](decode.png)\n")
-    write_tables(out_dir, "decode", header, built)
-    plot(rows, out_dir / "decode.png")
-    return {key: frame for key, (_, frame) in built.items()}
 
 
 register_configs()
@@ -353,9 +229,13 @@ register_configs()
 @hydra.main(config_path=CONF_DIR, config_name="decode", version_base="1.3")
 def main(cfg: DictConfig) -> dict[str, Any]:
     result = run(cfg)
-    shown = pd.DataFrame(result["rows"])[["attention", "context", "status", *METRICS]]
-    print_tables({f"{cfg.attention.name} on {device_name(torch.device(cfg.device))}": shown},
-                 Path(cfg.out_dir))
+    shown = pd.DataFrame(result["rows"]).reindex(columns=["attention", "context", "status",
+                                                          *METRICS])
+    print(f"\n{cfg.attention.name} on {device_name(torch.device(cfg.device))}\n"
+          f"{text_table(shown)}\n\nwritten under {cfg.out_dir}/", flush=True)
+    for row in result["rows"]:
+        if row["status"] not in ("ok", "skipped"):
+            print(f"error at context={row['context']}: {row['error']}", flush=True)
     return result
 
 

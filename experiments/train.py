@@ -16,12 +16,15 @@ longer than `seq_len` measure length extrapolation): `eval_loss` (nats per answe
 `accuracy` (synthetic tasks) or `bits_per_byte` (`stdlib_lm`, on its validation files). The
 evaluation data depend on the seed and the length only, so every variant sees the same.
 
-Each (point, eval length) becomes one row of `<out_dir>/train.csv` (rewritten atomically
-under a lock, so parallel jobs can share it): key (attention, params, model, task,
+Each (point, eval length) becomes one row appended to `<out_dir>/train.csv`
+(`experiments.results.Table`: typed columns, whole lines under a lock, so parallel jobs share
+it; a malformed line is moved aside with a warning): key (attention, params, model, task,
 task_params, seq_len, eval_len and the budget: steps, tokens_per_step, lr, seed), `status`
-(ok, oom, unsupported, error) with the message in `error`, and metrics. A point whose rows
-all exist is skipped (failed ones too, unless `retry_failed=true`). `checkpoint` (a path, or
-null) receives the model's weights and everything needed to rebuild it (`load_checkpoint`).
+(ok, oom, unsupported, error) with the message in `error`, metrics and the environment. A
+point whose rows all exist is skipped (failed ones too, unless `retry_failed=true`); at the
+end of a sweep the report (`experiments.report`, joined with `speed_dir`) is written.
+`checkpoint` (a path, or null) receives the model's weights and everything needed to rebuild
+it (`load_checkpoint`).
 Runs are deterministic given `seed` on a given machine and thread count. W&B: one run per
 point (offline by default), `train/loss` every `log_every` steps and `eval/<len>/<metric>`.
 """
@@ -47,9 +50,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from attn_zoo.model import TransformerLM
 from experiments import report
-from experiments.bench import SweepProgress, check_device, classify, environment
+from experiments.bench import SweepProgress, check_device
 from experiments.config import attention_params, register_configs
-from experiments.measure import locked, read_rows, text_table, write_atomic
+from experiments.measure import text_table
+from experiments.results import (
+    ENVIRONMENT_COLUMNS,
+    STATUS_COLUMNS,
+    Table,
+    environment,
+    error_row,
+)
 from experiments.tasks import Task, bits, make_task
 from experiments.wandb_logger import start_run
 
@@ -58,11 +68,14 @@ log = logging.getLogger(__name__)
 CSV_NAME = "train.csv"
 CHECKPOINT_FORMAT = "attn_zoo.train/1"
 CHECKPOINT_KEYS = ("model", "model_kwargs", "task", "config")
-BUDGET = ("steps", "tokens_per_step", "lr", "seed")
+BUDGET = {"steps": int, "tokens_per_step": int, "lr": float, "seed": int}
 KEY = ("attention", "params", "model", "task", "task_params", "seq_len", "eval_len", *BUDGET)
-METRICS = ("eval_loss", "accuracy", "bits_per_byte", "train_loss", "train_seconds",
-           "train_tokens_per_s", "eval_seconds", "n_params", "train_tokens")
-COLUMNS = (*KEY, "status", "error", *METRICS)
+METRICS = {"eval_loss": float, "accuracy": float, "bits_per_byte": float, "train_loss": float,
+           "train_seconds": float, "train_tokens_per_s": float, "eval_seconds": float,
+           "n_params": int, "train_tokens": int}
+COLUMNS = ({"attention": str, "params": str, "model": str, "task": str, "task_params": str,
+            "seq_len": int, "eval_len": int} | BUDGET | STATUS_COLUMNS | METRICS
+           | ENVIRONMENT_COLUMNS)
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 EVAL_SEED_OFFSET = 1_000_003  # evaluation data: a stream apart from the training data
 
@@ -99,11 +112,6 @@ def point_of(cfg: DictConfig) -> dict[str, Any]:
             "model": cfg.model.name, "task": cfg.task.name,
             "task_params": json.dumps(task_params(cfg), sort_keys=True),
             "seq_len": cfg.seq_len} | {axis: cfg[axis] for axis in BUDGET}
-
-
-def key_of(row: Mapping[str, Any]) -> tuple[str, ...]:
-    """A row's identity as strings, equal for a fresh row and the same row read back."""
-    return tuple(str(row[column]) for column in KEY)
 
 
 def model_kwargs(cfg: DictConfig, task: Task) -> dict[str, Any]:
@@ -272,34 +280,19 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
 # -- the results folder ---------------------------------------------------------------------
 
 
+def table(out_dir: str | Path) -> Table:
+    """The results table `<out_dir>/train.csv`."""
+    return Table(Path(out_dir) / CSV_NAME, COLUMNS, KEY)
+
+
 def done_rows(out_dir: Path, points: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]] | None:
     """The rows already written for every one of `points`, or None if one is missing."""
-    with locked(out_dir / CSV_NAME):
-        rows = read_rows(out_dir / CSV_NAME, COLUMNS, KEY)
-    found = {key_of(row): row.to_dict() for _, row in rows.iterrows()}
-    wanted = [found.get(key_of(point)) for point in points]
+    results = table(out_dir)
+    wanted = [results.done(point) for point in points]
     return None if any(row is None for row in wanted) else wanted
 
 
-def write_rows(out_dir: Path, new: Sequence[Mapping[str, Any]]) -> None:
-    """Add `new` rows to `<out_dir>/train.csv`, replacing rows with the same key, atomically."""
-    keys = {key_of(row) for row in new}
-    with locked(out_dir / CSV_NAME):
-        rows = read_rows(out_dir / CSV_NAME, COLUMNS, KEY)
-        if not rows.empty:
-            rows = rows[[key_of(old) not in keys for _, old in rows.iterrows()]]
-        fresh = pd.DataFrame([dict(row) for row in new])
-        merged = fresh if rows.empty else pd.concat([rows, fresh], ignore_index=True)
-        order = [c for c in COLUMNS if c in merged] + [c for c in merged if c not in COLUMNS]
-        write_atomic(out_dir / CSV_NAME, merged[order].to_csv(index=False))
-
-
 # -- the app --------------------------------------------------------------------------------
-
-
-def failure(error: BaseException) -> dict[str, str]:
-    return {"status": classify(error),
-            "error": f"{type(error).__name__}: {error}".replace("\n", " ")}
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -313,7 +306,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     try:
         lengths = eval_lengths(cfg)
     except ValueError as error:
-        rows = [point | {"eval_len": cfg.seq_len} | failure(error)]
+        rows = [point | {"eval_len": cfg.seq_len} | error_row(error)]
         return finish(cfg, out_dir, rows, None)
     points = [point | {"eval_len": length} for length in lengths]
     earlier = done_rows(out_dir, points)
@@ -343,7 +336,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     except Exception as error:  # a failing point is a row per eval length; the sweep goes on
         log.error("%s %s-n%s failed: %s", point["task"], point["attention"], cfg.seq_len,
                   error)
-        rows = [p | common | failure(error) for p in points]
+        rows = [p | common | error_row(error) for p in points]
         return finish(cfg, out_dir, rows, wandb_run)
     rows = []
     for p in points:
@@ -353,7 +346,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             rows.append(p | common | metrics | {"status": "ok", "error": ""})
         except Exception as error:  # e.g. an eval length too short for the task
             log.error("eval at %s failed: %s", p["eval_len"], error)
-            rows.append(p | common | failure(error))
+            rows.append(p | common | error_row(error))
     return finish(cfg, out_dir, rows, wandb_run)
 
 
@@ -364,7 +357,7 @@ def overall(rows: Sequence[Mapping[str, Any]]) -> str:
 def finish(cfg: DictConfig, out_dir: Path, rows: list[dict[str, Any]],
            wandb_run: Any) -> dict[str, Any]:
     """Write the rows, log them to the W&B run (if any) and close it."""
-    write_rows(out_dir, rows)
+    table(out_dir).append(rows)
     if wandb_run is not None:
         for row in rows:
             prefix = f"eval/{row['eval_len']}"
@@ -382,8 +375,7 @@ class QualityProgress(SweepProgress):
     """Hydra callback: a progress line per point of a multirun, the quality report at the end."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        print(report.quality_run(Path(config.out_dir), speed=config.speed_dir).text,
-              flush=True)
+        print(report.run([config.out_dir], speed=config.speed_dir).text, flush=True)
 
 
 register_configs()

@@ -1,16 +1,13 @@
 """Decoding through caches: every variant's cache against the teacher-forced forward (or its
-stated decode rule), chunked extend, beam-search reorder, bounded sizes, experiments.decode."""
+stated decode rule), chunked extend, beam-search reorder, bounded sizes."""
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
-import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
 
 import attn_zoo
 from attn_zoo import cache as cache_module
@@ -19,10 +16,7 @@ from attn_zoo.cache import DecodeCache, KVCache, cache_for
 from attn_zoo.model import Seq2SeqTransformer, TransformerLM
 from attn_zoo.registry import get
 from attn_zoo.variants.lsh import DECODE_BUCKETS_PER_CHUNK, n_buckets
-from experiments import decode
-from experiments.config import register_configs
 
-ROOT = Path(__file__).resolve().parent.parent
 VOCAB = 13
 LENGTH, PROMPT = 40, 7
 
@@ -377,54 +371,3 @@ def test_a_variant_without_a_registered_cache_is_an_error(monkeypatch):
     monkeypatch.delitem(cache_module._CACHES, "local")
     with pytest.raises(ValueError, match="'local' has no registered cache"):
         tiny_lm("local").init_cache()
-
-
-# -- experiments.decode ---------------------------------------------------------------------
-
-
-def config(out_dir: Path, *overrides: str):
-    register_configs()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose("decode", overrides=[
-            f"out_dir={out_dir}", "contexts=[64,256,1024]", "max_context=256", "dim=16",
-            "depth=1", "heads=2", "kv_heads=1", "vocab_size=32", "prefill_chunk=100",
-            "warmup=1", "steps=3", *overrides])
-
-
-def test_decode_benchmark_writes_rows_table_and_plot(tmp_path):
-    result = decode.run(config(tmp_path, "attention=local", "attention.window=16"))
-    assert result["measured"] == 3
-    rows = pd.read_csv(tmp_path / "decode.csv")
-    assert list(rows["context"]) == [64, 256, 1024] and set(rows["status"]) == {"ok"}
-    assert (rows["ms_per_token"] > 0).all() and rows["cache_mib"].nunique() == 1
-    assert (rows["keys_per_layer"] == 17).all()
-    for name in ("decode.md", "decode.png", "decode_summary.csv", "decode_ms_per_token.csv"):
-        assert (tmp_path / name).stat().st_size > 0
-    # full grows with the context and stops at max_context; the re-run resumes.
-    decode.run(config(tmp_path, "attention=full"))
-    rows = pd.read_csv(tmp_path / "decode.csv").set_index(["attention", "context"])
-    assert rows.loc[("full", 1024), "status"] == "skipped"
-    assert rows.loc[("full", 256), "cache_mib"] > 3 * rows.loc[("full", 64), "cache_mib"]
-    assert decode.run(config(tmp_path, "attention=local", "attention.window=16"))[
-        "measured"] == 0
-    assert "local" in (tmp_path / "decode.md").read_text()
-
-
-def test_decode_benchmark_records_a_failing_point_and_goes_on(tmp_path, monkeypatch):
-    prefill = decode.Decoder.prefill
-
-    def failing(self, context):
-        if context >= 256:
-            raise RuntimeError("no room for this context")
-        return prefill(self, context)
-
-    monkeypatch.setattr(decode.Decoder, "prefill", failing)
-    result = decode.run(config(tmp_path, "attention=compressive", "attention.segment=8",
-                               "attention.mem_len=16", "attention.cmem_len=4"))
-    statuses = [row["status"] for row in result["rows"]]
-    assert statuses == ["ok", "error", "error"]
-    rows = pd.read_csv(tmp_path / "decode.csv")
-    assert "no room" in rows["error"].iloc[1] and "earlier context" in rows["error"].iloc[2]
-    # A bad parameter fails every point of the job as unsupported, as rows.
-    result = decode.run(config(tmp_path / "bad", "attention=local", "attention.window=-1"))
-    assert [row["status"] for row in result["rows"]] == ["unsupported", "error", "error"]

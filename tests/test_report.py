@@ -1,4 +1,5 @@
-"""experiments.report: tables, ratios, exponents and plots from known power laws; W&B."""
+"""experiments.report: tables, ratios, exponents and plots from known power laws; goals as
+yaml data; failures listed when every point failed; W&B."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import math
 import pandas as pd
 import pytest
 import wandb
+import yaml
 
-from experiments import report
+from experiments import report, results
 from experiments.wandb_logger import read_offline_run
 
 LENGTHS = [1024, 2048, 4096]
@@ -82,7 +84,7 @@ def test_settings_get_their_own_sections(folder):
     rows = pd.concat([rows, rows.assign(dtype="bfloat16")])
     rows.to_csv(folder / "bench.csv", index=False)
     md = report.run([folder]).markdown
-    assert "## cpu bfloat16" in md and "## cpu float32" in md
+    assert "## Speed: cpu bfloat16" in md and "## Speed: cpu float32" in md
 
 
 def test_scaling_exponent_skips_failed_points():
@@ -91,7 +93,7 @@ def test_scaling_exponent_skips_failed_points():
 
 
 def test_missing_folder_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="results folder"):
+    with pytest.raises(FileNotFoundError, match="no results .* in .*results folders"):
         report.run([tmp_path])
 
 
@@ -150,7 +152,7 @@ def test_pareto_flags_undominated_points():
 
 def test_quality_report_tables_and_frontier(quality):
     folder, speed = quality
-    result = report.quality_run(folder, speed=speed)
+    result = report.run([folder], speed=speed)
     md = result.markdown
     assert "| variant | N=256 | N=1024 | N=2048 |" in md
     assert "| bigbird |  | 0.400 | oom |" in md and "| full | 1.00 | 0.900 | 0.800 |" in md
@@ -158,7 +160,8 @@ def test_quality_report_tables_and_frontier(quality):
     assert "| local | n/a | 0.500 | 0.100 | 0.300 |" in md
     # bigbird at 1024 is less accurate than local and slower and larger: off both frontiers
     # (the speed rows' fwd_bwd_ms is 3 * time)
-    frontier = report.frontier_table(report.load_quality(folder), report.load_speed(speed),
+    frontier = report.frontier_table(report.load([folder], "train"),
+                                     report.speed_costs(report.load([speed], "bench")),
                                      "accuracy")
     at_1024 = frontier[frontier["N"] == 1024].set_index("variant")
     assert at_1024["pareto_time"].to_dict() == {"local": True, "bigbird": False, "full": True}
@@ -175,3 +178,167 @@ def test_quality_cli(quality, capsys):
     report.main([str(folder), "--speed", str(speed)])
     out = capsys.readouterr().out
     assert "frontier:" in out and (folder / "report.md").exists()
+
+
+# -- every point failed ---------------------------------------------------------------------
+
+
+def test_a_sweep_whose_every_point_failed_gets_its_report_with_the_failures(tmp_path, capsys):
+    failed = [{k: v for k, v in row("local", n, 0, 0, status, window=256).items()
+               if not k.startswith("fwd")} | {"error": f"{message} at {n}"}
+              for n, status, message in ((1024, "unsupported", "ValueError: window"),
+                                         (2048, "oom", "OutOfMemoryError: boom"))]
+    write(tmp_path / "sweep", failed)  # no metric column at all in the file
+    report.main([str(tmp_path / "sweep")])
+    out = capsys.readouterr().out
+    assert "no point succeeded" in out
+    md = (tmp_path / "sweep" / "report.md").read_text()
+    assert "* local N=1024: unsupported: ValueError: window at 1024" in md
+    assert "* local N=2048: oom: OutOfMemoryError: boom at 2048" in md
+
+
+# -- goals ----------------------------------------------------------------------------------
+
+
+def goals_file(tmp_path, table: str, goals: list[dict]) -> str:
+    path = tmp_path / "goals.yaml"
+    path.write_text(yaml.safe_dump({"table": table, "goals": goals}))
+    return str(path)
+
+
+@pytest.fixture
+def contenders(tmp_path):
+    """local on the library and FlexAttention at 4K and 16K; the library 2x faster at 4K,
+    1.25x at 16K, its memory growing as N^1 between them; full's point at 16K failed."""
+    rows = []
+    for n, ours, flex in ((4096, 1.0, 2.0), (16384, 4.0, 5.0)):
+        rows.append(row("local", n, ours, n / 1024, window=256) | {"contender": "attn_zoo"})
+        rows.append(row("local", n, flex, 1.0, window=256) | {"contender": "flex_attention"})
+    rows.append(row("full", 4096, 1.0, 1.0) | {"contender": "attn_zoo"})
+    rows.append(row("full", 16384, 0, 0, "oom") | {"contender": "attn_zoo"})
+    rows.append(row("full", 16384, 3.0, 1.0) | {"contender": "flex_attention"})
+    write(tmp_path / "sweep", rows)
+    return tmp_path / "sweep"
+
+
+LOCAL = {"attention": "local", "contender": "attn_zoo"}
+VERSUS_FLEX = {"rows": {"contender": "flex_attention"},
+               "match": ["attention", "params", "seq_len", "dtype", "causal"]}
+
+
+@pytest.mark.parametrize("spec,expected", [
+    # ratio to a baseline, at every N: worst 5 / 4 at 16K
+    ({"rows": LOCAL, "baseline": VERSUS_FLEX, "metric": "base_fwd_ms / fwd_ms",
+      "compare": ">=", "threshold": 1.2},
+     {"result": "met", "worst": 1.25, "points": 2, "at": "local contender=attn_zoo seq_len=16384"}),
+    ({"rows": LOCAL, "baseline": VERSUS_FLEX, "metric": "base_fwd_ms / fwd_ms",
+      "compare": ">=", "threshold": 1.5}, {"result": "not met", "worst": 1.25}),
+    ({"rows": LOCAL | {"seq_len": {"<": 8192}}, "baseline": VERSUS_FLEX,
+      "metric": "base_fwd_ms / fwd_ms", "compare": ">=", "threshold": 1.5},
+     {"result": "met", "worst": 2.0, "points": 1}),
+    # a derived quantity of one row: peak over the float32 output (8 heads, head_dim 64)
+    ({"rows": LOCAL | {"seq_len": 16384},
+      "metric": "fwd_peak_mib / (batch * heads * seq_len * head_dim * 4 / 1048576)",
+      "compare": "<=", "threshold": 0.5}, {"result": "met", "worst": 0.5}),
+    # one value per variant over the lengths: memory ~ N^1, time ~ N^1, peak spread 3
+    ({"rows": LOCAL, "metric": "fwd_peak_mib", "over": "seq_len", "statistic": "exponent",
+      "compare": "between", "threshold": [0.99, 1.01]}, {"result": "met", "worst": 1.0,
+                                                        "at": "local contender=attn_zoo"}),
+    ({"rows": LOCAL, "metric": "fwd_peak_mib", "over": "seq_len", "statistic": "spread",
+      "compare": "<=", "threshold": 0.1}, {"result": "not met", "worst": 3.0}),
+    ({"rows": LOCAL, "where": "fwd_ms > 2", "metric": "fwd_ms", "compare": "<=",
+      "threshold": 4}, {"result": "met", "points": 1, "worst": 4.0}),
+    # a failed point whose baseline ran fails the goal, even with no value measured
+    ({"rows": {"attention": "full", "contender": "attn_zoo", "seq_len": 16384},
+      "baseline": VERSUS_FLEX, "metric": "base_fwd_ms / fwd_ms", "compare": ">=",
+      "threshold": 1.0}, {"result": "not met", "points": 0, "failed": 1}),
+    ({"rows": LOCAL | {"seq_len": 999}, "metric": "fwd_ms", "compare": "<", "threshold": 1},
+     {"result": "not measured", "points": 0}),
+    ({"rows": {"no_such_column": 1}, "metric": "fwd_ms", "compare": "<", "threshold": 1},
+     {"result": "not measured"}),
+])
+def test_goals_are_evaluated_from_yaml(contenders, tmp_path, spec, expected):
+    path = goals_file(tmp_path, "bench", [{"goal": "the goal"} | spec])
+    result = report.run([contenders], goals=[path])
+    (goal,) = result.goals.to_dict("records")
+    for key, value in expected.items():
+        assert goal[key] == (pytest.approx(value) if isinstance(value, float) else value), key
+    shown = (goal["goal"] if goal["result"] != "not measured"
+             else "goals (bench): none of its 1 goals measured")
+    assert shown in result.markdown and shown in result.text
+
+
+def test_a_failed_point_is_named_in_the_goal_note(contenders, tmp_path):
+    path = goals_file(tmp_path, "bench", [{
+        "goal": "full fast", "rows": {"attention": "full", "contender": "attn_zoo"},
+        "metric": "fwd_ms", "compare": "<=", "threshold": 10}])
+    (goal,) = report.run([contenders], goals=[path]).goals.to_dict("records")
+    assert goal["result"] == "not met" and goal["points"] == 1
+    assert "full contender=attn_zoo seq_len=16384 (oom)" in goal["note"]
+
+
+@pytest.mark.parametrize("spec,message", [
+    ({"metric": "x", "compare": ">=", "threshold": 1}, "'goal' is missing"),
+    ({"goal": "g", "metric": "x", "compare": "=~", "threshold": 1}, "compare must be one of"),
+    ({"goal": "g", "metric": "x", "compare": ">=", "threshold": "high"},
+     "threshold must be a number"),
+    ({"goal": "g", "metric": "x", "compare": "between", "threshold": [2, 1]},
+     r"threshold of 'between' must be \[low, high\]"),
+    ({"goal": "g", "metric": "x", "compare": ">=", "threshold": 1, "colour": "red"},
+     r"unknown keys \['colour'\]"),
+    ({"goal": "g", "metric": "x", "compare": ">=", "threshold": 1, "over": "seq_len"},
+     "over and statistic"),
+    ({"goal": "g", "metric": "x", "compare": ">=", "threshold": 1,
+      "baseline": {"rows": {}, "on": ["seq_len"]}}, "baseline must be"),
+    ({"goal": "g", "metric": "x", "compare": ">=", "threshold": 1,
+      "rows": {"seq_len": {"~": 3}}}, "rows: seq_len must be"),
+])
+def test_a_bad_goal_names_its_file_and_number(tmp_path, spec, message):
+    path = goals_file(tmp_path, "bench", [{"goal": "fine", "metric": "fwd_ms", "compare": "<",
+                                           "threshold": 1}, spec])
+    with pytest.raises(ValueError, match=f"goals.yaml goal 2: {message}"):
+        report.load_goals(path)
+
+
+def test_unknown_goals_and_tables_are_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="known goals: .*'decode'"):
+        report.load_goals("nope")
+    (tmp_path / "t.yaml").write_text("table: speed\ngoals: []\n")
+    with pytest.raises(ValueError, match="t.yaml: a goals file is a mapping of `table`"):
+        report.load_goals(tmp_path / "t.yaml")
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in report.GOALS_DIR.glob("*.yaml")))
+def test_the_shipped_goals_files_load(name):
+    goals_file = report.load_goals(name)
+    assert goals_file.goals and goals_file.table in report.SOURCES
+
+
+def test_the_cpu_goals_read_the_bench_columns(tmp_path):
+    """cpu_peers' first goal on rows as the speed app writes them: local vs FlexAttention."""
+    cpu = {"device": "cpu", "seq_len": 16384, "window": 256}
+    rows = [row("local", 16384, 2.0, 1.0, **cpu) | {"contender": "attn_zoo"},
+            row("local", 16384, 3.0, 1.0, **cpu) | {"contender": "flex_attention"}]
+    write(tmp_path / "sweep", rows)
+    goals = report.run([tmp_path / "sweep"], goals=["cpu_peers"]).goals.set_index("goal")
+    first = goals.iloc[0]
+    assert first["result"] == "met" and first["worst"] == pytest.approx(1.5)
+    assert (goals["result"].iloc[1:] == "not measured").sum() >= 8
+
+
+def test_tile_efficiency_of_the_gpu_goals(tmp_path):
+    """(SDPA time / ours) / (dense kernel tiles / visited tiles), the dense kernel tiles
+    derived from the tile sizes: N=1024 causal at 64 x 64 tiles holds 136 such tiles."""
+    gpu = SETTING | {"device": "cuda", "causal": True, "seq_len": 1024}
+    tiles = {"block_m": 64, "block_n": 64, "visited_tiles": 17, "dense_tiles": 256}
+    rows = [row("local", 1024, 0.5, 1.0, window=64) | gpu | tiles
+            | {"contender": "attn_zoo", "backend": "triton"},
+            row("full", 1024, 2.0, 1.0) | gpu | {"contender": "sdpa"}]
+    # Written as the speed app writes: typed columns (the tile sizes stay ints).
+    table = results.Table(tmp_path / "sweep" / "bench.csv", report.SOURCES["bench"].columns,
+                          key=(), extra=str)
+    table.append([{k: str(v) if k == "window" else v for k, v in r.items()} for r in rows])
+    goals = report.run([tmp_path / "sweep"], goals=["gpu"]).goals
+    tile = goals[goals["goal"].str.startswith("local's Triton forward reaches")].iloc[0]
+    assert report.dense_kernel_tiles(1024, 64, 64, causal=True) == 136
+    assert tile["result"] == "not met" and tile["worst"] == pytest.approx(4.0 / (136 / 17))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import math
 
 import pandas as pd
@@ -10,7 +11,7 @@ import torch
 import wandb
 from hydra import compose, initialize_config_dir
 
-from experiments import train
+from experiments import results, train
 from experiments.config import register_configs
 from experiments.tasks import make_task
 from experiments.wandb_logger import read_offline_run
@@ -142,3 +143,40 @@ def test_quality_sweep_config_composes():
     assert params.seq_len == "256,512,1024,2048,4096"
     assert cfg.hydra.launcher._target_.endswith("JoblibLauncher") and cfg.threads == 1
     assert cfg.checkpoint is None and cfg.logger.name == "none"
+
+
+def raw(path) -> list[dict[str, str]]:
+    """The CSV's records as text, exactly as stored."""
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.mark.parametrize("commit", ["1234e56", "0123456"])
+def test_a_commit_that_looks_like_a_number_stays_text(tiny, tmp_path, monkeypatch, commit):
+    monkeypatch.setattr(results, "git_commit", lambda: commit)
+    train.run(tiny("checkpoint=null"))
+    train.run(tiny("checkpoint=null", "attention=local", "attention.window=8"))  # next write
+    assert [row["commit"] for row in raw(tmp_path / "train.csv")] == [commit, commit]
+    assert list(train.table(tmp_path).read()["commit"]) == [commit, commit]
+
+
+def test_a_malformed_line_is_quarantined_and_the_sweep_goes_on(tiny, tmp_path):
+    train.run(tiny("checkpoint=null"))
+    with open(tmp_path / "train.csv", "a") as handle:
+        handle.write("full,{},tiny\n")  # a line cut short
+    with pytest.warns(UserWarning, match=r"train\.csv: line 3: 3 fields"):
+        result = train.run(tiny("checkpoint=null", "attention=local", "attention.window=8"))
+    assert result["status"] == "ok" and not result["skipped"]
+    assert (tmp_path / "train.csv.bad").read_text() == "full,{},tiny\n"
+    assert [row["attention"] for row in raw(tmp_path / "train.csv")] == ["full", "local"]
+    # The first point is still done: its row survived the quarantine.
+    assert train.run(tiny("checkpoint=null"))["skipped"]
+
+
+def test_a_sweep_whose_every_point_failed_gets_its_report(tiny, tmp_path, capsys):
+    cfg = tiny("task.n_pairs=9", "checkpoint=null")  # 9 pairs do not fit in 32
+    train.run(cfg)
+    train.QualityProgress().on_multirun_end(cfg)  # the end of a sweep
+    assert "failed and skipped points:" in capsys.readouterr().out
+    md = (tmp_path / "report.md").read_text()
+    assert "* full N=32 eval 32: unsupported: ValueError: " in md
