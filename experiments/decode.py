@@ -48,7 +48,7 @@ import attn_zoo
 from attn_zoo import DecodeCache, TransformerLM
 from attn_zoo.cache import cache_for
 from experiments import report
-from experiments.bench import CONF_DIR, check_device
+from experiments.bench import CONF_DIR, DTYPES, check_device
 from experiments.config import attention_params, register_configs
 from experiments.measure import MIB, interleaved_median_times, text_table
 from experiments.results import (
@@ -70,7 +70,6 @@ METRICS = ("ms_per_token", "cache_mib", "keys_per_layer", "prefill_tokens_per_s"
 COLUMNS = ({"attention": str, "params": str, "context": int} | MODEL_AXES
            | {"bounded": bool} | STATUS_COLUMNS | dict.fromkeys(METRICS, float)
            | ENVIRONMENT_COLUMNS)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def table(out_dir: str | Path) -> Table:
