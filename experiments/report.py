@@ -59,7 +59,7 @@ import json
 import math
 import operator
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -261,7 +261,7 @@ def shown(values: pd.DataFrame, statuses: pd.DataFrame, exponent: bool,
     return cells.rename_axis("variant").reset_index()
 
 
-def failure_lines(rows: pd.DataFrame, describe) -> list[str]:
+def failure_lines(rows: pd.DataFrame, describe: Callable[[Any], str]) -> list[str]:
     """`<point>: <status>: <error>` for every row that is not ok."""
     return [f"{describe(row)}: {row.status}: {row.error}"
             for row in rows[rows["status"] != "ok"].itertuples()]
@@ -821,9 +821,11 @@ def run(folders: Sequence[str | Path], out: str | Path | None = None, *,
         sections.append(("Quality", quality_section(setting, group, speed_rows, plot_dir)))
     if not tables["decode"].empty:
         sections.append(("Decode", decode_section(tables["decode"], plot_dir)))
-    files = ([load_goals(name) for name in goals] if goals is not None else
-             [found for path in sorted(GOALS_DIR.glob("*.yaml"))
-              if not tables[(found := load_goals(path)).table].empty])
+    if goals is None:  # every goals file whose table the folders hold
+        files = [load_goals(path) for path in sorted(GOALS_DIR.glob("*.yaml"))]
+        files = [found for found in files if not tables[found.table].empty]
+    else:
+        files = [load_goals(name) for name in goals]
     goal_sec, goal_rows = goals_section(files, tables)
     if files:
         sections.append(("Goals", goal_sec))
@@ -840,17 +842,17 @@ def run(folders: Sequence[str | Path], out: str | Path | None = None, *,
                 + "\n"]
     text = []
     for part, sec in sections:
-        markdown += [f"## {part}: {sec.title}\n" if part != sec.title else f"## {part}\n"]
-        markdown += [f"{sec.facts}\n"] if sec.facts else []
+        heading = part if part == sec.title else f"{part}: {sec.title}"
+        markdown += [f"## {heading}\n", *([f"{sec.facts}\n"] if sec.facts else [])]
         markdown += [f"![{p.stem}]({p.relative_to(out).as_posix()})\n" for p in sec.plots]
-        text += ["", f"== {part}: {sec.title}", *([sec.facts] if sec.facts else [])]
+        text += ["", f"== {heading}", *([sec.facts] if sec.facts else [])]
         for caption, table in sec.tables:
             markdown += [f"### {caption[0].upper()}{caption[1:]}\n", markdown_table(table)]
             text += ["", f"{caption}:", text_table(table)]
         if sec.failures:
-            heading = "Not measured" if part == "Goals" else "Failed and skipped points"
-            markdown += [f"### {heading}\n", *[f"* {line}" for line in sec.failures], ""]
-            text += ["", f"{heading.lower()}:", *[f"  {line}" for line in sec.failures]]
+            listed = "Not measured" if part == "Goals" else "Failed and skipped points"
+            markdown += [f"### {listed}\n", *[f"* {line}" for line in sec.failures], ""]
+            text += ["", f"{listed.lower()}:", *[f"  {line}" for line in sec.failures]]
     plots = [p for _, sec in sections for p in sec.plots]
     report_path = out / "report.md"
     write_atomic(report_path, "\n".join(markdown))
