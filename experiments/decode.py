@@ -35,6 +35,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,7 @@ from attn_zoo.cache import cache_for
 from experiments import report
 from experiments.bench import CONF_DIR, DTYPES, check_device
 from experiments.config import attention_params, register_configs
-from experiments.measure import MIB, interleaved_median_times, text_table
+from experiments.measure import MIB, median_time, text_table
 from experiments.results import (
     ENVIRONMENT_COLUMNS,
     STATUS_COLUMNS,
@@ -150,15 +151,21 @@ def time_streams(streams: dict[int, Stream], cfg: DictConfig,
     """Per-token latency and size of every stream: `warmup` untimed steps each, then rounds of
     one timed step per stream in turn, `steps` / 2 rounds in ascending and as many in descending
     order of context: drifts in machine load reach every context alike, and no context always
-    runs first. A stream's latency is the mean of its two medians."""
+    runs first. A stream's latency is the mean of its medians in the two orders."""
     for stream in streams.values():
         for _ in range(cfg.warmup):
             stream.step()
-    passes = [interleaved_median_times({context: streams[context].step for context in order},
-                                       device=device, repeats=max(1, cfg.steps // 2))
-              for order in (sorted(streams), sorted(streams, reverse=True))]
-    return {context: {"ms_per_token": sum(p[context] for p in passes) / 2 * 1e3}
-            | stream.size() for context, stream in streams.items()}
+    medians: dict[int, list[float]] = {context: [] for context in streams}
+    for order in (sorted(streams), sorted(streams, reverse=True)):
+        seconds: dict[int, list[float]] = {context: [] for context in streams}
+        for _ in range(max(1, cfg.steps // 2)):
+            for context in order:
+                seconds[context].append(median_time(streams[context].step, device=device,
+                                                    warmup=0, repeats=1))
+        for context, values in seconds.items():
+            medians[context].append(statistics.median(values))
+    return {context: {"ms_per_token": sum(medians[context]) / 2 * 1e3} | stream.size()
+            for context, stream in streams.items()}
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
