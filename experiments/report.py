@@ -13,12 +13,13 @@ warning and the report goes on). Each table found gets its section; everything g
 `<out>/report.md` (out: the first folder) and the terminal, plots to `<out>/plots/`.
 
 * **speed** (bench.csv), per setting (device, dtype, batch, heads, kv_heads, head_dim,
-  causal, backend, mode): for the forward and, when measured, the forward+backward, time and
+  causal, mode): for the forward and, when measured, the forward+backward, time and
   peak memory as variants x sequence lengths, each with its fitted scaling exponent (slope of
   log value over log N through the ok points), speedup over `full` (its time over the
   variant's), memory ratio to `full`, useful TFLOP/s beside the measured matmul peak; log-log
   plots `plots/{time,memory}_<setting>.png`. A variant is `attention` plus `key=value` for
-  each parameter (or `contender`) that varies among its rows.
+  each parameter (or backend) that varies among its rows, and `(contender)` when the rows are
+  not the library's (SDPA, FlexAttention, a peer): `local window=128`, `local (sdpa)`.
 * **quality** (train.csv), per task, model and budget: the metric (accuracy, or bits per byte
   for text) as variants x training lengths, the length-extrapolation table when points were
   evaluated at other lengths, and with `--speed` (a bench folder) the frontier: each
@@ -95,7 +96,7 @@ class Source:
 _COMMON = {"attention": str, "params": str, "status": str, "error": str, "device_name": str,
            "torch_version": str, "threads": float}
 BENCH_SETTING = ("device", "device_name", "dtype", "batch", "heads", "kv_heads", "head_dim",
-                 "causal", "backend", "mode")
+                 "causal", "mode")
 QUALITY_SETTING = ("task", "task_params", "model", "steps", "tokens_per_step", "lr", "seed")
 DECODE_SETTING = ("vocab_size", "dim", "depth", "heads", "kv_heads", "batch", "dtype", "device",
                   "prefill_chunk", "steps")
@@ -123,8 +124,8 @@ SOURCES = {
 SPEED_COLUMNS = {"fwd_bwd_ms": "attention fwd+bwd ms", "peak_mem_mib": "attention peak MiB"}
 PHASES = {"fwd": "forward", "fwd_bwd": "forward+backward"}
 BASELINE = "full"
-LABEL_COLUMNS = ("contender",)
-"""Columns besides the parameters that tell variants of one `attention` apart."""
+LIBRARY = "attn_zoo"
+"""The `contender` of the library's own rows (others are SDPA, FlexAttention, peers)."""
 
 
 @dataclass
@@ -183,24 +184,25 @@ def dense_kernel_tiles(n: int, block_m: int, block_n: int, causal: bool) -> int:
 
 
 def variant_labels(rows: pd.DataFrame) -> pd.Series:
-    """`attention`, plus `key=value` for each parameter (or `LABEL_COLUMNS` entry) that
-    varies among its rows."""
-    params = rows["params"].map(lambda text: json.loads(text) if text else {})
-    for column in LABEL_COLUMNS:
-        if column in rows:
-            params = pd.Series([p | ({column: c} if c else {})
-                                for p, c in zip(params, rows[column], strict=True)],
-                               index=rows.index)
-    labels = rows["attention"].astype(object).copy()
-    for name, index in rows.groupby("attention").groups.items():
-        settings = params[index]
-        keys = sorted({key for p in settings for key in p})
-        varying = [key for key in keys
-                   if settings.map(lambda p, key=key: json.dumps(p.get(key))).nunique() > 1]
-        if varying:
-            labels[index] = [" ".join([name, *(f"{key}={p[key]}" for key in varying
-                                                if key in p)]) for p in settings]
-    return labels
+    """`attention`, plus `key=value` for each parameter (and `backend`) that varies among its
+    rows, plus `(contender)` for rows not of the library: `local window=128`,
+    `lsh backend=triton`, `local (flex_attention)`."""
+    empty = pd.Series("", index=rows.index, dtype=object)
+    contenders = rows.get("contender", empty).tolist()
+    params = [(json.loads(text) if text else {})
+              | ({"backend": backend} if backend and contender in ("", LIBRARY) else {})
+              for text, backend, contender in zip(rows["params"], rows.get("backend", empty),
+                                                  contenders, strict=True)]
+    values: dict[tuple[str, str], set[str]] = {}
+    for name, setting in zip(rows["attention"], params, strict=True):
+        for key, value in setting.items():
+            values.setdefault((name, key), set()).add(json.dumps(value))
+    labels = [" ".join([name, *(f"{key}={value}" for key, value in sorted(setting.items())
+                                if len(values[(name, key)]) > 1)])
+              + (f" ({contender})" if contender not in ("", LIBRARY) else "")
+              for name, setting, contender in zip(rows["attention"], params, contenders,
+                                                  strict=True)]
+    return pd.Series(labels, index=rows.index, dtype=object)
 
 
 def numeric(values: pd.Series) -> pd.Series:
@@ -298,11 +300,10 @@ def lines_plot(ax: Any, values: pd.DataFrame) -> None:
 
 
 def setting_slug(setting: Mapping[str, Any]) -> str:
-    """A file-name-safe name of a setting, e.g. `cpu-float32-b1-h8-kv8-d64-causal-auto-both`."""
+    """A file-name-safe name of a setting, e.g. `cpu-float32-b1-h8-kv8-d64-causal-both`."""
     return (f"{str(setting['device']).replace(':', '')}-{setting['dtype']}-b{setting['batch']}"
             f"-h{setting['heads']}-kv{setting['kv_heads']}-d{setting['head_dim']}-"
-            f"{'causal' if str(setting['causal']) == 'True' else 'bidir'}-{setting['backend']}"
-            f"-{setting['mode']}")
+            f"{'causal' if str(setting['causal']) == 'True' else 'bidir'}-{setting['mode']}")
 
 
 def speed_section(setting: Mapping[str, Any], rows: pd.DataFrame,
@@ -354,7 +355,7 @@ def speed_title(setting: Mapping[str, Any]) -> str:
             f"heads={setting['heads']} kv_heads={setting['kv_heads']} "
             f"head_dim={setting['head_dim']}, "
             f"{'causal' if str(setting['causal']) == 'True' else 'bidirectional'}, "
-            f"backend={setting['backend']}, mode={setting['mode']}")
+            f"mode={setting['mode']}")
 
 
 def speed_plot(rows: pd.DataFrame, phases: Sequence[str], suffix: str, ylabel: str,
@@ -413,8 +414,8 @@ def extrapolation_table(rows: pd.DataFrame, metric: str) -> pd.DataFrame:
 
 
 def speed_costs(rows: pd.DataFrame) -> pd.DataFrame:
-    """(attention, params, seq_len) -> the speed columns of the last ok row."""
-    ok = rows[rows["status"] == "ok"]
+    """(attention, params, seq_len) -> the speed columns of the library's last ok row."""
+    ok = rows[(rows["status"] == "ok") & rows["contender"].isin(["", LIBRARY])]
     return ok.groupby(["attention", "params", "seq_len"], as_index=False)[
         list(SPEED_COLUMNS)].last()
 
@@ -658,9 +659,10 @@ class Goal:
                 columns={c: f"base_{c}" for c in base_ok if c not in on})
             ok = ok.merge(renamed, on=on, how="inner")
             failed = failed.merge(base_ok[on], on=on, how="inner")
-            base_failed = (~base["status"].isin(OK_STATUSES)).sum()
-            if base_failed:
-                notes.append(f"the baseline failed at {base_failed} point(s)")
+            base_failed = base.loc[~base["status"].isin(OK_STATUSES), "status"]
+            if len(base_failed):
+                notes.append(f"the baseline failed at {len(base_failed)} point(s) "
+                             f"({', '.join(sorted(set(base_failed)))})")
         values = self._values(ok, self.metric, notes)
         where = ok["variant"] + [f" {length}={n}" for n in ok[length]]
         if self.over is not None:

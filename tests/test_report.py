@@ -66,8 +66,8 @@ def test_exponents_ratios_and_failed_cells(folder):
 def test_plots_are_written(folder):
     result = report.run([folder])
     assert sorted(p.name for p in result.plots) == [
-        "memory_cpu-float32-b1-h8-kv8-d64-causal-auto-both.png",
-        "time_cpu-float32-b1-h8-kv8-d64-causal-auto-both.png"]
+        "memory_cpu-float32-b1-h8-kv8-d64-causal-both.png",
+        "time_cpu-float32-b1-h8-kv8-d64-causal-both.png"]
     for plot in result.plots:
         assert plot.read_bytes()[:4] == b"\x89PNG" and plot.parent == folder / "plots"
 
@@ -106,7 +106,7 @@ def test_cli_logs_the_sweep_to_offline_wandb(folder, capsys):
     run = read_offline_run(run_dir)
     assert run["job_type"] == "report" and run["name"] == "report-sweep"
     logged = run["summary"]
-    slug = "cpu-float32-b1-h8-kv8-d64-causal-auto-both"
+    slug = "cpu-float32-b1-h8-kv8-d64-causal-both"
     assert logged["report/rows/_type"] == "table-file" and logged["report/rows/nrows"] == 9
     for phase in ("fwd", "fwd_bwd"):
         for metric in ("ms", "peak_mib"):  # a line plot: a table and its custom chart
@@ -230,7 +230,7 @@ VERSUS_FLEX = {"rows": {"contender": "flex_attention"},
     # ratio to a baseline, at every N: worst 5 / 4 at 16K
     ({"rows": LOCAL, "baseline": VERSUS_FLEX, "metric": "base_fwd_ms / fwd_ms",
       "compare": ">=", "threshold": 1.2},
-     {"result": "met", "worst": 1.25, "points": 2, "at": "local contender=attn_zoo seq_len=16384"}),
+     {"result": "met", "worst": 1.25, "points": 2, "at": "local seq_len=16384"}),
     ({"rows": LOCAL, "baseline": VERSUS_FLEX, "metric": "base_fwd_ms / fwd_ms",
       "compare": ">=", "threshold": 1.5}, {"result": "not met", "worst": 1.25}),
     ({"rows": LOCAL | {"seq_len": {"<": 8192}}, "baseline": VERSUS_FLEX,
@@ -243,7 +243,7 @@ VERSUS_FLEX = {"rows": {"contender": "flex_attention"},
     # one value per variant over the lengths: memory ~ N^1, time ~ N^1, peak spread 3
     ({"rows": LOCAL, "metric": "fwd_peak_mib", "over": "seq_len", "statistic": "exponent",
       "compare": "between", "threshold": [0.99, 1.01]}, {"result": "met", "worst": 1.0,
-                                                        "at": "local contender=attn_zoo"}),
+                                                        "at": "local"}),
     ({"rows": LOCAL, "metric": "fwd_peak_mib", "over": "seq_len", "statistic": "spread",
       "compare": "<=", "threshold": 0.1}, {"result": "not met", "worst": 3.0}),
     ({"rows": LOCAL, "where": "fwd_ms > 2", "metric": "fwd_ms", "compare": "<=",
@@ -274,7 +274,7 @@ def test_a_failed_point_is_named_in_the_goal_note(contenders, tmp_path):
         "metric": "fwd_ms", "compare": "<=", "threshold": 10}])
     (goal,) = report.run([contenders], goals=[path]).goals.to_dict("records")
     assert goal["result"] == "not met" and goal["points"] == 1
-    assert "full contender=attn_zoo seq_len=16384 (oom)" in goal["note"]
+    assert "full seq_len=16384 (oom)" in goal["note"]
 
 
 @pytest.mark.parametrize("spec,message", [
@@ -342,3 +342,11 @@ def test_tile_efficiency_of_the_gpu_goals(tmp_path):
     tile = goals[goals["goal"].str.startswith("local's Triton forward reaches")].iloc[0]
     assert report.dense_kernel_tiles(1024, 64, 64, causal=True) == 136
     assert tile["result"] == "not met" and tile["worst"] == pytest.approx(4.0 / (136 / 17))
+
+
+def test_contenders_share_their_setting_tables_under_their_own_labels(contenders):
+    md = report.run([contenders], goals=[]).markdown
+    assert md.count("## Speed:") == 1
+    assert "| local | 1.00 | 4.00 | 1.00 |" in md  # forward ms at 4K and 16K, exponent 1
+    assert "| local (flex_attention) | 2.00 | 5.00 | 0.66 |" in md
+    assert "| full | 1.00 | oom |" in md and "## Goals" not in md
