@@ -165,6 +165,12 @@ def load(folders: Sequence[str | Path], kind: str) -> pd.DataFrame:
         return pd.DataFrame(columns=[*source.columns, "folder", "variant"])
     rows = pd.concat(frames, ignore_index=True)
     rows["variant"] = variant_labels(rows)
+    # A point that failed before reaching the device (a peer's package missing) has no device
+    # name: it takes the one of its folder and device, so that it joins their tables.
+    for _, group in rows.groupby(["folder", "device"] if "device" in rows else ["folder"]):
+        names = set(group["device_name"]) - {""}
+        if len(names) == 1:
+            rows.loc[group.index[group["device_name"] == ""], "device_name"] = names.pop()
     if kind == "bench":
         causal = rows["causal"].fillna(False).astype(bool)
         rows["dense_kernel_tiles"] = [
