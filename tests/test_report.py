@@ -217,6 +217,9 @@ def contenders(tmp_path):
     rows.append(row("full", 4096, 1.0, 1.0) | {"contender": "attn_zoo"})
     rows.append(row("full", 16384, 0, 0, "oom") | {"contender": "attn_zoo"})
     rows.append(row("full", 16384, 3.0, 1.0) | {"contender": "flex_attention"})
+    # A peer whose package is missing fails before reaching the device: no device name.
+    rows.append(row("local", 4096, 0, 0, "missing", window=256)
+                | {"contender": "local-attention", "device_name": ""})
     write(tmp_path / "sweep", rows)
     return tmp_path / "sweep"
 
@@ -346,7 +349,7 @@ def test_tile_efficiency_of_the_gpu_goals(tmp_path):
 
 def test_contenders_share_their_setting_tables_under_their_own_labels(contenders):
     md = report.run([contenders], goals=[]).markdown
-    assert md.count("## Speed:") == 1
+    assert md.count("## Speed:") == 1 and "* local (local-attention) N=4096: missing" in md
     assert "| local | 1.00 | 4.00 | 1.00 |" in md  # forward ms at 4K and 16K, exponent 1
     assert "| local (flex_attention) | 2.00 | 5.00 | 0.66 |" in md
     assert "| full | 1.00 | oom |" in md and "## Goals" not in md
