@@ -87,6 +87,20 @@ def points_of(cfg: DictConfig) -> list[dict[str, Any]]:
     return [base | {"context": context} for context in sorted(values["contexts"])]
 
 
+def validate(cfg: DictConfig) -> None:
+    """`ValueError` naming the first setting out of range, and its value."""
+    for name, low in (("vocab_size", 1), ("dim", 1), ("depth", 1), ("heads", 1),
+                      ("kv_heads", 1), ("batch", 1), ("prefill_chunk", 1), ("warmup", 0),
+                      ("steps", 1), ("max_context", 1)):
+        if cfg[name] < low:
+            raise ValueError(f"{name} must be >= {low}, got {cfg[name]}")
+    if cfg.threads is not None and cfg.threads < 1:
+        raise ValueError(f"threads must be >= 1 or null, got {cfg.threads}")
+    if not cfg.contexts or min(cfg.contexts) < 1:
+        raise ValueError(f"contexts must be a non-empty list of lengths >= 1, got "
+                         f"{list(cfg.contexts)}")
+
+
 def is_bounded(cfg: DictConfig) -> bool:
     """Whether the variant's cache has a constant size (its cache class says so)."""
     attention = attn_zoo.build(cfg.attention.name, **attention_params(cfg.attention))
@@ -173,6 +187,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     Returns {"rows": this job's rows (fresh or reused), "measured": how many were measured}.
     """
+    validate(cfg)
     results = table(cfg.out_dir)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)

@@ -301,6 +301,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     Returns {"rows": the rows, "status": "ok" when every row is ok (else the first failure's
     status), "skipped": True when earlier rows were reused}.
     """
+    if cfg.threads is not None and cfg.threads < 1:
+        raise ValueError(f"threads must be >= 1 or null, got {cfg.threads}")
     out_dir = Path(cfg.out_dir)
     point = point_of(cfg)
     try:

@@ -102,3 +102,17 @@ def test_a_malformed_line_is_quarantined_and_the_sweep_goes_on(tmp_path):
     assert (tmp_path / "decode.csv.bad").read_text() == "local,oops\n"
     assert [row["attention"] for row in raw(tmp_path / "decode.csv")] == ["local", "full"]
     assert "| full | " in (tmp_path / "report.md").read_text()
+
+
+@pytest.mark.parametrize("override,message", [
+    ("threads=0", "threads must be >= 1 or null, got 0"),
+    ("steps=0", "steps must be >= 1, got 0"),
+    ("warmup=-1", "warmup must be >= 0, got -1"),
+    ("prefill_chunk=0", "prefill_chunk must be >= 1, got 0"),
+    ("contexts=[]", r"contexts must be a non-empty list of lengths >= 1, got \[\]"),
+    ("contexts=[0,64]", "contexts must be"),
+])
+def test_a_setting_out_of_range_is_an_error_before_anything_runs(tmp_path, override, message):
+    with pytest.raises(ValueError, match=message):
+        decode.run(config(tmp_path, "attention=local", override))
+    assert not (tmp_path / "decode.csv").exists()

@@ -180,3 +180,9 @@ def test_a_sweep_whose_every_point_failed_gets_its_report(tiny, tmp_path, capsys
     assert "failed and skipped points:" in capsys.readouterr().out
     md = (tmp_path / "report.md").read_text()
     assert "* full N=32 eval 32: unsupported: ValueError: " in md
+
+
+def test_zero_threads_is_an_error_before_anything_runs(tiny, tmp_path):
+    with pytest.raises(ValueError, match="threads must be >= 1 or null, got 0"):
+        train.run(tiny("threads=0"))
+    assert not (tmp_path / "train.csv").exists()
