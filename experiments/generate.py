@@ -70,9 +70,13 @@ def stream(
         raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature}")
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise TypeError(f"seed must be an int, got {seed!r}")
-    sampling: dict[str, Any] = {"strategy": "sample", "temperature": temperature, "top_k": top_k,
-                "top_p": top_p} if temperature else {"strategy": "greedy"}
-    generation.check_options(max_new_tokens=max_new_tokens, **sampling)
+    # top_k and top_p are checked even when greedy decoding (temperature 0) ignores them.
+    generation.check_options(max_new_tokens=max_new_tokens, temperature=temperature or 1.0,
+                             top_k=top_k, top_p=top_p)
+    sampling: dict[str, Any] = {"strategy": "greedy"}
+    if temperature:
+        sampling = {"strategy": "sample", "temperature": temperature, "top_k": top_k,
+                    "top_p": top_p}
     target = check_device(device)
     model, task, _ = load_checkpoint(ckpt, target)
     if not task.is_text:

@@ -68,6 +68,7 @@ def test_missing_checkpoint_and_non_text_task(tmp_path):
     ({"temperature": "hot"}, TypeError, "temperature must be a number \\(0: greedy\\), got 'hot'"),
     ({"top_k": 0}, ValueError, "top_k must be an int >= 1, got 0"),
     ({"top_k": "5"}, TypeError, "top_k must be an int or None, got '5'"),
+    ({"top_k": "5", "temperature": 0}, TypeError, "top_k must be an int or None"),
     ({"top_p": 2.0}, ValueError, "top_p must be in"),
     ({"max_new_tokens": -3}, ValueError, "max_new_tokens must be an int >= 0, got -3"),
     ({"max_new_tokens": 1.5}, TypeError, "max_new_tokens must be an int, got 1.5"),
