@@ -3,7 +3,7 @@
     python -m experiments.report results/cpu/sweep                    # speed: bench.csv
     python -m experiments.report results/cpu/quality --speed results/cpu/sweep   # + frontier
     python -m experiments.report results/cpu/decode                   # decode: decode.csv
-    python -m experiments.report results/a results/b --out results/ab --goals cpu_peers
+    python -m experiments.report results/a results/b --out results/ab --goals cpu_local
     python -m experiments.report results/cpu/sweep --wandb            # + a W&B run (offline)
 
 A results folder holds what the apps wrote: `bench.csv` (`experiments.bench`), `train.csv`
