@@ -95,8 +95,9 @@ class Source:
 
 _COMMON = {"attention": str, "params": str, "status": str, "error": str, "device_name": str,
            "torch_version": str, "threads": float}
-BENCH_SETTING = ("device", "device_name", "dtype", "batch", "heads", "kv_heads", "head_dim",
-                 "causal", "mode")
+BENCH_SETTING = ("device", "device_name", "dtype", "heads", "kv_heads", "head_dim", "causal",
+                 "mode")
+"""A speed section's setting, with `batch` (see `speed_settings`)."""
 QUALITY_SETTING = ("task", "task_params", "model", "steps", "tokens_per_step", "lr", "seed")
 DECODE_SETTING = ("vocab_size", "dim", "depth", "heads", "kv_heads", "batch", "dtype", "device",
                   "prefill_chunk", "steps")
@@ -305,9 +306,25 @@ def lines_plot(ax: Any, values: pd.DataFrame) -> None:
 # -- speed ----------------------------------------------------------------------------------
 
 
+def speed_settings(rows: pd.DataFrame) -> Iterator[tuple[dict[str, Any], pd.DataFrame]]:
+    """(setting, its rows) per `BENCH_SETTING` and batch. A batch that follows the length (a
+    fixed number of tokens, `B = tokens // N`) stays one setting, its batch shown as
+    `<largest>..<smallest>`; a batch that varies at one length splits the setting."""
+    for setting, group in groups(rows, BENCH_SETTING):
+        per_point = group.groupby(["variant", "seq_len"])["batch"].nunique()
+        if (per_point > 1).any():
+            for batch, part in groups(group, ["batch"]):
+                yield setting | batch, part
+        else:
+            batches = sorted(set(group["batch"].dropna()), reverse=True) or ["?"]
+            batch = batches[0] if len(batches) == 1 else f"{batches[0]}..{batches[-1]}"
+            yield setting | {"batch": batch}, group
+
+
 def setting_slug(setting: Mapping[str, Any]) -> str:
     """A file-name-safe name of a setting, e.g. `cpu-float32-b1-h8-kv8-d64-causal-both`."""
-    return (f"{str(setting['device']).replace(':', '')}-{setting['dtype']}-b{setting['batch']}"
+    batch = str(setting["batch"]).replace("..", "-")
+    return (f"{str(setting['device']).replace(':', '')}-{setting['dtype']}-b{batch}"
             f"-h{setting['heads']}-kv{setting['kv_heads']}-d{setting['head_dim']}-"
             f"{'causal' if str(setting['causal']) == 'True' else 'bidir'}-{setting['mode']}")
 
@@ -384,7 +401,7 @@ def log_to_wandb(rows: pd.DataFrame, plots: Sequence[Path], out: Path,
     wandb_run = start_run(logger, name=f"report-{out.name}", group=out.name, job_type="report",
                           config={"folders": sorted(rows["folder"].unique())}, dir=out)
     metrics: dict[str, Any] = {"report/rows": wandb.Table(dataframe=rows.astype(str))}
-    for setting, group in groups(rows, BENCH_SETTING):
+    for setting, group in speed_settings(rows):
         slug = setting_slug(setting)
         for phase in PHASES:
             for suffix, what in (("ms", "time (ms)"), ("peak_mib", "peak memory (MiB)")):
@@ -820,7 +837,7 @@ def run(folders: Sequence[str | Path], out: str | Path | None = None, *,
     plot_dir = out / "plots"
     sections: list[tuple[str, Section]] = []
     exponents: list[dict[str, Any]] = []
-    for setting, group in groups(tables["bench"], BENCH_SETTING):
+    for setting, group in speed_settings(tables["bench"]):
         sec, found = speed_section(setting, group, plot_dir)
         sections.append(("Speed", sec))
         exponents += found

@@ -354,3 +354,16 @@ def test_contenders_share_their_setting_tables_under_their_own_labels(contenders
     assert "| local | 1.00 | 4.00 | 1.00 |" in md  # forward ms at 4K and 16K, exponent 1
     assert "| local (flex_attention) | 2.00 | 5.00 | 0.66 |" in md
     assert "| full | 1.00 | oom |" in md and "## Goals" not in md
+
+
+def test_a_batch_that_follows_the_length_keeps_one_setting(tmp_path):
+    """B = 4096 // N (a fixed number of tokens) is one section; when two batches meet at one N,
+    each batch is its own section."""
+    rows = [row("local", n, n / 1024, 1.0) | {"batch": 4096 // n} for n in LENGTHS]
+    write(tmp_path / "tokens", rows)
+    result = report.run([tmp_path / "tokens"], goals=[])
+    assert result.markdown.count("## Speed:") == 1 and "B=4..1 " in result.markdown
+    assert {p.name for p in result.plots} == {"time_cpu-float32-b4-1-h8-kv8-d64-causal-both.png",
+                                              "memory_cpu-float32-b4-1-h8-kv8-d64-causal-both.png"}
+    write(tmp_path / "batches", rows + [row("local", 1024, 2.0, 1.0) | {"batch": 8}])
+    assert report.run([tmp_path / "batches"], goals=[]).markdown.count("## Speed:") == 4
