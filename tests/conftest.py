@@ -27,7 +27,7 @@ def pytest_configure(config) -> None:
 
 
 VARIANT_MODES = [(name, causal) for name in attn_zoo.available() for causal in causal_modes(name)]
-STATIC_VARIANTS = [name for name in attn_zoo.available() if hasattr(get(name), "pattern")]
+STATIC_VARIANTS = [name for name in attn_zoo.available() if get(name).static_pattern]
 
 
 def variant_id(case: tuple[str, bool]) -> str:
