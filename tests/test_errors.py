@@ -164,3 +164,10 @@ def test_batch_size_zero_returns_an_empty_result_with_gradients(case):
         assert out.shape == q.shape and out.dtype == q.dtype
         grads = torch.autograd.grad(out.sum(), (q, k, v))
         assert [g.shape for g in grads] == [q.shape, k.shape, v.shape]
+
+
+@pytest.mark.parametrize("name", attn_zoo.available())
+@pytest.mark.parametrize("scale", [float("inf"), float("-inf"), float("nan"), 10**400])
+def test_a_scale_that_is_not_finite_fails_at_build(name, scale):
+    with pytest.raises(ValueError, match=r"^scale must be finite and > 0, or None, got "):
+        attn_zoo.build(name, scale=scale)
