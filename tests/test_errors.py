@@ -7,7 +7,7 @@ import torch
 from conftest import VARIANT_MODES, call, qkv, variant_id
 
 import attn_zoo
-from attn_zoo import Attention, register
+from attn_zoo import Attention, cache_for, register
 from attn_zoo.params import MAX_INT, Params
 from attn_zoo.registry import get
 
@@ -124,9 +124,10 @@ def test_causal_only_variant_rejects_bidirectional():
 
 INT_PARAMETERS = [(name, field) for name in attn_zoo.available()
                   for field in get(name).Params.limits()]
+INT_IDS = [f"{name}-{field}" for name, field in INT_PARAMETERS]
 
 
-@pytest.mark.parametrize(("name", "field"), INT_PARAMETERS, ids="-".join)
+@pytest.mark.parametrize(("name", "field"), INT_PARAMETERS, ids=INT_IDS)
 @pytest.mark.parametrize("huge", [2**62, 10**30])
 def test_huge_integer_parameters_fail_at_build(name, field, huge):
     limit = get(name).Params.limits()[field]
@@ -136,9 +137,10 @@ def test_huge_integer_parameters_fail_at_build(name, field, huge):
         attn_zoo.build(name, **get(name).Params.tiny() | {field: limit + 1})
 
 
-@pytest.mark.parametrize(("name", "field"), INT_PARAMETERS, ids="-".join)
+@pytest.mark.parametrize(("name", "field"), INT_PARAMETERS, ids=INT_IDS)
 def test_integer_parameters_at_their_bound_run(name, field):
-    """The bounds are sensible: at its bound a parameter still runs a short sequence."""
+    """The bounds are sensible: at its bound a parameter still runs a short sequence, and
+    decodes it."""
     params = get(name).Params.tiny() | {field: get(name).Params.limits()[field]}
     try:
         attn = attn_zoo.build(name, **params).eval()
@@ -151,6 +153,9 @@ def test_integer_parameters_at_their_bound_run(name, field):
         out = call(attn, q, k, v, causal=causal, key_padding_mask=real)
         assert torch.isfinite(out).all()
         assert attn.flops(30, 8, causal) > 0
+    cache = cache_for(attn)  # decoding holds what was seen, whatever the window
+    cache.prefill(q[:, :, :5], k[:, :, :5], v[:, :, :5])
+    assert torch.isfinite(cache.step(q[:, :, 5:6], k[:, :, 5:6], v[:, :, 5:6])).all()
 
 
 @pytest.mark.parametrize("case", VARIANT_MODES, ids=variant_id)
