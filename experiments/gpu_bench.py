@@ -236,7 +236,7 @@ def contenders(variant: str) -> tuple[str, ...]:
     """The implementations measured for `variant` (see the module docstring)."""
     cls = get(variant)
     impls = ["triton"]
-    if hasattr(cls, "pattern"):
+    if cls.static_pattern:
         impls.append("flex")
     if variant == "full":
         impls.append("sdpa")
@@ -394,7 +394,7 @@ class Contenders:
 
     def flex(self, point: Point) -> Forward:
         attn = self.module(point.variant, "torch")
-        if not hasattr(attn, "pattern"):
+        if not type(attn).static_pattern:
             raise ValueError(f"impl 'flex' needs a static pattern; {point.variant} has none")
         n, causal = point.seq_len, point.causal
         allow_recompiles()
