@@ -75,7 +75,14 @@ from experiments.contenders import (
     Setting,
     build_contender,
 )
-from experiments.measure import FWD_BWD_FACTOR, MIB, matmul_peak, median_time, peak_memory, text_table
+from experiments.measure import (
+    FWD_BWD_FACTOR,
+    MIB,
+    matmul_peak,
+    median_time,
+    peak_memory,
+    text_table,
+)
 from experiments.results import ENVIRONMENT_COLUMNS, STATUS_COLUMNS, Table, environment, error_row
 from experiments.wandb_logger import start_run
 
@@ -515,7 +522,8 @@ class SweepProgress(Callback):
         self.finished += 1
         try:
             result = job_return.return_value
-            what = "skipped (done)" if result["skipped"] else result["status"]
+            what = ("skipped (done)" if result["skipped"] and result["rows"]
+                    else result["status"])
         except Exception as error:  # the job itself crashed; Hydra reports it too
             what = f"crashed: {type(error).__name__}: {error}"
         name = config.attention.name + (f"/{config.contender}" if "contender" in config else "")

@@ -13,8 +13,9 @@ the wrong type fails when Hydra composes the config, before anything runs:
   backbone sizes (`conf/model/`) and one per task of `experiments.tasks` (`conf/task/`),
   the latter generated from the task's dataclass like the attention schemas.
 
-Resolvers: `${hydra_dir:${out_dir}}` (each app's Hydra folder, unique per process) and
-`${floordiv:a,b}`. Call `register_configs()` before Hydra composes (the apps do it at import).
+Resolvers: `${hydra_dir:${out_dir}}` (each app's Hydra folder, unique per process),
+`${device_slug:${device}}` (a folder name for the device) and `${floordiv:a,b}`. Call
+`register_configs()` before Hydra composes (the apps do it at import).
 """
 
 from __future__ import annotations
@@ -24,9 +25,11 @@ import datetime
 import enum
 import functools
 import os
+import re
 import types
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
+import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
@@ -227,6 +230,16 @@ def hydra_dir(out_dir: str) -> str:
     return f"{out_dir}/hydra/{stamp}-{os.getpid()}"
 
 
+def device_slug(device: str) -> str:
+    """`${device_slug:${device}}`: a folder name for the device, e.g. "nvidia-h100-80gb-hbm3"
+    for a CUDA device (its name), "cpu" otherwise or when no GPU is visible."""
+    target = torch.device(device)
+    if target.type != "cuda" or not torch.cuda.is_available():
+        return "cpu"
+    slug = re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(target).lower()).strip("-")
+    return slug or "unknown-device"
+
+
 def floordiv(a: int, b: int) -> int:
     """`${floordiv:a,b}`: a // b (e.g. heads from a hidden size and a head dim)."""
     return int(a) // int(b)
@@ -238,6 +251,7 @@ def register_configs() -> None:
     process)."""
     OmegaConf.register_new_resolver("hydra_dir", hydra_dir, use_cache=True)
     OmegaConf.register_new_resolver("floordiv", floordiv)
+    OmegaConf.register_new_resolver("device_slug", device_slug)
     store = ConfigStore.instance()
     store.store(group="schema", name="bench", node=BenchConfig)
     store.store(group="schema", name="decode", node=DecodeConfig)

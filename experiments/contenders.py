@@ -36,9 +36,10 @@ checked against before timing. Each registers itself with `register_contender`:
     the meta device (HF's code not copied or edited); forward only.
   A peer whose package is missing gives rows of status `missing` saying what to install.
 
-A contender that does not run the job's variant or direction (a peer of another variant,
-`flex_attention` of a variant without a static pattern, an HF peer with `causal=true`) raises
-`NotApplicable`: such a job of a product sweep writes no rows.
+A contender that does not run the job's variant, backend or direction (a peer of another
+variant, the attn_zoo contender on a backend the variant lacks, `flex_attention` of a variant
+without a static pattern, an HF peer with `causal=true`) raises `NotApplicable`: such a job of
+a product sweep writes no rows.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ from torch import Tensor
 
 import attn_zoo
 from attn_zoo.reference import dense_mask, reference_attention
+from attn_zoo.registry import get
 
 Forward = Callable[[Tensor, Tensor, Tensor], Tensor]
 Builder = Callable[["Setting"], "Contender"]
@@ -156,10 +158,10 @@ def require_package(module: str, package: str) -> Any:
 # -- the library ----------------------------------------------------------------------------
 
 
-def library_module(setting: Setting, backend: str = "torch", **overrides: Any) -> attn_zoo.Attention:
-    """`attn_zoo.build(variant, backend, **params)` on the setting's device, in eval mode."""
-    params = dict(setting.params) | overrides
-    return attn_zoo.build(setting.attention, backend=backend, **params).to(setting.device).eval()
+def library_module(setting: Setting, backend: str = "torch") -> attn_zoo.Attention:
+    """`attn_zoo.build(variant, backend=backend, **params)` on the device, in eval mode."""
+    return attn_zoo.build(setting.attention, backend=backend, **setting.params).to(
+        setting.device).eval()
 
 
 def has_pattern(attn: attn_zoo.Attention) -> bool:
@@ -183,8 +185,7 @@ def library_reference(attn: attn_zoo.Attention, setting: Setting) -> tuple[Forwa
     torch backend in float64 with the same state (random draws: the caller seeds both)."""
     if has_pattern(attn):
         return pattern_reference(attn, setting.causal), "float64 dense pattern"
-    twin = attn_zoo.build(attn.name, backend="torch", **attn.params.to_dict() | {
-        "backend": "torch"})
+    twin = attn_zoo.build(attn.name, **attn.params.to_dict() | {"backend": "torch"})
     twin.load_state_dict(attn.state_dict())
     twin = twin.to(device=setting.device, dtype=torch.float64).eval()
     return (lambda q, k, v: twin(q, k, v, causal=setting.causal)), "float64 torch backend"
@@ -212,6 +213,10 @@ def layout_stats(attn: attn_zoo.Attention, setting: Setting) -> Callable[[int], 
 
 @register_contender("attn_zoo")
 def library(setting: Setting) -> Contender:
+    backends = get(setting.attention).backends
+    if setting.backend != "auto" and setting.backend not in backends:
+        raise NotApplicable(f"{setting.attention} has no {setting.backend} backend (it has "
+                            f"{', '.join(backends)})")
     attn = library_module(setting, setting.backend)
     resolved = attn.resolve_backend(setting.device, setting.dtype, setting.head_dim)
     reference, reference_name = library_reference(attn, setting)
@@ -282,8 +287,8 @@ SDPA_KERNELS = {"sdpa": None, "sdpa_flash": "FLASH_ATTENTION",
 def sdpa(name: str, setting: Setting) -> Contender:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    full_params = dict(setting.params) if setting.attention == "full" else {}
-    attn = attn_zoo.build("full", **full_params).eval()
+    attn = attn_zoo.build("full", **(setting.params if setting.attention == "full" else {}))
+    full_params = {k: v for k, v in attn.params.to_dict().items() if k != "backend"}
     kernel = SDPA_KERNELS[name]
     scale, gqa = attn.params.scale, setting.heads != setting.kv_heads
 
