@@ -82,6 +82,7 @@ from experiments.measure import (
     median_time,
     peak_memory,
     text_table,
+    useful_flops,
 )
 from experiments.results import ENVIRONMENT_COLUMNS, STATUS_COLUMNS, Table, environment, error_row
 from experiments.wandb_logger import start_run
@@ -294,8 +295,10 @@ def measure_length(contender: Contender, cfg: DictConfig, device: torch.device,
             for _ in range(2))
     timing = {"device": device, "warmup": cfg.warmup, "repeats": cfg.repeats,
               "budget_s": cfg.budget_s}
-    forward_flops = contender.counted.flops(n, dim, bool(cfg.causal)) * batch * cfg.heads
-    row: dict[str, Any] = {} if contender.layout is None else contender.layout(n)
+    forward_flops = useful_flops(contender.counted, n, dim, bool(cfg.causal), batch=batch,
+                                 heads=cfg.heads)
+    row: dict[str, Any] = {} if contender.layout is None else {
+        name: value for name, value in contender.layout(n).items() if name in LAYOUT_COLUMNS}
     torch.manual_seed(cfg.seed)  # content-based contenders draw the same choices every run
     notes = []
     if cfg.mode.name in ("fwd", "both"):
@@ -328,7 +331,7 @@ def measure_length(contender: Contender, cfg: DictConfig, device: torch.device,
             row.setdefault("first_call_s", first)
             seconds = median_time(train_step, **timing)
             peak = peak_memory(train_step, device=device) / MIB
-            tflops = FWD_BWD_FACTOR * forward_flops / seconds / 1e12
+            tflops = forward_flops * FWD_BWD_FACTOR / seconds / 1e12
             row |= {"fwd_bwd_ms": seconds * 1e3, "fwd_bwd_peak_mib": peak,
                     "fwd_bwd_tflops": tflops, "useful_tflops": tflops,
                     "peak_mem_mib": max(peak, row.get("fwd_peak_mib", 0.0)),
