@@ -171,6 +171,41 @@ def test_sdpa_rows_are_full_attention_checked_against_the_reference(tmp_path):
     assert json.loads(row["params"]) == {"scale": None}
 
 
+@pytest.mark.parametrize("contender, backend", [("flex_attention", "auto"),
+                                                 ("attn_zoo", "flex")])
+def test_flex_attention_and_the_flex_backend_match_the_reference(tmp_path, contender, backend):
+    (row,) = bench.run(config(tmp_path, "attention=local", "attention.window=8",
+                              f"contender={contender}", f"backend={backend}"))["rows"]
+    assert row["status"] == "ok" and row["check_error"] < 1e-5 and row["fwd_ms"] > 0
+    assert row["error"] == "fwd_bwd unavailable: FlexAttention has no CPU backward"
+
+
+PEERS = {  # contender -> (package, overrides): tiny settings each peer accepts
+    "local-attention": ("local_attention", ["attention=local", "attention.window=8"]),
+    "reformer": ("reformer_pytorch", ["attention=lsh", "attention.bucket_size=8",
+                                      "attention.n_hashes=2", "check_n=32"]),
+    "hf_longformer": ("transformers", ["attention=longformer", "attention.window=8",
+                                       "causal=false", "check_n=32"]),
+    "hf_bigbird": ("transformers", ["attention=bigbird", "attention.block=8", "causal=false",
+                                    "seq_len=128", "check_n=128"]),
+    "hf_bigbird_no_dense": ("transformers", ["attention=bigbird", "attention.block=8",
+                                             "causal=false", "seq_len=128", "check_n=128"]),
+}
+
+
+@pytest.mark.parametrize("peer", sorted(PEERS))
+def test_each_peer_does_its_variants_work(tmp_path, peer):
+    package, overrides = PEERS[peer]
+    pytest.importorskip(package)
+    (row,) = bench.run(config(tmp_path, f"contender={peer}", *overrides))["rows"]
+    assert row["status"] == "ok", row["error"]
+    assert row["contender"] == peer and row["fwd_ms"] > 0 and row["fwd_peak_mib"] > 0
+    if row["check_against"].startswith("shape"):  # random choices of its own
+        assert pd.isna(row["check_error"])
+    else:
+        assert row["check_error"] < 1e-5
+
+
 def test_a_contender_for_another_variant_writes_no_rows(tmp_path):
     result = bench.run(config(tmp_path, "attention=full", "contender=local-attention"))
     assert result["rows"] == [] and result["status"].startswith("not applicable")
