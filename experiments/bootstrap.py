@@ -8,7 +8,8 @@ with its dev extra and its bench extra (the peers the speed app measures, so tha
 run), and Triton 3.6 apart in `.venv/triton-3.6/` (the version the GPU machines carry), for
 the test that compiles the kernels natively with it too. torch comes first: on a machine
 without a CUDA GPU the CPU build (`torch==2.13.0`, from PyTorch's CPU wheel index when that
-index is reachable), never the multi-GB CUDA build. Later runs reuse the environment until pyproject.toml changes.
+index is reachable), never the multi-GB CUDA build. Later runs reuse the environment until
+pyproject.toml changes.
 """
 
 from __future__ import annotations

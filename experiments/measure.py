@@ -14,14 +14,11 @@ apps' tables.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import math
 import os
 import statistics
-import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -191,36 +188,13 @@ def markdown_table(frame: pd.DataFrame) -> str:
 
 
 def write_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write `text` to `path` so that readers see the old file or the new one, never half."""
+    """Write `text` to `path` so that readers see the old file or the new one, never half.
+
+    The temporary file has a fixed name, `.<name>.tmp` beside `path`: a killed write leaves
+    no litter that the next write does not replace.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.",
-                                     delete=False) as tmp:
-        try:
-            tmp.write(text)
-        except BaseException:
-            os.unlink(tmp.name)
-            raise
-    # NamedTemporaryFile creates the file private (0600); results are meant to be shared.
-    os.chmod(tmp.name, 0o644)
-    os.replace(tmp.name, path)
-
-
-@contextlib.contextmanager
-def locked(csv_path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on a results CSV across processes (a lock file beside it)."""
-    csv_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(csv_path.parent / f".{csv_path.name}.lock", "w") as handle:
-        fcntl.lockf(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.lockf(handle, fcntl.LOCK_UN)
-
-
-def read_rows(csv_path: Path, columns: Iterable[str], key: Iterable[str]) -> pd.DataFrame:
-    """The rows of a results CSV, key columns as strings; empty (with `columns`) when absent."""
-    if not csv_path.exists():
-        return pd.DataFrame(columns=list(columns))
-    return pd.read_csv(csv_path, dtype={column: str for column in key}, keep_default_na=False,
-                       na_values=[""])
+    tmp = path.parent / f".{path.name}.tmp"
+    tmp.write_text(text)
+    os.replace(tmp, path)
