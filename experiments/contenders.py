@@ -301,8 +301,14 @@ def sdpa(name: str, setting: Setting) -> Contender:
             return call
 
         def forward(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-            with sdpa_kernel(getattr(SDPBackend, kernel)):
-                return call(q, k, v)
+            try:
+                with sdpa_kernel(getattr(SDPBackend, kernel)):
+                    return call(q, k, v)
+            except RuntimeError as error:
+                if "No viable backend" not in str(error):
+                    raise
+                raise NotImplementedError(f"torch offers no {kernel} SDPA kernel for this call "
+                                          f"on {q.device.type}") from error
 
         return forward
 

@@ -16,6 +16,8 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+import attn_zoo
+from attn_zoo.registry import get
 from experiments import bench, contenders
 from experiments.config import register_configs
 from experiments.wandb_logger import read_offline_run
@@ -204,6 +206,25 @@ def test_each_peer_does_its_variants_work(tmp_path, peer):
         assert pd.isna(row["check_error"])
     else:
         assert row["check_error"] < 1e-5
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_sdpa_kernels_run_where_torch_offers_them_and_are_unsupported_elsewhere(tmp_path):
+    statuses = {name: bench.run(config(tmp_path, "attention=full", f"contender={name}",
+                                       "mode=fwd"))["status"]
+                for name in ("sdpa_math", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn")}
+    assert statuses == {"sdpa_math": "ok", "sdpa_flash": "ok", "sdpa_efficient": "unsupported",
+                        "sdpa_cudnn": "unsupported"}
+    assert "torch offers no EFFICIENT_ATTENTION SDPA kernel" in rows(tmp_path)["error"][2]
+
+
+def test_variant_parameters_have_one_column_type_across_variants():
+    types: dict[str, set[type]] = {}
+    for name in attn_zoo.available():
+        params = {k: v for k, v in get(name).Params().to_dict().items() if k != "backend"}
+        for column, kind in bench.param_columns(name, params).items():
+            types.setdefault(column, set()).add(kind)
+    assert {column: kinds for column, kinds in types.items() if len(kinds) > 1} == {}
 
 
 def test_a_contender_for_another_variant_writes_no_rows(tmp_path):
