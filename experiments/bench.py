@@ -367,6 +367,30 @@ def device_alive(device: torch.device) -> bool:
 # -- the job --------------------------------------------------------------------------------
 
 
+def prepare(cfg: DictConfig) -> tuple[dict[str, Any], Contender | None, torch.device | None,
+                                      dict[str, str] | None]:
+    """(identity, contender, device, failure) of the job: the columns that name its rows
+    (`attention`, `params`, `backend` are the contender's), and the status and error of every
+    row when the device or the contender cannot be had. `NotApplicable` passes through."""
+    params = attention_params(cfg.attention)
+    identity = {"contender": cfg.contender, "attention": cfg.attention.name, "params": params,
+                "backend": cfg.backend.name}
+    try:
+        device = check_device(cfg.device)
+        setting = Setting(cfg.attention.name, params, cfg.backend.name, cfg.heads, cfg.kv_heads,
+                          cfg.head_dim, DTYPES[cfg.dtype.name], device, bool(cfg.causal))
+        contender = build_contender(cfg.contender, setting)
+    except NotApplicable:
+        raise
+    except MissingPackage as error:
+        return identity, None, None, {"status": "missing", "error": str(error)}
+    except Exception as error:  # a job that cannot start is a row per length
+        return identity, None, None, error_row(error)
+    identity |= {"attention": contender.attention, "params": contender.params,
+                 "backend": contender.backend}
+    return identity, contender, device, None
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Measure the job's lengths not yet done, in increasing order; write and log their rows.
 
@@ -376,26 +400,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     validate(cfg)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
-    lengths, params = seq_lens(cfg), attention_params(cfg.attention)
-    dtype = DTYPES[cfg.dtype.name]
-    identity = {"contender": cfg.contender, "attention": cfg.attention.name, "params": params,
-                "backend": cfg.backend.name}
-    failure: dict[str, str] | None = None
-    contender = device = None
     try:
-        device = check_device(cfg.device)
-        setting = Setting(cfg.attention.name, params, cfg.backend.name, cfg.heads, cfg.kv_heads,
-                          cfg.head_dim, dtype, device, bool(cfg.causal))
-        contender = build_contender(cfg.contender, setting)
-        identity |= {"attention": contender.attention, "params": contender.params,
-                     "backend": contender.backend}
+        identity, contender, device, failure = prepare(cfg)
     except NotApplicable as error:
         log.info("%s on %s: not applicable (%s)", cfg.contender, cfg.attention.name, error)
         return {"rows": [], "status": f"not applicable: {error}", "skipped": True}
-    except MissingPackage as error:
-        failure = {"status": "missing", "error": str(error)}
-    except Exception as error:  # a job that cannot start is a row per length
-        failure = error_row(error)
     columns = COLUMNS | param_columns(identity["attention"], identity["params"])
     table = Table(Path(cfg.out_dir) / CSV_NAME, columns, KEY)
     base = {**{k: v for k, v in identity.items() if k != "params"},
@@ -404,7 +413,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "dtype": cfg.dtype.name, "device": cfg.device, "causal": bool(cfg.causal),
             "mode": cfg.mode.name}
     done, todo = [], []
-    for n in lengths:
+    for n in seq_lens(cfg):
         point = base | {"seq_len": n, "batch": batch_at(cfg, n)}
         earlier = table.done(point)
         if earlier is not None and (earlier["status"] == "ok" or not cfg.retry_failed):
