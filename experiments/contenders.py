@@ -44,6 +44,7 @@ a product sweep writes no rows.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 from collections.abc import Callable, Mapping
@@ -251,18 +252,24 @@ def allow_recompiles() -> None:
             setattr(config, name, value)
 
 
-@register_contender("flex_attention")
-def raw_flex(setting: Setting) -> Contender:
+@functools.cache
+def compiled_flex_attention() -> Callable[..., Tensor]:
+    """`torch.compile(flex_attention)`, once per process (one shape per compile)."""
     from torch.nn.attention.flex_attention import flex_attention
 
+    allow_recompiles()
+    return torch.compile(flex_attention, dynamic=False)
+
+
+@register_contender("flex_attention")
+def raw_flex(setting: Setting) -> Contender:
     from attn_zoo.flex import flex_block_mask
 
     attn = library_module(setting)
     if not has_pattern(attn):
         raise NotApplicable(f"flex_attention needs a static pattern; {setting.attention} has "
                             "none")
-    allow_recompiles()
-    compiled = torch.compile(flex_attention, dynamic=False)
+    compiled = compiled_flex_attention()
     scale = attn.params.scale if attn.params.scale is not None else setting.head_dim**-0.5
     gqa = setting.heads != setting.kv_heads
 
