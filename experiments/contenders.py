@@ -165,11 +165,6 @@ def library_module(setting: Setting, backend: str = "torch") -> attn_zoo.Attenti
         setting.device).eval()
 
 
-def has_pattern(attn: attn_zoo.Attention) -> bool:
-    """Whether the variant has a static pattern `pattern(n, causal)` (no content-based keys)."""
-    return callable(getattr(attn, "pattern", None)) and not attn.content_based
-
-
 def pattern_reference(attn: attn_zoo.Attention, causal: bool) -> Forward:
     """The float64 dense reference over `attn.pattern(n, causal)` with the variant's scale."""
 
@@ -184,7 +179,7 @@ def pattern_reference(attn: attn_zoo.Attention, causal: bool) -> Forward:
 def library_reference(attn: attn_zoo.Attention, setting: Setting) -> tuple[Forward, str]:
     """(reference, its name): the dense float64 pattern for static variants, else the variant's
     torch backend in float64 with the same state (random draws: the caller seeds both)."""
-    if has_pattern(attn):
+    if attn.static_pattern:
         return pattern_reference(attn, setting.causal), "float64 dense pattern"
     twin = attn_zoo.build(attn.name, **attn.params.to_dict() | {"backend": "torch"})
     twin.load_state_dict(attn.state_dict())
@@ -232,7 +227,7 @@ def library(setting: Setting) -> Contender:
         "attn_zoo", setting.attention, dict(setting.params), setting.backend, resolved, build,
         attn, reference, reference_name,
         quantile=CONTENT_QUANTILE if attn.content_based else None, no_backward=no_backward,
-        layout=layout_stats(attn, setting) if resolved == "triton" and has_pattern(attn)
+        layout=layout_stats(attn, setting) if resolved == "triton" and attn.static_pattern
         else None, module=attn)
 
 
@@ -266,7 +261,7 @@ def raw_flex(setting: Setting) -> Contender:
     from attn_zoo.flex import flex_block_mask
 
     attn = library_module(setting)
-    if not has_pattern(attn):
+    if not attn.static_pattern:
         raise NotApplicable(f"flex_attention needs a static pattern; {setting.attention} has "
                             "none")
     compiled = compiled_flex_attention()
