@@ -1,18 +1,20 @@
-"""The `Attention` base class: the contract of SPEC.md, shared by every variant.
+"""The `Attention` base class: the contract of the README's contract section, shared by every
+variant.
 
     out = attn(q, k, v, causal=False, key_padding_mask=None)
 
 q: (B, Hq, N, D); k, v: (B, Hkv, M, D) with Hq % Hkv == 0 (query head h reads kv head
 h // (Hq // Hkv)); M == N unless the variant `supports_cross`, and then a causal mask is aligned
 bottom-right (query i sees keys j <= i + M - N). key_padding_mask: (B, M) bool, True = a real
-key. Returns (B, Hq, N, D) in q's dtype; softmax and accumulation run in float32 (float64 stays
-float64). A query with no allowed key returns zeros.
+key; padded keys never reach an output, whatever they hold. Returns (B, Hq, N, D) in q's dtype;
+softmax and accumulation run in float32 (float64 stays float64). A query with no allowed key
+returns zeros; B = 0 returns an empty result.
 
-A variant subclasses `Attention`, sets `Params` (its typed parameters) and implements
-`_forward_<backend>(q, k, v, causal, key_padding_mask, scale)` for each backend in `backends`
-(q arrives grouped as (B, Hkv, G, N, D) in the working dtype; the result has that shape), plus
-`scored_pairs(n, causal)` for `flops`. The working dtype is float32 for 16-bit inputs, except
-on the triton backend, whose kernels read q, k, v in their own dtype and accumulate in float32.
+A variant subclasses `Attention`, sets `Params` (its typed parameters) and its capability flags
+(class attributes below), and implements `_forward_<backend>(q, k, v, causal,
+key_padding_mask, scale)` for each backend in `backends` (q arrives grouped as
+(B, Hkv, G, N, D) in the backend's working dtype, see `working_dtype`; the result has that
+shape), plus `scored_pairs(n, causal)` for `flops`.
 
 The triton backend runs on CUDA tensors, or on CPU tensors under Triton's interpreter
 (`TRITON_INTERPRET=1`, set before the first triton call: kernels are imported on first use).
@@ -21,6 +23,7 @@ The triton backend runs on CUDA tensors, or on CPU tensors under Triton's interp
 from __future__ import annotations
 
 import os
+from abc import ABCMeta, abstractmethod
 from typing import Any, ClassVar
 
 import torch
@@ -33,18 +36,36 @@ _FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _TRITON_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
 
-class Attention(nn.Module):
-    """Base of every attention variant; see the module docstring for the call contract."""
+class Attention(nn.Module, metaclass=ABCMeta):
+    """Base of every attention variant; see the module docstring for the call contract.
+
+    What a variant can do is declared here, as class attributes that tests, benchmarks and
+    the registry read (never probed with `hasattr`).
+    """
 
     name: ClassVar[str] = ""
+    """The registered name (set by `register`)."""
     Params: ClassVar[type[Params]] = Params
+    """The variant's typed parameters; `Params.tiny()` gives small ones for tests."""
     backends: ClassVar[tuple[str, ...]] = ("torch",)
-    # What "auto" runs on a CUDA device: the first of these the variant lists, else "torch".
+    """The backends it implements, each as `_forward_<backend>`."""
     auto_backends: ClassVar[tuple[str, ...]] = ("triton", "flex")
+    """What "auto" runs on a CUDA device: the first of these the variant lists, else torch."""
+    half_precision_backends: ClassVar[frozenset[str]] = frozenset({"triton", "flex"})
+    """Backends that take bfloat16/float16 inputs as they are (they accumulate in float32
+    themselves); the others compute 16-bit inputs in float32. See `working_dtype`."""
     causal_only: ClassVar[bool] = False
+    """True when only `causal=True` is defined (calling with False is a ValueError)."""
     supports_cross: ClassVar[bool] = False
-    # True when the keys a query sees depend on the content (LSH buckets, k-means clusters).
+    """True when keys may be longer or shorter than queries (M != N)."""
     content_based: ClassVar[bool] = False
+    """True when the keys a query sees depend on the content (LSH buckets, k-means clusters)."""
+    static_pattern: ClassVar[bool] = False
+    """True when `pattern(n, causal)`, a function `allowed(i, j)` of positions, holds every
+    (query, key) pair the variant attends to: the flex backend and the dense reference use it."""
+    pooled_keys: ClassVar[bool] = False
+    """True when queries attend to `exact_pattern(n, causal)` plus pooled keys (block means,
+    compressed groups), each counted as one key by `flops`."""
 
     def __init__(self, **params: Any) -> None:
         super().__init__()
@@ -86,14 +107,25 @@ class Attention(nn.Module):
             refusal = _triton_refusal(q.device, q.dtype, dim)
             if refusal is not None:
                 raise refusal
-            work = q.dtype
-        else:
-            work = torch.float32 if q.dtype in (torch.bfloat16, torch.float16) else q.dtype
+        if batch == 0:  # nothing to attend: an empty result that still carries gradients
+            return q + (k.sum() + v.sum()).to(q.dtype) * 0
+        if key_padding_mask is not None:
+            # Padded keys may hold anything (inf, NaN, -3e38). Zeroed once here, O(B * M * D),
+            # no score of theirs overflows and a zero probability times them stays zero.
+            real = key_padding_mask[:, None, :, None]
+            k, v = torch.where(real, k, 0.0), torch.where(real, v, 0.0)
+        work = self.working_dtype(backend, q.dtype)
         grouped = q.to(work).reshape(batch, kv_heads, q_heads // kv_heads, n, dim)
         scale = self.params.scale if self.params.scale is not None else dim**-0.5
         run = getattr(self, f"_forward_{backend}")
         out = run(grouped, k.to(work), v.to(work), causal, key_padding_mask, scale)
         return out.reshape(batch, q_heads, n, dim).to(q.dtype)
+
+    def working_dtype(self, backend: str, dtype: torch.dtype) -> torch.dtype:
+        """The dtype `backend` receives q, k, v in for inputs of `dtype`: their own, except
+        bfloat16/float16 on a backend outside `half_precision_backends`, which gets float32."""
+        half = dtype in (torch.bfloat16, torch.float16)
+        return torch.float32 if half and backend not in self.half_precision_backends else dtype
 
     def resolve_backend(self, device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
         """The backend a call with inputs of `dtype` and `head_dim` on `device` runs: the
@@ -148,8 +180,10 @@ class Attention(nn.Module):
         return block_sparse_attention(q, k, v, layout, scale=scale,
                                       key_padding_mask=key_padding_mask, key_bias=key_bias)
 
-    # A variant defines `scored_pairs(n, causal) -> int`: the (query, key) pairs one
-    # (batch, head) forward scores, a pooled key counting as one; `register` checks it.
+    @abstractmethod
+    def scored_pairs(self, n: int, causal: bool) -> int:
+        """The (query, key) pairs one (batch, head) forward of length n scores, a pooled key
+        counting as one."""
 
     def flops(self, n: int, head_dim: int, causal: bool) -> int:
         """Useful FLOPs of one (batch, head) forward: 4 * head_dim * scored pairs."""
@@ -180,8 +214,9 @@ class Attention(nn.Module):
         if n < 1 or m < 1 or dim < 1:
             raise ValueError(f"sequence lengths and head_dim must be >= 1, got q {tuple(q.shape)}"
                              f" and k {tuple(k.shape)}")
-        if kv_heads < 1 or q_heads % kv_heads:
-            raise ValueError(f"q heads ({q_heads}) must be a multiple of k heads, got {kv_heads}")
+        if q_heads < 1 or kv_heads < 1 or q_heads % kv_heads:
+            raise ValueError(f"q heads ({q_heads}) must be a multiple of k heads, both >= 1, "
+                             f"got {kv_heads}")
         if m != n and not self.supports_cross:
             raise ValueError(f"attention {self.name!r} needs keys as long as queries "
                              f"(N={n}), got key length {m}")

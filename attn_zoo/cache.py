@@ -8,7 +8,8 @@ A self-attention layer's cache lives through one generation:
     out = cache.step(q1, k1, v1)        # extend with T = 1; `prefill` is extend on an empty cache
 
 Keys arrive as the attention sees them (after RoPE). Extending by T positions gives what T
-single steps give. A cache whose class has `exact = True` reproduces the variant's
+single steps give. A cache class declares `bounded = True` when its memory stops growing past
+the variant's window. A cache whose class has `exact = True` reproduces the variant's
 teacher-forced forward: the output of position i equals row i of `attention(q, k, v,
 causal=True)` over any longer sequence. The others state their decode rule in their docstring
 (bigbird: each row follows the layout of the prefix that ends at it; lsh, routing: the new query
@@ -184,6 +185,9 @@ class KVCache(ABC):
 
     exact: ClassVar[bool] = True
     """True when every output equals the variant's teacher-forced forward at that position."""
+    bounded: ClassVar[bool] = False
+    """True when the cache's memory stays constant once the sequence passes the variant's
+    window (a rolling buffer, a capped memory); False when it grows with the sequence."""
 
     def __init__(self, attention: Attention) -> None:
         self.attention = attention
@@ -293,7 +297,7 @@ class PatternCache(GrowingCache):
 
 class RingCache(KVCache):
     """The first `sinks` positions kept for good plus a rolling buffer of the last `ring`
-    positions: memory independent of the length.
+    positions: memory independent of the length (and no larger than the sequence so far).
 
     Position p < sinks lives in slot p, any later one in slot sinks + (p - sinks) % ring;
     `position` (slots,) holds each slot's position (-1: empty). New rows attend to the held
@@ -326,17 +330,30 @@ class RingCache(KVCache):
         slots = self._slots(positions)
         return self.buffers["k"][:, :, slots], self.buffers["v"][:, :, slots]
 
+    def _reserve(self, end: int, k: Tensor, v: Tensor) -> None:
+        """Slots for the positions before `end`. The buffers grow (doubling) up to their
+        sinks + ring slots, so a ring longer than the sequence costs only the sequence; until
+        they are full no position has wrapped, so every held position keeps its slot."""
+        held, full = 0 if self.position is None else self.position.shape[0], self.sinks + self.ring
+        if held >= min(end, full):
+            return
+        slots = min(full, max(end, 2 * held))
+        batch, heads, _, dim = k.shape
+        grown = {name: x.new_zeros(batch, heads, slots, dim) for name, x in (("k", k), ("v", v))}
+        position = torch.full((slots,), -1, dtype=torch.long, device=k.device)
+        if held:
+            for name, x in grown.items():
+                x[:, :, :held] = self.buffers[name]
+            position[:held] = self.position
+        self.buffers, self.position = grown, position
+
     def _attend(self, q: Tensor, k: Tensor, v: Tensor,
                 pooled: tuple[Tensor, Tensor, float] | None = None) -> Tensor:
         """Rows seen .. seen + T - 1 over the held and new keys, and over `pooled` keys and
         values (B, Hkv, P, D) with their score bias, allowed for every row; then stores the
         new keys (the sinks, and the last `ring` of the others)."""
         batch, heads, rows, dim = k.shape
-        if self.position is None:
-            slots = self.sinks + self.ring
-            self.buffers = {name: x.new_zeros(batch, heads, slots, dim)
-                            for name, x in (("k", k), ("v", v))}
-            self.position = torch.full((slots,), -1, dtype=torch.long, device=k.device)
+        self._reserve(self.seen + rows, k, v)
         new = torch.arange(self.seen, self.seen + rows, device=k.device)
         keys = torch.cat([self.buffers["k"], k], dim=2)
         values = torch.cat([self.buffers["v"], v], dim=2)

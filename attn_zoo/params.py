@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 BACKENDS = ("auto", "torch", "triton", "flex")
+
+MAX_INT = 2**31 - 1
+"""Upper bound of every integer parameter (sizes in positions, counts, seeds); a variant may
+set a tighter one. No sequence is that long, and the product of two parameters
+(`window * dilation`, `window_blocks * block`) stays well inside int64 position arithmetic."""
 
 
 def _matches(value: Any, hint: Any) -> bool:
@@ -35,6 +41,19 @@ def _describe(hint: Any) -> str:
     return "None" if hint is type(None) else getattr(hint, "__name__", str(hint))
 
 
+def at_most(default: int, maximum: int) -> Any:
+    """A dataclass field for an integer parameter whose upper bound is tighter than MAX_INT."""
+    return dataclasses.field(default=default, metadata={"max": maximum})
+
+
+def finite(value: float) -> bool:
+    """True for a finite number (a Python int too large for a float is not)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def require(condition: bool, name: str, value: Any, expected: str) -> None:
     """Raise `ValueError` naming the parameter and its value unless `condition` holds."""
     if not condition:
@@ -46,24 +65,43 @@ class Params:
     """Parameters every variant takes; subclasses add their own fields and `validate()`.
 
     `backend`: "auto" (fastest correct one for the device), "torch", "triton" or "flex".
-    `scale`: score scale; `None` means `head_dim ** -0.5`.
+    `scale`: score scale, finite and > 0; `None` means `head_dim ** -0.5`.
+    Every integer field is at most `MAX_INT`, or the tighter bound its field sets (`at_most`).
     """
 
     backend: str = "auto"
     scale: float | None = None
 
     def __post_init__(self) -> None:
-        hints = get_type_hints(type(self))
+        hints, limits = get_type_hints(type(self)), self.limits()
         for field in dataclasses.fields(self):
             value, hint = getattr(self, field.name), hints[field.name]
             if not _matches(value, hint):
                 raise TypeError(f"{field.name} must be {_describe(hint)}, got {value!r}")
+            if isinstance(value, int) and field.name in limits:
+                require(value <= limits[field.name], field.name, value,
+                        f"<= {limits[field.name]}")
         require(self.backend in BACKENDS, "backend", self.backend, "one of " + ", ".join(BACKENDS))
-        require(self.scale is None or self.scale > 0, "scale", self.scale, "> 0 or None")
+        require(self.scale is None or (finite(self.scale) and self.scale > 0), "scale",
+                self.scale, "finite and > 0, or None")
         self.validate()
 
     def validate(self) -> None:
         """Range checks of the variant's own fields (raise via `require`)."""
+
+    @classmethod
+    def tiny(cls) -> dict[str, Any]:
+        """Keyword arguments for `build(name, **tiny)` small enough for tests at N <= 128 and
+        exercising every part of the variant's pattern (windows shorter than N, global
+        tokens, random blocks, several hashes...). A variant with parameters overrides it."""
+        return {}
+
+    @classmethod
+    def limits(cls) -> dict[str, int]:
+        """The upper bound of every integer parameter: MAX_INT unless its field sets one."""
+        hints = get_type_hints(cls)
+        return {field.name: field.metadata.get("max", MAX_INT) for field in dataclasses.fields(cls)
+                if int in (get_args(hints[field.name]) or (hints[field.name],))}
 
     @classmethod
     def names(cls) -> list[str]:

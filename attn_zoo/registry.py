@@ -19,10 +19,16 @@ def register(name: str):
     def decorator(cls: A) -> A:
         if not (isinstance(cls, type) and issubclass(cls, Attention)):
             raise TypeError(f"register({name!r}): {cls!r} is not a subclass of attn_zoo.Attention")
-        required = ["scored_pairs", *(f"_forward_{backend}" for backend in cls.backends)]
-        missing = [method for method in required if not callable(getattr(cls, method, None))]
+        # The capability flags name the methods they promise.
+        promised = [f"_forward_{backend}" for backend in cls.backends]
+        promised += ["pattern"] * cls.static_pattern + ["exact_pattern"] * cls.pooled_keys
+        missing = [*sorted(cls.__abstractmethods__),
+                   *(method for method in promised if not callable(getattr(cls, method, None)))]
         if missing:
             raise TypeError(f"register({name!r}): {cls.__qualname__} lacks {', '.join(missing)}")
+        if "flex" in cls.backends and not cls.static_pattern:
+            raise TypeError(f"register({name!r}): backend 'flex' runs `pattern`, but "
+                            f"{cls.__qualname__} does not declare static_pattern = True")
         if name in _REGISTRY:
             raise ValueError(
                 f"register({name!r}): the name is already taken by {_REGISTRY[name].__qualname__}"
@@ -47,5 +53,6 @@ def get(name: str) -> type[Attention]:
 
 
 def build(name: str, **params: Any) -> Attention:
-    """Instantiate the variant `name` with its parameters (see SPEC: defaults apply)."""
+    """Instantiate the variant `name` with its parameters (defaults apply; the README's contract
+    section lists them)."""
     return get(name)(**params)

@@ -4,10 +4,12 @@
     python3 -m experiments.bootstrap test     # the whole test suite (extra args go to pytest)
 
 The first run creates `.venv/` beside pyproject.toml and installs attn-zoo into it, editable,
-with its dev extra, and Triton 3.6 apart in `.venv/triton-3.6/` (the version the GPU machines
-carry), for the test that compiles the kernels natively with it too. torch comes first: on a machine without a CUDA GPU the CPU build
-(`torch==2.13.0`, from PyTorch's CPU wheel index when that index is reachable), never the
-multi-GB CUDA build. Later runs reuse the environment until pyproject.toml changes.
+with its dev extra and its bench extra (the peers the speed app measures, so that their tests
+run), and Triton 3.6 apart in `.venv/triton-3.6/` (the version the GPU machines carry), for
+the test that compiles the kernels natively with it too. torch comes first: on a machine
+without a CUDA GPU the CPU build (`torch==2.13.0`, from PyTorch's CPU wheel index when that
+index is reachable), never the multi-GB CUDA build. Later runs reuse the environment until
+pyproject.toml changes.
 """
 
 from __future__ import annotations
@@ -78,7 +80,7 @@ def ensure_venv() -> Path:
     venv.EnvBuilder(with_pip=True, clear=not python.exists()).create(VENV)
     pip = [str(python), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
     subprocess.run([*pip, *torch_args], check=True)
-    subprocess.run([*pip, "-e", f"{ROOT}[dev]"], check=True)
+    subprocess.run([*pip, "-e", f"{ROOT}[dev,bench]"], check=True)
     subprocess.run([*pip, "--no-deps", "--upgrade", "--target", str(COMPAT_DIR), COMPAT_TRITON],
                    check=True)
     stamp.write_text(stamp_text)

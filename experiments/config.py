@@ -13,19 +13,25 @@ the wrong type fails when Hydra composes the config, before anything runs:
   backbone sizes (`conf/model/`) and one per task of `experiments.tasks` (`conf/task/`),
   the latter generated from the task's dataclass like the attention schemas.
 
-Call `register_configs()` before Hydra composes (the apps do it at import).
+Resolvers: `${hydra_dir:${out_dir}}` (each app's Hydra folder, unique per process),
+`${device_slug:${device}}` (a folder name for the device) and `${floordiv:a,b}`. Call
+`register_configs()` before Hydra composes (the apps do it at import).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import enum
 import functools
+import os
+import re
 import types
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
+import torch
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 import attn_zoo
 from attn_zoo.params import BACKENDS
@@ -55,14 +61,20 @@ class LoggerConfig:
 
 @dataclasses.dataclass
 class BenchConfig:
-    """Keys of `conf/bench.yaml`; values (and what they mean) live in the yaml only."""
+    """Keys of `conf/bench.yaml`; values (and what they mean) live in the yaml only.
+
+    `seq_len` is one length or a list of them (`Any`: OmegaConf has no int-or-list type);
+    `experiments.bench.validate` checks it and every value's range.
+    """
 
     attention: Any = MISSING
     logger: LoggerConfig = MISSING
     sweep_name: str = MISSING
     out_dir: str = MISSING
-    seq_len: int = MISSING
+    contender: str = MISSING
+    seq_len: Any = MISSING
     batch: int = MISSING
+    tokens: int | None = MISSING
     heads: int = MISSING
     kv_heads: int = MISSING
     head_dim: int = MISSING
@@ -74,9 +86,15 @@ class BenchConfig:
     warmup: int = MISSING
     repeats: int = MISSING
     budget_s: float | None = MISSING
+    call_limit_s: float | None = MISSING
+    check_n: int = MISSING
+    check_tolerance: float | None = MISSING
+    matmul_peak: bool = MISSING
+    max_minutes: float | None = MISSING
     threads: int | None = MISSING
     seed: int = MISSING
     retry_failed: bool = MISSING
+    dry_run: bool = MISSING
 
 
 @dataclasses.dataclass
@@ -196,9 +214,43 @@ def attention_params(attention: Any) -> dict[str, Any]:
             for key, value in params.items()}
 
 
+def hydra_dir(out_dir: str) -> str:
+    """`<out_dir>/hydra/<UTC time>-<process id>`: Hydra's folder of one run or sweep.
+
+    The resolver `${hydra_dir:${out_dir}}` of every app's `hydra.run.dir` and
+    `hydra.sweep.dir`: the process id keeps two runs started in the same second apart, and
+    an empty `out_dir` (which would put the folder at the file system's root) is a
+    `ValueError`. Registered with `use_cache`, so a sweep's workers, which get the parent's
+    resolver cache, resolve the parent's folder.
+    """
+    if not str(out_dir).strip():
+        raise ValueError(f"out_dir must be a folder path (not empty), got {out_dir!r}")
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d_%H-%M-%S")
+    return f"{out_dir}/hydra/{stamp}-{os.getpid()}"
+
+
+def device_slug(device: str) -> str:
+    """`${device_slug:${device}}`: a folder name for the device, e.g. "nvidia-h100-80gb-hbm3"
+    for a CUDA device (its name), "cpu" otherwise or when no GPU is visible."""
+    target = torch.device(device)
+    if target.type != "cuda" or not torch.cuda.is_available():
+        return "cpu"
+    slug = re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(target).lower()).strip("-")
+    return slug or "unknown-device"
+
+
+def floordiv(a: int, b: int) -> int:
+    """`${floordiv:a,b}`: a // b (e.g. heads from a hidden size and a head dim)."""
+    return int(a) // int(b)
+
+
 @functools.cache
 def register_configs() -> None:
-    """Store every schema in Hydra's ConfigStore (once per process)."""
+    """Store every schema in Hydra's ConfigStore and the resolvers in OmegaConf (once per
+    process)."""
+    OmegaConf.register_new_resolver("hydra_dir", hydra_dir, use_cache=True)
+    OmegaConf.register_new_resolver("floordiv", floordiv)
+    OmegaConf.register_new_resolver("device_slug", device_slug)
     store = ConfigStore.instance()
     store.store(group="schema", name="bench", node=BenchConfig)
     store.store(group="schema", name="decode", node=DecodeConfig)

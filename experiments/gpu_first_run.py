@@ -1,7 +1,7 @@
 """The first run on a CUDA machine, in one command: kernel tests, native compile check, benchmark.
 
     python -m experiments.gpu_first_run                  # ~10 minutes at the default timeouts
-    python -m experiments.gpu_first_run --bench-timeout 500 --bench-args "--variants local full"
+    python -m experiments.gpu_first_run --bench-timeout 500 --bench-args "attention=local,full"
     python -m experiments.gpu_first_run --device cpu     # trying it without a GPU
 
 Steps, each a subprocess from the repository root with its own timeout; a step that fails or
@@ -9,24 +9,25 @@ times out is recorded and the next one still runs:
 
 1. `tests`: `pytest -q` on the kernel tests (`TEST_FILES`). On CUDA they run natively: the
    tests put their tensors on the GPU when one is visible (and set `TRITON_INTERPRET=1` only
-   when none is). `TRITON_INTERPRET` is removed from every step's environment, so a value left
-   in the shell cannot send a GPU run, or the compile check, to the interpreter.
+   when none is). On CUDA, `TRITON_INTERPRET` is removed from every step's environment, so a
+   value left in the shell cannot send a GPU run, or the compile check, to the interpreter.
 2. `compile_check`: `python -m attn_zoo.kernels.compile_check --subset <--compile-subset>
    --archs <this GPU's compute capability and the check's default archs> --out
    <out>/compile_check` (it writes `compile_check.md` there and exits non-zero on a failure).
-3. `gpu_bench`: `python -m experiments.gpu_bench --quick --out <out>/gpu_bench
-   --max-minutes <3/4 of the step's timeout> <--bench-args>`: it stops starting points in
-   time to write its report; rerun that command to measure the rest (it resumes).
+3. `bench`: `python -m experiments.bench -m bench=gpu_quick out_dir=<out>/gpu_bench
+   max_minutes=<3/4 of the step's timeout> <--bench-args>` (Hydra overrides): it stops
+   starting lengths in time to write its report; rerun that command to measure the rest (it
+   resumes).
 
-Everything goes under `<out>` = `results/<gpu name>/` of the checkout (`gpu_bench.gpu_slug`
-of the device name; `results/cpu/` with `--device cpu`): each step's output in
+Everything goes under `<out>` = `results/<gpu name>/` of the checkout (`config.device_slug`
+of the device; `results/cpu/` with `--device cpu`): each step's output in
 `first_run/<step>.log`, and `first_run.md`, rewritten after every step, with each step's
 status, wall time, log, command and, for a failed step, its last log lines.
 
 Exit code: 0 when every step passed, 1 when one failed, 2 (before running anything) when no
 CUDA device is visible and `--device cpu` was not given. With `--device cpu` the tests run in
 Triton's interpreter (the GPU hidden from them), the compile check compiles for its default
-archs, and the bench runs with `--device cpu`.
+archs, and the bench runs with `device=cpu`, its Triton kernels in the interpreter.
 
 The tests and the compile check import `attn_zoo.kernels`: install the checkout first
 (`pip install --no-deps --no-build-isolation -e .`).
@@ -48,14 +49,14 @@ from pathlib import Path
 
 import torch
 
-from experiments.bench import environment
-from experiments.gpu_bench import gpu_slug
+from experiments.config import device_slug
+from experiments.results import environment
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_FILES = ("tests/test_kernels_block_sparse.py", "tests/test_kernels_bucket.py",
               "tests/test_layout.py")
 BENCH_MINUTES_SHARE = 0.75
-"""The share of the bench step's timeout it may spend starting points (`--max-minutes`)."""
+"""The share of the bench step's timeout it may spend starting lengths (`max_minutes`)."""
 LOG_TAIL_LINES = 20
 
 
@@ -102,16 +103,17 @@ def default_steps(args: argparse.Namespace, out: Path) -> list[Step]:
         major, minor = torch.cuda.get_device_capability()
         compile_argv += ["--archs", *map(str, compile_archs(10 * major + minor))]
     bench_minutes = args.bench_timeout * BENCH_MINUTES_SHARE / 60
-    bench_argv = [python, "-m", "experiments.gpu_bench", "--quick", "--out",
-                  str(out / "gpu_bench"), "--max-minutes", f"{bench_minutes:.3g}",
-                  *([] if cuda else ["--device", "cpu"]), *shlex.split(args.bench_args)]
+    bench_argv = [python, "-m", "experiments.bench", "-m", "bench=gpu_quick",
+                  f"out_dir={out / 'gpu_bench'}", f"max_minutes={bench_minutes:.3g}",
+                  *([] if cuda else ["device=cpu"]), *shlex.split(args.bench_args)]
     native = {"TRITON_INTERPRET": None}
     # On a CPU the tests run in the interpreter, any GPU hidden from their device choice.
     test_env = native if cuda else {"TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    bench_env = native if cuda else {"TRITON_INTERPRET": "1"}
     return [Step("tests", [python, "-m", "pytest", "-q", *args.tests], args.tests_timeout,
                  test_env),
             Step("compile_check", compile_argv, args.compile_timeout, native),
-            Step("gpu_bench", bench_argv, args.bench_timeout, native)]
+            Step("bench", bench_argv, args.bench_timeout, bench_env)]
 
 
 def run_step(step: Step, log: Path) -> StepResult:
@@ -195,8 +197,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile-subset", choices=("ci", "full"), default="ci",
                         help="the compile check's matrix (default: %(default)s)")
     parser.add_argument("--bench-args", default="",
-                        help='more options for experiments.gpu_bench, one string, e.g. '
-                             '"--variants local full --modes fwd"')
+                        help='more Hydra overrides for experiments.bench, one string, e.g. '
+                             '"attention=local,full mode=fwd"')
     for step, default in (("tests", 180.0), ("compile", 180.0), ("bench", 300.0)):
         parser.add_argument(f"--{step}-timeout", type=float, default=default,
                             help="seconds (default %(default)s)")
@@ -217,9 +219,8 @@ def run(args: argparse.Namespace, steps: Sequence[Step] | None = None,
               f"{', a CPU-only build' if torch.version.cuda is None else ''}): this script is "
               "for a GPU machine; `--device cpu` tries it on the CPU instead", file=sys.stderr)
         return 2
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     # Absolute: the steps run from the repository root, wherever this was started.
-    out = (args.out or ROOT / "results" / gpu_slug(name)).resolve()
+    out = (args.out or ROOT / "results" / device_slug(args.device)).resolve()
     steps = list(default_steps(args, out) if steps is None else steps)
     facts = {key: str(value) for key, value in environment(device).items()}
     facts["argv"] = shlex.join(argv)

@@ -1,4 +1,6 @@
-"""Measuring primitives shared by the benchmarks and the sweeps.
+"""Measuring primitives of the speed app (`experiments.bench`) and the tests: one timing loop,
+one memory tracker, the useful-FLOP count, the matmul peak; and the number formatting of the
+apps' tables.
 
 * Time: median wall seconds after warm-up runs (`time.perf_counter` on CPU, CUDA events on a
   GPU). Warm-up absorbs compilation and autotuning, so they are never timed.
@@ -12,21 +14,16 @@
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import math
 import os
 import statistics
-import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
-from torch import Tensor
 from torch.profiler import ProfilerActivity, profile
 
 FWD_BWD_FACTOR = 3.5
@@ -77,34 +74,6 @@ def median_time(
     if budget_s is not None:
         repeats = max(1, min(repeats, int(budget_s / max(last, 1e-9))))
     return statistics.median(_time_once(fn, device) for _ in range(repeats))
-
-
-def interleaved_median_times(
-    fns: dict[str, Callable[[], Any]],
-    *,
-    device: torch.device | str = "cpu",
-    repeats: int = 5,
-    budget_s: float | None = None,
-) -> dict[str, float]:
-    """Median seconds of each callable, timed in alternating rounds after one warm-up each.
-
-    Alternating the contenders round by round exposes them all to the same drift in machine
-    load, so their ratios hold up on a shared machine better than back-to-back medians.
-    budget_s: a callable whose warm-up shows `repeats` runs would exceed it runs fewer rounds.
-    """
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
-    device = torch.device(device)
-    rounds = {}
-    for name, fn in fns.items():
-        warm = _time_once(fn, device)
-        rounds[name] = repeats if budget_s is None else max(1, min(repeats, int(budget_s / warm)))
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for round_index in range(repeats):
-        for name, fn in fns.items():
-            if round_index < rounds[name]:
-                times[name].append(_time_once(fn, device))
-    return {name: statistics.median(values) for name, values in times.items()}
 
 
 # -- memory ---------------------------------------------------------------------------------
@@ -190,70 +159,6 @@ def matmul_peak(
     return 2 * size**3 / seconds
 
 
-# -- attention ------------------------------------------------------------------------------
-
-
-def attention_inputs(
-    batch: int, heads: int, n: int, head_dim: int, *,
-    dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", seed: int = 0,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Random q, k, v of shape (batch, heads, n, head_dim)."""
-    gen = torch.Generator(device=device).manual_seed(seed)
-    return tuple(  # type: ignore[return-value]
-        torch.randn(batch, heads, n, head_dim, generator=gen, dtype=dtype, device=device)
-        for _ in range(3)
-    )
-
-
-@dataclass
-class AttentionCost:
-    """What one attention call costs: median seconds and forward peak bytes."""
-
-    fwd_s: float
-    fwd_bwd_s: float
-    fwd_peak_bytes: int
-
-
-def measure_attention(
-    forward: Callable[[Tensor, Tensor, Tensor], Tensor],
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    *,
-    backward: bool = True,
-    warmup: int = 1,
-    repeats: int = 5,
-    budget_s: float | None = None,
-) -> AttentionCost:
-    """Forward time, forward+backward time and forward peak memory of `forward(q, k, v)`.
-
-    The forward runs under `no_grad` (inference: nothing kept for a backward); its memory is
-    measured after its timing, so compilation in the warm-up is not counted. The
-    forward+backward takes the gradients of q, k and v for a fixed random output gradient;
-    its time is NaN when `backward` is False.
-    """
-    device = q.device
-
-    def infer() -> Tensor:
-        with torch.no_grad():
-            return forward(q, k, v)
-
-    fwd_s = median_time(infer, device=device, warmup=warmup, repeats=repeats, budget_s=budget_s)
-    fwd_peak = peak_memory(infer, device=device)
-    fwd_bwd_s = math.nan
-    if backward:
-        inputs = [x.detach().requires_grad_() for x in (q, k, v)]
-        grad_out = torch.randn_like(infer())
-
-        def train_step() -> None:
-            # autograd.grad, not .backward(): gradients must not accumulate across runs.
-            torch.autograd.grad(forward(*inputs), inputs, grad_out)
-
-        fwd_bwd_s = median_time(train_step, device=device, warmup=warmup, repeats=repeats,
-                                budget_s=budget_s)
-    return AttentionCost(fwd_s, fwd_bwd_s, fwd_peak)
-
-
 # -- tables ---------------------------------------------------------------------------------
 
 
@@ -283,56 +188,13 @@ def markdown_table(frame: pd.DataFrame) -> str:
 
 
 def write_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write `text` to `path` so that readers see the old file or the new one, never half."""
+    """Write `text` to `path` so that readers see the old file or the new one, never half.
+
+    The temporary file has a fixed name, `.<name>.tmp` beside `path`: a killed write leaves
+    no litter that the next write does not replace.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.",
-                                     delete=False) as tmp:
-        try:
-            tmp.write(text)
-        except BaseException:
-            os.unlink(tmp.name)
-            raise
-    # NamedTemporaryFile creates the file private (0600); results are meant to be shared.
-    os.chmod(tmp.name, 0o644)
-    os.replace(tmp.name, path)
-
-
-def write_tables(out: Path, name: str, header: str,
-                 tables: dict[str, tuple[str, pd.DataFrame]]) -> None:
-    """Each table as `<out>/<key>.csv`, and all of them under `header` in `<out>/<name>.md`.
-
-    tables: key -> (section title, frame); every file is written atomically.
-    """
-    for key, (_, frame) in tables.items():
-        write_atomic(out / f"{key}.csv", frame.to_csv(index=False))
-    sections = [header] + [f"## {title}\n\n{markdown_table(frame)}"
-                           for title, frame in tables.values()]
-    write_atomic(out / f"{name}.md", "\n".join(sections))
-
-
-def print_tables(tables: dict[str, pd.DataFrame], out: Path) -> None:
-    """Print every table under its key, then where the files went."""
-    for title, table in tables.items():
-        print(f"\n{title}\n{text_table(table)}")
-    print(f"\nwritten under {out}/")
-
-
-@contextlib.contextmanager
-def locked(csv_path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on a results CSV across processes (a lock file beside it)."""
-    csv_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(csv_path.parent / f".{csv_path.name}.lock", "w") as handle:
-        fcntl.lockf(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.lockf(handle, fcntl.LOCK_UN)
-
-
-def read_rows(csv_path: Path, columns: Iterable[str], key: Iterable[str]) -> pd.DataFrame:
-    """The rows of a results CSV, key columns as strings; empty (with `columns`) when absent."""
-    if not csv_path.exists():
-        return pd.DataFrame(columns=list(columns))
-    return pd.read_csv(csv_path, dtype={column: str for column in key}, keep_default_na=False,
-                       na_values=[""])
+    tmp = path.parent / f".{path.name}.tmp"
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -339,7 +339,7 @@ def layout_rows(lengths: Sequence[int] = LAYOUT_LENGTHS) -> list[dict]:
         if "triton" not in get(name).backends or get(name).content_based:
             continue
         attn = attn_zoo.build(name)
-        pattern = attn.pattern if hasattr(attn, "pattern") else attn.exact_pattern
+        pattern = attn.pattern if type(attn).static_pattern else attn.exact_pattern
         for n in lengths:
             layout = build_layout(pattern(n, True), n, n, tiles.block_m, tiles.block_n)
             found.append({"variant": name, **layout.stats()})

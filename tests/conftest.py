@@ -14,6 +14,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 import attn_zoo  # noqa: E402
+from attn_zoo.reference import dense_mask, reference_attention  # noqa: E402
 from attn_zoo.registry import get  # noqa: E402
 
 
@@ -27,7 +28,7 @@ def pytest_configure(config) -> None:
 
 
 VARIANT_MODES = [(name, causal) for name in attn_zoo.available() for causal in causal_modes(name)]
-STATIC_VARIANTS = [name for name in attn_zoo.available() if hasattr(get(name), "pattern")]
+STATIC_VARIANTS = [name for name in attn_zoo.available() if get(name).static_pattern]
 
 
 def variant_id(case: tuple[str, bool]) -> str:
@@ -58,3 +59,18 @@ def call(attn, q, k, v, **kwargs):
     """Call with a fixed torch seed, so variants that draw randomness repeat themselves."""
     torch.manual_seed(1234)
     return attn(q, k, v, **kwargs)
+
+
+def check_against_reference(attn, n: int, causal: bool, kv_heads: int = 2) -> None:
+    """Forward and gradients of `attn` equal the dense float64 reference of its pattern."""
+    q, k, v = qkv(q_heads=4, kv_heads=kv_heads, n=n, dtype=torch.float64, seed=n,
+                  requires_grad=True)
+    real = torch.rand(2, n, generator=torch.Generator().manual_seed(n + 1)) > 0.25
+    out = attn(q, k, v, causal=causal, key_padding_mask=real)
+    allowed = dense_mask(attn.pattern(n, causal), n)
+    expected = reference_attention(q, k, v, allowed, key_padding_mask=real)
+    torch.testing.assert_close(out, expected, atol=1e-10, rtol=1e-10)
+    grad = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), grad)
+    for got, want in zip(grads, torch.autograd.grad(expected, (q, k, v), grad), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)

@@ -20,29 +20,17 @@ from attn_zoo.variants.lsh import DECODE_BUCKETS_PER_CHUNK, n_buckets
 VOCAB = 13
 LENGTH, PROMPT = 40, 7
 
-# Small parameters, so that 40 positions cross every regime of each pattern: windows and
-# their edges, global tokens and blocks, dilation, several blocks and segments, memories that
-# fill and roll, compressed groups, buckets and clusters with more members than the cap.
-DECODE_PARAMS = {
-    "full": {},
-    "local": {"window": 5},
-    "longformer": {"window": 3, "dilation": 2, "n_global": 2},
-    "bigbird": {"block": 4, "window_blocks": 3, "n_global_blocks": 1, "n_random": 2},
-    "sparse_strided": {"stride": 4},
-    "sparse_fixed": {"stride": 5, "summary": 2},
-    "hierarchical": {"block": 3, "window_blocks": 1},
-    "compressive": {"segment": 4, "mem_len": 8, "cmem_len": 3, "rate": 2, "compress": "conv"},
-    "lsh": {"bucket_size": 2, "n_hashes": 3, "seed": 5},
-    "routing": {"n_clusters": 3, "window": 4},
-}
-BOUNDED = ["local", "longformer", "compressive"]
 # float32 logits of these models reach about 10: 1e-4 is about 1e-5 of their scale (in float64
 # the caches match the forward to 1e-13). A wrong key or weight moves logits by O(1).
 FLOAT32 = {"atol": 1e-4, "rtol": 1e-5}
 
 
 def params_of(name: str) -> dict:
-    return DECODE_PARAMS.get(name, {})
+    """The variant's tiny parameters: 40 positions cross every regime of its pattern (windows
+    and their edges, global tokens and blocks, dilation, several blocks and segments, memories
+    that fill and roll, compressed groups, buckets and clusters with more members than the
+    cap)."""
+    return get(name).Params.tiny()
 
 
 def tiny_lm(name: str, params: dict | None = None, depth: int = 2, seed: int = 0,
@@ -58,9 +46,9 @@ def tiny_lm(name: str, params: dict | None = None, depth: int = 2, seed: int = 0
             torch.nn.init.normal_(module.weight, std=0.3)
     torch.nn.init.normal_(model.embedding.weight, std=0.5)
     for module in model.modules():
-        if hasattr(module, "key_conv"):  # learned taps away from the mean they start at
-            torch.nn.init.normal_(module.key_conv, std=0.5)
-            torch.nn.init.normal_(module.value_conv, std=0.5)
+        if isinstance(module, attn_zoo.Attention):  # learned taps away from where they start
+            for parameter in module.parameters():
+                torch.nn.init.normal_(parameter, std=0.5)
     return model.eval()
 
 
@@ -210,14 +198,14 @@ def test_bigbird_decodes_with_the_layout_of_the_prefix():
     torch.testing.assert_close(decoded, prefixes, **FLOAT32)
     # The rule matters: the full-length layout differs from the prefixes' on earlier rows.
     attention = model.stack.blocks[0].attn.attention
-    layout, block = attention.layout(LENGTH, True), DECODE_PARAMS["bigbird"]["block"]
+    layout, block = attention.layout(LENGTH, True), params_of("bigbird")["block"]
     assert any(not torch.equal(layout[i, :i + 1], attention.layout((i + 1) * block, True)[i])
                for i in range(layout.shape[0]))
     assert not torch.allclose(decoded, teacher_forced, atol=1e-3)
 
 
 def test_bigbird_without_random_blocks_decodes_the_teacher_forced_forward():
-    params = DECODE_PARAMS["bigbird"] | {"n_random": 0}
+    params = params_of("bigbird") | {"n_random": 0}
     model = tiny_lm("bigbird", params)
     sequence = tokens((2, LENGTH), seed=5)
     with torch.no_grad():
@@ -299,7 +287,7 @@ def routing_reference(q, v, centroids, n_clusters, window, groups) -> tuple[torc
 
 
 def test_lsh_decode_rule_against_its_dense_reference():
-    params = DECODE_PARAMS["lsh"]
+    params = params_of("lsh")
     attention = attn_zoo.build("lsh", **params).eval()
     q = crowded_queries(2, 4, LENGTH, 8)
     k, v = (torch.randn(2, 2, LENGTH, 8, dtype=torch.float64) for _ in range(2))
@@ -328,17 +316,39 @@ def test_routing_decode_rule_against_its_dense_reference(window):
 # -- sizes ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", BOUNDED)
-def test_bounded_caches_stay_the_same_size_past_their_window(name):
-    attention = attn_zoo.build(name, **DECODE_PARAMS[name])
+@pytest.mark.parametrize("name", attn_zoo.available())
+def test_caches_declared_bounded_stay_the_same_size_past_their_window(name):
+    attention = attn_zoo.build(name, **params_of(name)).eval()
     cache = cache_for(attention)
     q, k, v = (torch.randn(1, 2, 120, 8) for _ in range(3))
     sizes = []
     for i in range(120):
         cache.step(q[:, :, i:i + 1], k[:, :, i:i + 1], v[:, :, i:i + 1])
         sizes.append((cache.nbytes(), len(cache)))
-    assert len(set(sizes[60:])) == 1, f"{name}: size changes after 60 positions"
-    assert sizes[-1][0] <= max(sizes)[0] and sizes[-1][1] < 60
+    if type(cache).bounded:
+        assert len(set(sizes[60:])) == 1, f"{name}: size changes after 60 positions"
+        assert sizes[-1][0] <= max(sizes)[0] and sizes[-1][1] < 60
+    else:
+        assert sizes[-1][0] > sizes[60][0], f"{name}: a growing cache that does not grow"
+
+
+@pytest.mark.parametrize(("name", "params"), [
+    ("local", {"window": 2**31 - 1}),
+    ("longformer", {"window": 2**31 - 1, "n_global": 2}),
+    ("hierarchical", {"block": 2**31 - 1, "window_blocks": 1}),
+    ("compressive", {"segment": 4, "mem_len": 2**30, "rate": 2}),
+])
+def test_a_ring_longer_than_the_sequence_costs_only_the_sequence(name, params):
+    """A window of 2**31 positions holds (at most twice) what was seen, not 2**31 slots."""
+    attention = attn_zoo.build(name, **params)
+    q, k, v = (torch.randn(1, 2, 30, 8) for _ in range(3))
+    expected = attention(q, k, v, causal=True)
+    cache = cache_for(attention)
+    out = [cache.prefill(q[:, :, :7], k[:, :, :7], v[:, :, :7])]
+    out += [cache.step(q[:, :, i:i + 1], k[:, :, i:i + 1], v[:, :, i:i + 1]) for i in range(7, 30)]
+    torch.testing.assert_close(torch.cat(out, dim=2), expected)
+    slots = 2 * 30
+    assert cache.nbytes() <= 2 * (1 * 2 * slots * 8 * 4) + slots * 8
 
 
 def test_growing_caches_grow_by_one_position_per_step():

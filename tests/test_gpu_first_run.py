@@ -32,7 +32,7 @@ def test_bad_options_are_rejected(argv, capsys):
 def test_cuda_steps_run_natively_and_compile_for_this_device(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda: (8, 6))
     monkeypatch.setattr(first_run, "compile_archs", lambda arch: sorted({arch, 80, 90}))
-    args = first_run.parse_args(["--bench-args", "--variants local full"])
+    args = first_run.parse_args(["--bench-args", "attention=local,full"])
     tests, compile_check, bench = first_run.default_steps(args, tmp_path)
     assert tests.argv[1:] == ["-m", "pytest", "-q", *first_run.TEST_FILES]
     assert tests.timeout_s == 180 and tests.env == {"TRITON_INTERPRET": None}
@@ -40,10 +40,10 @@ def test_cuda_steps_run_natively_and_compile_for_this_device(monkeypatch, tmp_pa
         "-m", "attn_zoo.kernels.compile_check", "--subset", "ci", "--out",
         str(tmp_path / "compile_check"), "--archs", "80", "86", "90"]
     assert compile_check.env == {"TRITON_INTERPRET": None}
-    assert bench.argv[1:] == ["-m", "experiments.gpu_bench", "--quick", "--out",
-                              str(tmp_path / "gpu_bench"), "--max-minutes", "3.75",
-                              "--variants", "local", "full"]
-    assert bench.timeout_s == 300
+    assert bench.argv[1:] == ["-m", "experiments.bench", "-m", "bench=gpu_quick",
+                              f"out_dir={tmp_path / 'gpu_bench'}", "max_minutes=3.75",
+                              "attention=local,full"]
+    assert bench.timeout_s == 300 and bench.env == {"TRITON_INTERPRET": None}
 
 
 def test_cpu_steps_use_the_interpreter_and_the_bench_on_cpu(tmp_path):
@@ -52,8 +52,9 @@ def test_cpu_steps_use_the_interpreter_and_the_bench_on_cpu(tmp_path):
     tests, compile_check, bench = first_run.default_steps(args, tmp_path)
     assert tests.env == {"TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
     assert "--archs" not in compile_check.argv and "full" in compile_check.argv
-    assert bench.argv[-6:] == ["--out", str(tmp_path / "gpu_bench"), "--max-minutes", "0.75",
-                               "--device", "cpu"]
+    assert bench.argv[-3:] == [f"out_dir={tmp_path / 'gpu_bench'}", "max_minutes=0.75",
+                               "device=cpu"]
+    assert bench.env == {"TRITON_INTERPRET": "1"}
 
 
 def test_compile_archs_add_this_device_to_the_checks_defaults():
@@ -99,14 +100,15 @@ def test_a_tiny_cpu_run_of_the_real_compile_and_bench_steps(tmp_path):
     # The default compile check and bench steps (the test step would only rerun tests): the
     # compile check, given 1 s, times out (its subset takes minutes) and the bench still runs.
     argv = ["--device", "cpu", "--out", str(tmp_path), "--compile-timeout", "1",
-            "--bench-args", "--variants full --impls sdpa --lengths 64 --dims 16 --dtype "
-            "float32 --tokens 128 --hidden 32 --modes fwd --warmup 1 --repeats 1"]
+            "--bench-args", "attention=full contender=sdpa seq_len=[64] head_dim=16 heads=2 "
+            "dtype=float32 mode=fwd warmup=1 repeats=1 check_n=16 matmul_peak=false "
+            "logger=none"]
     args = first_run.parse_args(argv)
     _, compile_check, bench = first_run.default_steps(args, tmp_path)
     assert first_run.run(args, [compile_check, bench], argv) == 1
     summary = (tmp_path / "first_run.md").read_text()
     assert "| compile_check | timed out after 1 s |" in summary
-    assert "| gpu_bench | ok |" in summary
-    assert "`python -m experiments.gpu_bench --quick --out" in summary
-    assert (tmp_path / "gpu_bench" / "gpu_bench.md").is_file()
-    assert (tmp_path / "gpu_bench" / "gpu_bench.csv").read_text().count("\n") == 2
+    assert "| bench | ok |" in summary
+    assert "`python -m experiments.bench -m bench=gpu_quick out_dir=" in summary
+    assert (tmp_path / "gpu_bench" / "report.md").is_file()
+    assert (tmp_path / "gpu_bench" / "bench.csv").read_text().count("\n") == 2

@@ -12,7 +12,6 @@ from attn_zoo.kernels.block_sparse import block_sparse_attention, tile_config
 from attn_zoo.kernels.launch import capture
 from attn_zoo.kernels.layout import build_layout, cached_layout
 from conftest import qkv, variant_id
-from test_layout import SMALL
 
 import attn_zoo
 from attn_zoo.registry import get
@@ -124,7 +123,7 @@ def test_triton_backend_matches_torch_backend(name, causal):
     real = real.to(DEVICE)
     outputs = {}
     for backend in ("torch", "triton"):
-        attn = attn_zoo.build(name, backend=backend, **SMALL[name]).to(DEVICE)
+        attn = attn_zoo.build(name, backend=backend, **get(name).Params.tiny()).to(DEVICE)
         out = attn(q, k, v, causal=causal, key_padding_mask=real)
         params = [q, k, v, *attn.parameters()]
         gen = torch.Generator().manual_seed(7)
@@ -143,7 +142,7 @@ def test_full_cross_attention_is_bottom_right_aligned():
 
 
 def test_compressive_conv_weights_get_gradients():
-    params = {**SMALL["compressive"], "compress": "conv"}
+    params = {**get("compressive").Params.tiny(), "compress": "conv"}
     q, k, v = (x.to(DEVICE) for x in qkv(batch=1, q_heads=1, kv_heads=1, n=50, dim=16))
     grads_by_backend = []
     for backend in ("torch", "triton"):

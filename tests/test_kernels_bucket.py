@@ -1,5 +1,5 @@
 """The bucket kernels of `lsh` and `routing` (attn_zoo.kernels.bucket) against the torch
-backend, itself checked against dense float64 references in test_lsh_routing.py: forward and
+backend, itself checked against dense float64 references in tests/variants/: forward and
 gradients, odd lengths, one chunk, GQA, padding (a fully padded batch row included), causal
 and not, half precision by tolerance, determinism, torch.compile tracing, bad input.
 

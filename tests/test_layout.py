@@ -11,25 +11,16 @@ from conftest import STATIC_VARIANTS, causal_modes, variant_id
 
 import attn_zoo
 from attn_zoo.reference import dense_mask
+from attn_zoo.registry import get
 
-# Small parameters, so that N = 61 crosses windows, blocks, strides and segments many times.
-SMALL = {
-    "full": {},
-    "local": {"window": 5},
-    "longformer": {"window": 3, "dilation": 2, "n_global": 3},
-    "bigbird": {"block": 8, "window_blocks": 3, "n_global_blocks": 1, "n_random": 2},
-    "sparse_strided": {"stride": 8},
-    "sparse_fixed": {"stride": 8, "summary": 2},
-    "hierarchical": {"block": 8, "window_blocks": 1},
-    "compressive": {"segment": 8, "mem_len": 8, "cmem_len": 4, "rate": 2},
-}
-EXACT_VARIANTS = ["hierarchical", "compressive"]
+EXACT_VARIANTS = [name for name in attn_zoo.available() if get(name).pooled_keys]
 CASES = [(name, causal) for name in [*STATIC_VARIANTS, *EXACT_VARIANTS]
          for causal in causal_modes(name)]
 
 
 def pattern_of(name: str, n: int, causal: bool):
-    attn = attn_zoo.build(name, **SMALL[name])
+    # Tiny parameters, so that N = 61 crosses windows, blocks, strides and segments many times.
+    attn = attn_zoo.build(name, **get(name).Params.tiny())
     return attn.exact_pattern(n, causal) if name in EXACT_VARIANTS else attn.pattern(n, causal)
 
 

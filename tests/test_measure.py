@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 
 import pandas as pd
@@ -85,17 +84,6 @@ def test_matmul_peak_is_positive():
     assert measure.matmul_peak("cpu", size=128, repeats=2) > 0
 
 
-def test_measure_attention_reports_time_and_memory():
-    q, k, v = measure.attention_inputs(1, 2, 64, 16)
-    attn = attn_zoo.build("local", window=16)
-    cost = measure.measure_attention(lambda q, k, v: attn(q, k, v, causal=True), q, k, v,
-                                     repeats=2)
-    assert cost.fwd_s > 0 and cost.fwd_bwd_s > 0
-    assert cost.fwd_peak_bytes >= q.numel() * q.element_size()  # the output at least
-    assert math.isnan(measure.measure_attention(lambda q, k, v: q + v, q, k, v,
-                                                backward=False).fwd_bwd_s)
-
-
 def test_tables_and_atomic_write(tmp_path):
     frame = pd.DataFrame({"impl": ["a", "b"], "ms": [1234.56, float("nan")], "n": [1, 2]})
     assert "n/a" in measure.text_table(frame)
@@ -106,16 +94,3 @@ def test_tables_and_atomic_write(tmp_path):
     measure.write_atomic(target, "two")
     assert target.read_text() == "two"
     assert [p.name for p in target.parent.iterdir()] == ["table.md"]
-
-
-def test_interleaved_times_alternate_and_respect_the_budget():
-    from experiments.measure import interleaved_median_times
-
-    calls: list[str] = []
-    fns = {name: (lambda name=name: calls.append(name)) for name in ("a", "b")}
-    times = interleaved_median_times(fns, repeats=3)
-    assert set(times) == {"a", "b"} and all(t >= 0 for t in times.values())
-    assert calls == ["a", "b"] + ["a", "b"] * 3  # one warm-up each, then alternating rounds
-    calls.clear()
-    interleaved_median_times(fns, repeats=3, budget_s=0.0)
-    assert calls == ["a", "b", "a", "b"]  # over budget: one timed round each

@@ -25,3 +25,12 @@ def test_wheel_holds_only_the_attn_zoo_package(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "attn_zoo/variants/local.py" in names
     assert "attn_zoo/kernels/__init__.py" in names
+    (metadata,) = [name for name in names if name.endswith(".dist-info/METADATA")]
+    requires = [line.split(": ", 1)[1] for line in
+                zipfile.ZipFile(wheel).read(metadata).decode().splitlines()
+                if line.startswith("Requires-Dist: ")]
+    # The launchers the speed app's sweeps run through, and the peers it measures (`bench`).
+    for plugin in ("hydra-joblib-launcher", "hydra-submitit-launcher"):
+        assert any(line.startswith(plugin) and "extra" not in line for line in requires)
+    for peer in ("local-attention", "reformer-pytorch", "transformers"):
+        assert any(line.startswith(peer) and 'extra == "bench"' in line for line in requires)

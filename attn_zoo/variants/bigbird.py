@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -21,13 +22,18 @@ from attn_zoo.blocksparse import (
     layout_key_blocks,
     span_key_blocks,
 )
-from attn_zoo.params import Params, require
+from attn_zoo.cache import GrowingCache, attend, register_cache
+from attn_zoo.params import Params, at_most, require
 from attn_zoo.registry import register
+
+MAX_BLOCK = 1024
+"""Upper bound of `block`: the torch engine holds tiles of block x block scores (BigBird uses
+64)."""
 
 
 @dataclass
 class BigBirdParams(Params):
-    block: int = 64
+    block: int = at_most(64, MAX_BLOCK)
     window_blocks: int = 3
     n_global_blocks: int = 1
     n_random: int = 2
@@ -40,6 +46,10 @@ class BigBirdParams(Params):
         require(self.n_global_blocks >= 0, "n_global_blocks", self.n_global_blocks, ">= 0")
         require(self.n_random >= 0, "n_random", self.n_random, ">= 0")
         require(self.seed >= 0, "seed", self.seed, ">= 0")
+
+    @classmethod
+    def tiny(cls) -> dict[str, Any]:
+        return {"block": 4, "window_blocks": 3, "n_global_blocks": 1, "n_random": 2}
 
 
 @functools.lru_cache(maxsize=16)
@@ -91,6 +101,7 @@ class BigBirdAttention(Attention):
 
     Params = BigBirdParams
     backends = ("torch", "flex", "triton")
+    static_pattern = True
 
     def layout(self, n: int, causal: bool) -> Tensor:
         """The block layout L: (ceil(n / block), ceil(n / block)) bool; see the module doc."""
@@ -139,8 +150,6 @@ class BigBirdAttention(Attention):
 
 
 # -- decoding cache -------------------------------------------------------------------------
-
-from attn_zoo.cache import GrowingCache, attend, register_cache  # noqa: E402
 
 
 def prefix_layout_row(attention: BigBirdAttention, row_block: int) -> Tensor:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -33,6 +33,7 @@ from attn_zoo.blocksparse import (
     span_key_blocks,
     tile_block,
 )
+from attn_zoo.cache import RingCache, register_cache, split_at_multiples
 from attn_zoo.params import Params, require
 from attn_zoo.registry import register
 
@@ -54,6 +55,10 @@ class CompressiveParams(Params):
                 f"a multiple of rate ({self.rate})")
         require(self.mem_len % self.segment == 0, "mem_len", self.mem_len,
                 f"a multiple of segment ({self.segment})")
+
+    @classmethod
+    def tiny(cls) -> dict[str, Any]:
+        return {"segment": 4, "mem_len": 8, "cmem_len": 3, "rate": 2, "compress": "conv"}
 
 
 def compressive_exact_pattern(segment: int, mem_len: int) -> Pattern:
@@ -101,6 +106,7 @@ class CompressiveAttention(Attention):
     Params = CompressiveParams
     causal_only = True
     backends = ("torch", "triton")
+    pooled_keys = True
 
     def __init__(self, **params) -> None:
         super().__init__(**params)
@@ -214,8 +220,6 @@ class CompressiveAttention(Attention):
 
 # -- decoding cache -------------------------------------------------------------------------
 
-from attn_zoo.cache import RingCache, register_cache, split_at_multiples  # noqa: E402
-
 
 @register_cache("compressive")
 class CompressiveCache(RingCache):
@@ -228,6 +232,8 @@ class CompressiveCache(RingCache):
     compressed memory, of which the newest cmem_len groups stay: the ones the forward lets
     segment s see.
     """
+
+    bounded = True
 
     def __init__(self, attention: Attention) -> None:
         p = attention.params

@@ -8,6 +8,7 @@ from torch import Tensor
 
 from attn_zoo.attention import Attention
 from attn_zoo.blocksparse import Pattern
+from attn_zoo.cache import PatternCache, register_cache
 from attn_zoo.registry import register
 
 
@@ -25,6 +26,7 @@ class FullAttention(Attention):
     """Dense attention through `scaled_dot_product_attention`; also cross-attention (M != N)."""
 
     supports_cross = True
+    static_pattern = True
     backends = ("torch", "triton")
     # On CUDA, SDPA (FlashAttention) is the dense fast path; backend="triton" runs the kernel.
     auto_backends = ("torch",)
@@ -65,8 +67,6 @@ class FullAttention(Attention):
 
 
 # -- decoding cache -------------------------------------------------------------------------
-
-from attn_zoo.cache import PatternCache, register_cache  # noqa: E402
 
 
 @register_cache("full")

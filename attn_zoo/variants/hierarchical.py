@@ -11,7 +11,9 @@ their count) and a block without any is skipped.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +27,7 @@ from attn_zoo.blocksparse import (
     span_key_blocks,
     tile_block,
 )
+from attn_zoo.cache import RingCache, register_cache, split_at_multiples
 from attn_zoo.params import Params, require
 from attn_zoo.registry import register
 
@@ -37,6 +40,10 @@ class HierarchicalParams(Params):
     def validate(self) -> None:
         require(self.block >= 1, "block", self.block, ">= 1")
         require(self.window_blocks >= 0, "window_blocks", self.window_blocks, ">= 0")
+
+    @classmethod
+    def tiny(cls) -> dict[str, Any]:
+        return {"block": 3, "window_blocks": 1}
 
 
 def hierarchical_exact_pattern(block: int, window_blocks: int, causal: bool) -> Pattern:
@@ -90,6 +97,7 @@ class HierarchicalAttention(Attention):
 
     Params = HierarchicalParams
     backends = ("torch", "triton")
+    pooled_keys = True
 
     def exact_pattern(self, n: int, causal: bool) -> Pattern:
         """The exactly scored pairs (the pooled keys come on top; see the module docstring)."""
@@ -165,10 +173,6 @@ class HierarchicalAttention(Attention):
 
 
 # -- decoding cache -------------------------------------------------------------------------
-
-import math  # noqa: E402
-
-from attn_zoo.cache import RingCache, register_cache, split_at_multiples  # noqa: E402
 
 
 @register_cache("hierarchical")

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from torch import Tensor
 
 from attn_zoo.attention import Attention
 from attn_zoo.blocksparse import Pattern, block_sparse_attention, window_key_blocks
+from attn_zoo.cache import RingCache, register_cache
 from attn_zoo.params import Params, require
 from attn_zoo.registry import register
 
@@ -18,6 +20,10 @@ class LocalParams(Params):
 
     def validate(self) -> None:
         require(self.window >= 0, "window", self.window, ">= 0")
+
+    @classmethod
+    def tiny(cls) -> dict[str, Any]:
+        return {"window": 5}
 
 
 def local_pattern(window: int, causal: bool) -> Pattern:
@@ -41,6 +47,7 @@ class LocalAttention(Attention):
 
     Params = LocalParams
     backends = ("torch", "flex", "triton")
+    static_pattern = True
 
     def pattern(self, n: int, causal: bool) -> Pattern:
         return local_pattern(self.params.window, causal)
@@ -60,13 +67,13 @@ class LocalAttention(Attention):
 
 # -- decoding cache -------------------------------------------------------------------------
 
-from attn_zoo.cache import RingCache, register_cache  # noqa: E402
-
 
 @register_cache("local")
 class LocalCache(RingCache):
     """Rolling buffer of the last `window + 1` positions: memory independent of the length
     (a new row needs keys back to its position - window only)."""
+
+    bounded = True
 
     def __init__(self, attention: Attention) -> None:
         super().__init__(attention, sinks=0, ring=attention.params.window + 1)

@@ -7,6 +7,7 @@ and to every key when i < n_global or j < n_global; causal keeps j <= i.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -22,21 +23,30 @@ from attn_zoo.blocksparse import (
     unfold_residues,
     window_key_blocks,
 )
-from attn_zoo.params import Params, require
+from attn_zoo.cache import RingCache, register_cache
+from attn_zoo.params import Params, at_most, require
 from attn_zoo.registry import register
 from attn_zoo.variants.local import local_pattern
+
+MAX_DILATION = 1024
+"""Upper bound of `dilation`: the torch engine folds the sequence into `dilation` residue
+classes, padded to equal length (Longformer uses 1-3)."""
 
 
 @dataclass
 class LongformerParams(Params):
     window: int = 256
-    dilation: int = 1
+    dilation: int = at_most(1, MAX_DILATION)
     n_global: int = 0
 
     def validate(self) -> None:
         require(self.window >= 0, "window", self.window, ">= 0")
         require(self.dilation >= 1, "dilation", self.dilation, ">= 1")
         require(self.n_global >= 0, "n_global", self.n_global, ">= 0")
+
+    @classmethod
+    def tiny(cls) -> dict[str, Any]:
+        return {"window": 3, "dilation": 2, "n_global": 2}
 
 
 def dilated_band(window: int, dilation: int) -> Pattern:
@@ -86,6 +96,7 @@ class LongformerAttention(Attention):
 
     Params = LongformerParams
     backends = ("torch", "flex", "triton")
+    static_pattern = True
 
     def pattern(self, n: int, causal: bool) -> Pattern:
         p = self.params
@@ -152,8 +163,6 @@ class LongformerAttention(Attention):
 
 # -- decoding cache -------------------------------------------------------------------------
 
-from attn_zoo.cache import RingCache, register_cache  # noqa: E402
-
 
 @register_cache("longformer")
 class LongformerCache(RingCache):
@@ -161,6 +170,8 @@ class LongformerCache(RingCache):
     `window * dilation + 1` positions (the reach of the dilated band; the band's dilation is
     applied by the pattern): memory independent of the length. A global row i < n_global sees
     every key up to itself, all of them sinks."""
+
+    bounded = True
 
     def __init__(self, attention: Attention) -> None:
         p = attention.params

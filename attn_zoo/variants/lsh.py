@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,20 +27,34 @@ from attn_zoo.blocksparse import (
     masked_softmax_,
     merge_partial_attentions,
 )
-from attn_zoo.params import Params, require
+from attn_zoo.cache import (
+    GrowingCache,
+    attend_selected,
+    merge_rounds,
+    recent_in_group,
+    register_cache,
+)
+from attn_zoo.params import Params, at_most, require
 from attn_zoo.registry import register
+
+MAX_HASHES = 64
+"""Upper bound of `n_hashes`: every round is a full pass over the sequence (Reformer uses 1-8)."""
 
 
 @dataclass
 class LSHParams(Params):
     bucket_size: int = 64
-    n_hashes: int = 4
+    n_hashes: int = at_most(4, MAX_HASHES)
     seed: int | None = None
 
     def validate(self) -> None:
         require(self.bucket_size >= 1, "bucket_size", self.bucket_size, ">= 1")
         require(self.n_hashes >= 1, "n_hashes", self.n_hashes, ">= 1")
         require(self.seed is None or self.seed >= 0, "seed", self.seed, ">= 0 or None")
+
+    @classmethod
+    def tiny(cls) -> dict[str, Any]:
+        return {"bucket_size": 2, "n_hashes": 3, "seed": 5}
 
 
 def n_buckets(n: int, bucket_size: int) -> int:
@@ -358,14 +373,6 @@ class LSHAttention(Attention):
 
 # -- decoding cache -------------------------------------------------------------------------
 
-from attn_zoo.cache import (  # noqa: E402
-    GrowingCache,
-    attend_selected,
-    merge_rounds,
-    recent_in_group,
-    register_cache,
-)
-
 DECODE_BUCKETS_PER_CHUNK = 32
 """Decoding hashes into n_buckets(32 * bucket_size) buckets (32): see `LSHCache`."""
 
@@ -409,7 +416,7 @@ class LSHCache(GrowingCache):
         self._append(k=keys, v=v, buckets=self._buckets(keys))
         end = self.seen + q.shape[2]
         rows = torch.arange(self.seen, end, device=q.device)
-        width = 2 * self.attention.params.bucket_size
+        width = min(2 * self.attention.params.bucket_size, end)  # no more keys exist
         parts = []
         for buckets in self.held("buckets", end).unbind(-1):  # rounds: (B, H, M) each
             index, valid = recent_in_group(buckets, rows, width, inclusive=False)

@@ -24,14 +24,19 @@ from einops import einsum
 from torch import Tensor
 
 from attn_zoo.attention import Attention
-from attn_zoo.params import Params, require
+from attn_zoo.cache import GrowingCache, attend_selected, recent_in_group, register_cache
+from attn_zoo.params import Params, at_most, require
 from attn_zoo.registry import register
 from attn_zoo.variants.lsh import gather_rows, kv_rows, masked_attention, tie_ignored_keys
+
+MAX_CLUSTERS = 4096
+"""Upper bound of `n_clusters`: each head keeps that many centroids and scores every token
+against each (Routing Transformer uses about sqrt(N))."""
 
 
 @dataclass
 class RoutingParams(Params):
-    n_clusters: int = 8
+    n_clusters: int = at_most(8, MAX_CLUSTERS)
     window: int | None = None
     decay: float = 0.999
 
@@ -40,6 +45,10 @@ class RoutingParams(Params):
         require(self.window is None or self.window >= 1, "window", self.window, ">= 1 or None")
         require(0 < self.decay < 1, "decay", self.decay, "in (0, 1)")
 
+    @classmethod
+    def tiny(cls) -> dict[str, Any]:
+        return {"n_clusters": 3, "window": 4}
+
 
 @register("routing")
 class RoutingAttention(Attention):
@@ -47,7 +56,7 @@ class RoutingAttention(Attention):
 
     Scores n_clusters * window ** 2 pairs per (batch, head): with the default window
     ceil(N / n_clusters) that is N ** 2 / n_clusters, quadratic in N at a fixed n_clusters
-    (the SPEC's default), linear at a fixed window. Memory holds n_clusters x window x window
+    (the default), linear at a fixed window. Memory holds n_clusters x window x window
     scores per head, never N x N. The centroids are a buffer of shape (heads, n_clusters,
     head_dim), drawn from the torch RNG on the first call (heads and head_dim are unknown
     before) and saved and loaded with `state_dict` like any buffer.
@@ -176,13 +185,6 @@ class RoutingAttention(Attention):
 
 # -- decoding cache -------------------------------------------------------------------------
 
-from attn_zoo.cache import (  # noqa: E402
-    GrowingCache,
-    attend_selected,
-    recent_in_group,
-    register_cache,
-)
-
 
 @register_cache("routing")
 class RoutingCache(GrowingCache):
@@ -213,7 +215,7 @@ class RoutingCache(GrowingCache):
         end = self.seen + q.shape[2]
         rows = torch.arange(self.seen, end, device=q.device)
         n_clusters, window = self.attention.params.n_clusters, self.attention.params.window
-        width = window or -(-end // n_clusters)
+        width = min(window or -(-end // n_clusters), end)  # no more keys exist
         index, valid = recent_in_group(self.held("clusters", end)[..., 0], rows, width,
                                        inclusive=True)
         if window is None:  # row i keeps its ceil((i + 1) / n_clusters) newest

@@ -8,6 +8,7 @@ j <= i.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -20,6 +21,7 @@ from attn_zoo.blocksparse import (
     span_key_blocks,
     tile_block,
 )
+from attn_zoo.cache import PatternCache, register_cache
 from attn_zoo.params import Params, require
 from attn_zoo.registry import register
 
@@ -33,6 +35,10 @@ class SparseFixedParams(Params):
         require(self.stride >= 1, "stride", self.stride, ">= 1")
         require(1 <= self.summary <= self.stride, "summary", self.summary,
                 f"between 1 and stride ({self.stride})")
+
+    @classmethod
+    def tiny(cls) -> dict[str, Any]:
+        return {"stride": 5, "summary": 2}
 
 
 def fixed_pattern(stride: int, summary: int, causal: bool) -> Pattern:
@@ -54,6 +60,7 @@ class SparseFixedAttention(Attention):
 
     Params = SparseFixedParams
     backends = ("torch", "flex", "triton")
+    static_pattern = True
 
     def pattern(self, n: int, causal: bool) -> Pattern:
         return fixed_pattern(self.params.stride, self.params.summary, causal)
@@ -116,8 +123,6 @@ class SparseFixedAttention(Attention):
 
 
 # -- decoding cache -------------------------------------------------------------------------
-
-from attn_zoo.cache import PatternCache, register_cache  # noqa: E402
 
 
 @register_cache("sparse_fixed")

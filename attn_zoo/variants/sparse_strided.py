@@ -7,6 +7,7 @@ j <= i.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -22,6 +23,7 @@ from attn_zoo.blocksparse import (
     unfold_residues,
     window_key_blocks,
 )
+from attn_zoo.cache import PatternCache, register_cache
 from attn_zoo.params import Params, require
 from attn_zoo.registry import register
 from attn_zoo.variants.local import band_pairs, local_pattern
@@ -33,6 +35,10 @@ class SparseStridedParams(Params):
 
     def validate(self) -> None:
         require(self.stride >= 1, "stride", self.stride, ">= 1")
+
+    @classmethod
+    def tiny(cls) -> dict[str, Any]:
+        return {"stride": 4}
 
 
 def strided_pattern(stride: int, causal: bool) -> Pattern:
@@ -56,6 +62,7 @@ class SparseStridedAttention(Attention):
 
     Params = SparseStridedParams
     backends = ("torch", "flex", "triton")
+    static_pattern = True
 
     def pattern(self, n: int, causal: bool) -> Pattern:
         return strided_pattern(self.params.stride, causal)
@@ -102,8 +109,6 @@ class SparseStridedAttention(Attention):
 
 
 # -- decoding cache -------------------------------------------------------------------------
-
-from attn_zoo.cache import PatternCache, register_cache  # noqa: E402
 
 
 @register_cache("sparse_strided")

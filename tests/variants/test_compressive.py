@@ -1,7 +1,6 @@
-"""`hierarchical` and `compressive` against a dense float64 reference with pooled keys (forward
-and gradients, GQA, padding masks with empty blocks and empty rows, every compress mode),
-pair counts, bad parameters, the conv's parameters, linear memory; and the engine's
-per-key score bias they rest on."""
+"""`compressive` against a dense float64 reference with pooled keys (forward and gradients,
+GQA, padding masks with empty groups and empty rows, every compress mode), pair counts, bad
+parameters, the conv's parameters, linear memory."""
 
 from __future__ import annotations
 
@@ -10,7 +9,6 @@ import torch
 from conftest import qkv
 
 import attn_zoo
-from attn_zoo.blocksparse import band_key_blocks, block_sparse_attention
 from attn_zoo.reference import PooledKeys, dense_mask, reference_attention
 from experiments.measure import peak_memory
 
@@ -34,84 +32,6 @@ def check_gradients(out, expected, inputs) -> None:
         got = torch.zeros_like(x) if got is None else got
         want = torch.zeros_like(x) if want is None else want
         torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
-
-
-# -- hierarchical ---------------------------------------------------------------------------
-
-
-def hierarchical_reference(q, k, v, real, block, window_blocks, causal, scale=None):
-    """Dense float64 hierarchical attention: exact window plus one mean key per far block."""
-    n = q.shape[2]
-    positions = torch.arange(n)
-    rows, cols = (positions // block)[:, None], (positions // block)[None, :]
-    exact = ((rows - cols <= window_blocks) & (positions[None, :] <= positions[:, None])
-             if causal else (rows - cols).abs() <= window_blocks)
-    blocks = torch.arange(-(-n // block))
-    far = (rows - blocks > window_blocks) if causal else (rows - blocks).abs() > window_blocks
-    members = (positions[None, :] // block == blocks[:, None])[None] & real[:, None, :]  # (B, P, N)
-    counts = members.sum(-1).double()
-    weights = members.double() / counts.clamp_min(1)[..., None]
-    pooled = PooledKeys(
-        torch.einsum("bpn,bhnd->bhpd", weights, k.double()),
-        torch.einsum("bpn,bhnd->bhpd", weights, v.double()),
-        far[None, None] & (counts > 0)[:, None, None, :],
-        counts.clamp_min(1).log()[:, None, None, :],
-    )
-    return reference_attention(q, k, v, exact, scale=scale, key_padding_mask=real, pooled=pooled)
-
-
-HIERARCHICAL_CASES = [
-    {"block": 5, "window_blocks": 1},
-    {"block": 8, "window_blocks": 0},
-    {"block": 3, "window_blocks": 2},
-    {"block": 16, "window_blocks": 2, "scale": 0.3},
-    {"block": 1, "window_blocks": 4},
-]
-
-
-def params_id(params: dict) -> str:
-    return "-".join(f"{key}{value}" for key, value in params.items())
-
-
-@pytest.mark.parametrize("params", HIERARCHICAL_CASES, ids=params_id)
-@pytest.mark.parametrize("n", [1, 97, 300])
-def test_hierarchical_matches_dense_reference(params, n):
-    attn = attn_zoo.build("hierarchical", **params)
-    for causal, kv_heads in ((False, 2), (True, 1)):
-        q, k, v = qkv(batch=3, q_heads=4, kv_heads=kv_heads, n=n, dim=8, dtype=torch.float64,
-                      seed=n, requires_grad=True)
-        real = padding_mask(3, n, seed=n)
-        out = attn(q, k, v, causal=causal, key_padding_mask=real)
-        expected = hierarchical_reference(q, k, v, real, params["block"],
-                                          params["window_blocks"], causal, params.get("scale"))
-        torch.testing.assert_close(out, expected, atol=1e-10, rtol=1e-10)
-        check_gradients(out, expected, (q, k, v))
-
-
-def test_hierarchical_far_block_weighs_as_its_keys():
-    # Keys equal within each block: the pooled key scores exactly as its block_len keys would.
-    q, k, v = qkv(batch=1, q_heads=2, kv_heads=2, n=50, dim=8)
-    k = k[:, :, ::5].repeat_interleave(5, 2)
-    v = v[:, :, ::5].repeat_interleave(5, 2)
-    out = attn_zoo.build("hierarchical", block=5, window_blocks=1)(q, k, v)
-    torch.testing.assert_close(out, attn_zoo.build("full")(q, k, v), atol=1e-6, rtol=1e-6)
-
-
-@pytest.mark.parametrize("params", HIERARCHICAL_CASES + [{}], ids=params_id)
-def test_hierarchical_scored_pairs(params):
-    attn = attn_zoo.build("hierarchical", **params)
-    block, window_blocks = attn.params.block, attn.params.window_blocks
-    for n in (1, 23, 97, 300):
-        for causal in (False, True):
-            exact = int(dense_mask(attn.exact_pattern(n, causal), n).sum())
-            rows = torch.arange(n)[:, None] // block
-            offset = rows - torch.arange(-(-n // block))
-            pooled = int((offset > window_blocks if causal else offset.abs() > window_blocks)
-                         .sum())
-            assert attn.scored_pairs(n, causal) == exact + pooled, (n, causal)
-
-
-# -- compressive ----------------------------------------------------------------------------
 
 
 def compressive_reference(q, k, v, real, attn):
@@ -157,6 +77,10 @@ COMPRESSIVE_CASES = [
     {"segment": 6, "mem_len": 6, "cmem_len": 0, "rate": 3, "compress": "mean"},
     {"segment": 32, "mem_len": 64, "cmem_len": 16, "rate": 4, "compress": "max"},
 ]
+
+
+def params_id(params: dict) -> str:
+    return "-".join(f"{key}{value}" for key, value in params.items())
 
 
 def compressive(params: dict):
@@ -225,12 +149,7 @@ def test_compressive_scored_pairs(params):
         assert attn.scored_pairs(n, True) == exact + pooled, n
 
 
-# -- parameters, memory, engine -------------------------------------------------------------
-
-
 @pytest.mark.parametrize(("name", "params", "match"), [
-    ("hierarchical", {"block": 0}, "block must be >= 1, got 0"),
-    ("hierarchical", {"window_blocks": -1}, "window_blocks must be >= 0, got -1"),
     ("compressive", {"segment": 0}, "segment must be >= 1, got 0"),
     ("compressive", {"mem_len": -128}, "mem_len must be >= 0, got -128"),
     ("compressive", {"cmem_len": -1}, "cmem_len must be >= 0, got -1"),
@@ -243,16 +162,16 @@ def test_bad_parameters(name, params, match):
         attn_zoo.build(name, **params)
 
 
-@pytest.mark.parametrize(("name", "params"), [("hierarchical", {"block": 2.0}),
+@pytest.mark.parametrize(("name", "params"), [
                                               ("compressive", {"compress": "sum"}),
-                                              ("compressive", {"rate": None})])
+                                              ("compressive", {"rate": None}),
+])
 def test_parameter_types(name, params):
     with pytest.raises(TypeError, match=next(iter(params))):
         attn_zoo.build(name, **params)
 
 
 @pytest.mark.parametrize(("name", "params", "causal"), [
-    ("hierarchical", {"block": 16}, False),
     ("compressive", {"segment": 32, "mem_len": 64, "cmem_len": 16}, True),
 ])
 def test_memory_is_linear(name, params, causal):
@@ -267,31 +186,3 @@ def test_memory_is_linear(name, params, causal):
     large, out_bytes = peak(4096)
     assert large / small < 4.5  # 4x the length: 4x the memory, not 16x
     assert large < 40 * out_bytes  # an N x N score matrix alone would be 128x
-
-
-@pytest.mark.parametrize("batched", [False, True])
-def test_engine_key_bias_matches_dense_reference(batched):
-    n, block = 45, 8
-    q, k, v = qkv(batch=2, q_heads=4, kv_heads=2, n=n, dim=8, dtype=torch.float64,
-                  requires_grad=True)
-    real = padding_mask(2, n, seed=1)
-    bias = torch.randn(2 if batched else 1, n, dtype=torch.float64, requires_grad=True)
-
-    def band(i, j):
-        return (i - j).abs() <= 10
-
-    out, lse = block_sparse_attention(
-        q.unflatten(1, (2, 2)), k, v, band_key_blocks(n, block, 2, 2), band, block=block,
-        scale=0.5, key_padding_mask=real, key_bias=bias)
-    out = out.flatten(1, 2)
-    # The reference adds a bias to pooled keys only: offer every key as a pooled one.
-    allowed = dense_mask(band, n)
-    expected = reference_attention(
-        q, k, v, torch.zeros(n, n, dtype=torch.bool), scale=0.5,
-        pooled=PooledKeys(k, v, allowed & real[:, None, None, :], bias[:, None, None, :]))
-    torch.testing.assert_close(out, expected, atol=1e-10, rtol=1e-10)
-    check_gradients(out, expected, (q, k, v, bias))
-    scores = torch.einsum("bhnd,bhmd->bhnm", q, k.repeat_interleave(2, 1)) * 0.5
-    scores = (scores + bias[:, None, None]).masked_fill(~(allowed & real[:, None, None]),
-                                                        -torch.inf)
-    torch.testing.assert_close(lse.flatten(1, 2), scores.logsumexp(-1))

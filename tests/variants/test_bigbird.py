@@ -1,0 +1,132 @@
+"""`bigbird` beyond its defaults: against the dense float64 reference (forward and gradients,
+GQA and padding), its block layout, pair counts, bad parameters, linear memory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import check_against_reference, qkv
+
+import attn_zoo
+from attn_zoo.reference import dense_mask
+from experiments.measure import peak_memory
+
+CASES = [
+    ("bigbird", {"block": 8, "window_blocks": 3, "n_global_blocks": 1, "n_random": 2}),
+    ("bigbird", {"block": 7, "window_blocks": 1, "n_global_blocks": 0, "n_random": 1,
+                 "seed": 3}),
+    ("bigbird", {"block": 16, "window_blocks": 5, "n_global_blocks": 2, "n_random": 3}),
+]
+
+
+def case_id(case: tuple[str, dict]) -> str:
+    return case[0] + "-" + "-".join(f"{key}{value}" for key, value in case[1].items())
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("n", [1, 97, 300])
+def test_matches_dense_reference(case, n):
+    name, params = case
+    attn = attn_zoo.build(name, **params)
+    for causal, kv_heads in ((False, 2), (True, 1)):
+        check_against_reference(attn, n, causal, kv_heads)
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_flops_count_the_pattern(case):
+    name, params = case
+    attn = attn_zoo.build(name, **params)
+    for n in (1, 23, 97, 300):
+        for causal in (False, True):
+            pairs = int(dense_mask(attn.pattern(n, causal), n).sum())
+            assert attn.scored_pairs(n, causal) == pairs, (n, causal)
+
+
+def bigbird(**params):
+    defaults = {"block": 8, "window_blocks": 3, "n_global_blocks": 1, "n_random": 2}
+    return attn_zoo.build("bigbird", **(defaults | params))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_bigbird_layout_is_reproducible_from_the_seed(causal):
+    layout = bigbird(seed=5).layout(200, causal)
+    assert torch.equal(layout, bigbird(seed=5).layout(200, causal))
+    assert not torch.equal(layout, bigbird(seed=6).layout(200, causal))
+    q, k, v = qkv(n=200)
+    first = bigbird(seed=5)(q, k, v, causal=causal)
+    torch.testing.assert_close(bigbird(seed=5)(q, k, v, causal=causal), first)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_bigbird_layout_rows(causal):
+    n_blocks, n_random = 25, 2
+    layout = bigbird(n_random=n_random, seed=1).layout(n_blocks * 8 - 3, causal)
+    plain = bigbird(n_random=0).layout(n_blocks * 8 - 3, causal)
+    assert layout.shape == (n_blocks, n_blocks)
+    assert (layout >= plain).all()
+    rows, cols = torch.arange(n_blocks)[:, None], torch.arange(n_blocks)
+    assert torch.equal(plain, (((rows - cols).abs() <= 1) | (rows < 1) | (cols < 1))
+                       & ((cols <= rows) if causal else True))
+    extra = layout & ~plain
+    if causal:  # drawn among the earlier blocks not yet allowed; all of them when too few
+        assert not (extra & (cols >= rows)).any()
+        candidates = (~plain & (cols < rows)).sum(1)
+    else:
+        candidates = (~plain).sum(1)
+    assert torch.equal(extra.sum(1), candidates.clamp_max(n_random))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("n", [1, 64, 203])
+def test_bigbird_layout_is_the_dense_mask_at_block_level(n, causal):
+    attn = bigbird()
+    n_blocks = -(-n // 8)
+    mask = dense_mask(attn.pattern(n, causal), n)
+    padded = torch.zeros(n_blocks * 8, n_blocks * 8, dtype=torch.bool)
+    padded[:n, :n] = mask
+    tiles = padded.view(n_blocks, 8, n_blocks, 8).any(3).any(1)
+    assert torch.equal(tiles, attn.layout(n, causal))
+
+
+def test_bigbird_layout_is_a_copy():
+    attn = bigbird()
+    attn.layout(100, False).fill_(False)
+    assert attn.layout(100, False).any()
+
+
+@pytest.mark.parametrize(("name", "params", "match"), [
+    ("bigbird", {"block": 0}, "block must be >= 1, got 0"),
+    ("bigbird", {"window_blocks": 2}, "window_blocks must be odd and >= 1, got 2"),
+    ("bigbird", {"window_blocks": -1}, "window_blocks must be odd and >= 1, got -1"),
+    ("bigbird", {"n_global_blocks": -1}, "n_global_blocks must be >= 0, got -1"),
+    ("bigbird", {"n_random": -1}, "n_random must be >= 0, got -1"),
+    ("bigbird", {"seed": -3}, "seed must be >= 0, got -3"),
+])
+def test_bad_parameters(name, params, match):
+    with pytest.raises(ValueError, match=match):
+        attn_zoo.build(name, **params)
+
+
+@pytest.mark.parametrize(("name", "params"), [
+                                              ("bigbird", {"seed": None}),
+])
+def test_parameter_types(name, params):
+    with pytest.raises(TypeError, match=next(iter(params))):
+        attn_zoo.build(name, **params)
+
+
+@pytest.mark.parametrize(("name", "params"), [
+    ("bigbird", {"block": 32}),
+])
+def test_forward_memory_is_linear(name, params):
+    attn = attn_zoo.build(name, **params)
+
+    def peak(n: int) -> tuple[int, int]:
+        q, k, v = (torch.randn(1, 8, n, 32) for _ in range(3))
+        with torch.no_grad():
+            return peak_memory(lambda: attn(q, k, v, causal=True)), q.numel() * q.element_size()
+
+    small, _ = peak(1024)
+    large, out_bytes = peak(4096)
+    assert large / small < 4.5  # 4x the length: 4x the memory, not 16x
+    assert large < 20 * out_bytes  # an N x N score matrix alone would be 128x

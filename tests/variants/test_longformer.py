@@ -1,0 +1,96 @@
+"""`longformer` beyond its defaults: against the dense float64 reference (forward and gradients,
+GQA and padding), dilation and global tokens, pair counts, bad parameters, linear memory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import check_against_reference, qkv
+
+import attn_zoo
+from attn_zoo.reference import dense_mask
+from experiments.measure import peak_memory
+
+CASES = [
+    ("longformer", {"window": 3, "dilation": 2, "n_global": 0}),
+    ("longformer", {"window": 3, "dilation": 2, "n_global": 5}),
+    ("longformer", {"window": 4, "dilation": 3, "n_global": 17}),
+    ("longformer", {"window": 0, "dilation": 3, "n_global": 2}),
+    ("longformer", {"window": 5, "dilation": 1, "n_global": 20}),
+]
+
+
+def case_id(case: tuple[str, dict]) -> str:
+    return case[0] + "-" + "-".join(f"{key}{value}" for key, value in case[1].items())
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("n", [1, 97, 300])
+def test_matches_dense_reference(case, n):
+    name, params = case
+    attn = attn_zoo.build(name, **params)
+    for causal, kv_heads in ((False, 2), (True, 1)):
+        check_against_reference(attn, n, causal, kv_heads)
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_flops_count_the_pattern(case):
+    name, params = case
+    attn = attn_zoo.build(name, **params)
+    for n in (1, 23, 97, 300):
+        for causal in (False, True):
+            pairs = int(dense_mask(attn.pattern(n, causal), n).sum())
+            assert attn.scored_pairs(n, causal) == pairs, (n, causal)
+
+
+def test_longformer_dilation_skips_the_keys_between():
+    attn = attn_zoo.build("longformer", window=2, dilation=3, n_global=1)
+    allowed = dense_mask(attn.pattern(20, False), 20)
+    assert allowed[10].nonzero().flatten().tolist() == [0, 4, 7, 10, 13, 16]
+    assert allowed[0].all() and allowed[:, 0].all()
+    causal = dense_mask(attn.pattern(20, True), 20)
+    assert causal[10].nonzero().flatten().tolist() == [0, 4, 7, 10]
+    assert causal[0].nonzero().flatten().tolist() == [0]
+
+
+def test_longformer_without_dilation_or_globals_is_local():
+    q, k, v = qkv(n=150)
+    for causal in (False, True):
+        out = attn_zoo.build("longformer", window=20)(q, k, v, causal=causal)
+        expected = attn_zoo.build("local", window=20)(q, k, v, causal=causal)
+        torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize(("name", "params", "match"), [
+    ("longformer", {"window": -1}, "window must be >= 0, got -1"),
+    ("longformer", {"dilation": 0}, "dilation must be >= 1, got 0"),
+    ("longformer", {"n_global": -2}, "n_global must be >= 0, got -2"),
+])
+def test_bad_parameters(name, params, match):
+    with pytest.raises(ValueError, match=match):
+        attn_zoo.build(name, **params)
+
+
+@pytest.mark.parametrize(("name", "params"), [
+    ("longformer", {"window": 1.5}),
+])
+def test_parameter_types(name, params):
+    with pytest.raises(TypeError, match=next(iter(params))):
+        attn_zoo.build(name, **params)
+
+
+@pytest.mark.parametrize(("name", "params"), [
+    ("longformer", {"window": 32, "dilation": 3, "n_global": 16}),
+])
+def test_forward_memory_is_linear(name, params):
+    attn = attn_zoo.build(name, **params)
+
+    def peak(n: int) -> tuple[int, int]:
+        q, k, v = (torch.randn(1, 8, n, 32) for _ in range(3))
+        with torch.no_grad():
+            return peak_memory(lambda: attn(q, k, v, causal=True)), q.numel() * q.element_size()
+
+    small, _ = peak(1024)
+    large, out_bytes = peak(4096)
+    assert large / small < 4.5  # 4x the length: 4x the memory, not 16x
+    assert large < 20 * out_bytes  # an N x N score matrix alone would be 128x

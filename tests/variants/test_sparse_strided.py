@@ -1,0 +1,79 @@
+"""`sparse_strided` beyond its defaults: against the dense float64 reference (forward and
+gradients, GQA and padding), its pattern, pair counts, bad parameters, linear memory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import check_against_reference
+
+import attn_zoo
+from attn_zoo.reference import dense_mask
+from experiments.measure import peak_memory
+
+CASES = [
+    ("sparse_strided", {"stride": 1}),
+    ("sparse_strided", {"stride": 5}),
+    ("sparse_strided", {"stride": 16}),
+]
+
+
+def case_id(case: tuple[str, dict]) -> str:
+    return case[0] + "-" + "-".join(f"{key}{value}" for key, value in case[1].items())
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("n", [1, 97, 300])
+def test_matches_dense_reference(case, n):
+    name, params = case
+    attn = attn_zoo.build(name, **params)
+    for causal, kv_heads in ((False, 2), (True, 1)):
+        check_against_reference(attn, n, causal, kv_heads)
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_flops_count_the_pattern(case):
+    name, params = case
+    attn = attn_zoo.build(name, **params)
+    for n in (1, 23, 97, 300):
+        for causal in (False, True):
+            pairs = int(dense_mask(attn.pattern(n, causal), n).sum())
+            assert attn.scored_pairs(n, causal) == pairs, (n, causal)
+
+
+def test_sparse_strided_pattern():
+    allowed = dense_mask(attn_zoo.build("sparse_strided", stride=4).pattern(20, False), 20)
+    assert allowed[10].nonzero().flatten().tolist() == [2, 6, 7, 8, 9, 10, 11, 12, 13, 14, 18]
+
+
+@pytest.mark.parametrize(("name", "params", "match"), [
+    ("sparse_strided", {"stride": 0}, "stride must be >= 1, got 0"),
+])
+def test_bad_parameters(name, params, match):
+    with pytest.raises(ValueError, match=match):
+        attn_zoo.build(name, **params)
+
+
+@pytest.mark.parametrize(("name", "params"), [
+    ("sparse_strided", {"stride": 4.0}),
+])
+def test_parameter_types(name, params):
+    with pytest.raises(TypeError, match=next(iter(params))):
+        attn_zoo.build(name, **params)
+
+
+@pytest.mark.parametrize(("name", "params"), [
+    ("sparse_strided", {"stride": 32}),
+])
+def test_forward_memory_is_linear(name, params):
+    attn = attn_zoo.build(name, **params)
+
+    def peak(n: int) -> tuple[int, int]:
+        q, k, v = (torch.randn(1, 8, n, 32) for _ in range(3))
+        with torch.no_grad():
+            return peak_memory(lambda: attn(q, k, v, causal=True)), q.numel() * q.element_size()
+
+    small, _ = peak(1024)
+    large, out_bytes = peak(4096)
+    assert large / small < 4.5  # 4x the length: 4x the memory, not 16x
+    assert large < 20 * out_bytes  # an N x N score matrix alone would be 128x
