@@ -664,12 +664,12 @@ class Goal:
             return np.maximum(low - values, values - high)
         return values if self.compare in ("<", "<=") else -values
 
-    def evaluate(self, rows: pd.DataFrame) -> dict[str, Any]:
-        """The goal's row: target, worst value and where, points compared, failed points,
-        met / not met / not measured, and a note (what could not be compared)."""
-        length = SOURCES[self.table].length
+    def compared(self, rows: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+        """(the ok points compared, with the metric as `value` and the baseline's columns as
+        `base_<column>`; the selected points that failed, whose baseline ran; notes on what
+        could not be compared)."""
         chosen = rows[select(rows, self.rows)]
-        notes = []
+        notes: list[str] = []
         if self.where is not None:
             chosen = chosen[self._values(chosen, self.where, notes).fillna(0).astype(bool)]
         failed = chosen[~chosen["status"].isin(OK_STATUSES)]
@@ -686,7 +686,14 @@ class Goal:
             if len(base_failed):
                 notes.append(f"the baseline failed at {len(base_failed)} point(s) "
                              f"({', '.join(sorted(set(base_failed)))})")
-        values = self._values(ok, self.metric, notes)
+        return ok.assign(value=self._values(ok, self.metric, notes)), failed, notes
+
+    def evaluate(self, rows: pd.DataFrame) -> dict[str, Any]:
+        """The goal's row: target, worst value and where, points compared, failed points,
+        met / not met / not measured, and a note (what could not be compared)."""
+        length = SOURCES[self.table].length
+        ok, failed, notes = self.compared(rows)
+        values = ok["value"]
         where = ok["variant"] + [f" {length}={n}" for n in ok[length]]
         if self.over is not None:
             group_by = [c for c in (*SOURCES[self.table].setting, "attention", "params",
@@ -712,6 +719,17 @@ class Goal:
                 f"{v} {length}={n} ({s})" for v, n, s in zip(
                     failed["variant"], failed[length], failed["status"], strict=True)))
         return row | {"result": result, "note": "; ".join(notes)}
+
+    def values_by_length(self, rows: pd.DataFrame) -> pd.DataFrame:
+        """The metric of every compared point as (goal, variant) x length cells (the ratios
+        and efficiencies behind the goal); empty for a goal `over` the lengths."""
+        length = SOURCES[self.table].length
+        ok = self.compared(rows)[0].dropna(subset=["value"])
+        if self.over is not None or ok.empty:
+            return pd.DataFrame()
+        table = ok.pivot_table(index="variant", columns=length, values="value", aggfunc="last")
+        table.columns = [f"{'N' if length == 'seq_len' else 'C'}={n}" for n in table.columns]
+        return table.rename_axis("variant").reset_index().assign(goal=self.goal)
 
     def _values(self, frame: pd.DataFrame, expression: str, notes: list[str]) -> pd.Series:
         """`expression` over `frame`'s columns as numbers (NaN where it has no value)."""
@@ -808,6 +826,15 @@ def goals_section(files: Sequence[GoalsFile], tables: Mapping[str, pd.DataFrame]
         else:
             sec.tables.append((f"goals of {goals_file.name} ({goals_file.table}): {summary}",
                                frame))
+            points = [goal.values_by_length(tables[goals_file.table])
+                      for goal in goals_file.goals]
+            points = [frame for frame in points if not frame.empty]
+            if points:
+                by_length = pd.concat(points, ignore_index=True)
+                lengths = sorted((c for c in by_length if c[:2] in ("N=", "C=")),
+                                 key=lambda c: int(c[2:]))
+                sec.tables.append((f"goals of {goals_file.name}: the value at each point",
+                                   by_length[["goal", "variant", *lengths]]))
     return sec, pd.concat(evaluated, ignore_index=True) if evaluated else pd.DataFrame()
 
 

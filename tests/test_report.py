@@ -367,3 +367,15 @@ def test_a_batch_that_follows_the_length_keeps_one_setting(tmp_path):
                                               "memory_cpu-float32-b4-1-h8-kv8-d64-causal-both.png"}
     write(tmp_path / "batches", rows + [row("local", 1024, 2.0, 1.0) | {"batch": 8}])
     assert report.run([tmp_path / "batches"], goals=[]).markdown.count("## Speed:") == 4
+
+
+def test_the_value_of_a_goal_at_each_point_is_a_table(contenders, tmp_path):
+    path = goals_file(tmp_path, "bench", [
+        {"goal": "local beats flex", "rows": LOCAL, "baseline": VERSUS_FLEX,
+         "metric": "base_fwd_ms / fwd_ms", "compare": ">=", "threshold": 1},
+        {"goal": "local memory linear", "rows": LOCAL, "metric": "fwd_peak_mib",
+         "over": "seq_len", "statistic": "exponent", "compare": "<=", "threshold": 1.1}])
+    md = report.run([contenders], goals=[path]).markdown
+    assert "### Goals of goals: the value at each point" in md
+    assert "| local beats flex | local | 2.00 | 1.25 |" in md  # flex time / ours at 4K, 16K
+    assert "| local memory linear | local |" not in md  # one value over the lengths
