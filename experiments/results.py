@@ -79,9 +79,18 @@ def _parse(text: str, kind: type, column: str) -> Any:
     try:
         if kind is bool:
             return _BOOLS[text]
-        return int(text) if kind is int else float(text)
+        if kind is float:
+            return float(text)
+        # Tables written before columns were typed hold whole numbers as "256.0".
+        return int(text) if text.lstrip("-").isdigit() else _whole(float(text))
     except (KeyError, ValueError):
         raise MalformedLine(f"column {column!r} holds {kind.__name__}, got {text!r}") from None
+
+
+def _whole(value: float) -> int:
+    if not value.is_integer():
+        raise ValueError(value)
+    return int(value)
 
 
 def _write_atomic(path: Path, text: str) -> None:

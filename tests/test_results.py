@@ -28,11 +28,14 @@ def test_text_columns_stay_text_across_writes(tmp_path):
     rows.append([{"name": "a", "seq_len": 1, "ms": 1.5, "ok": True, "commit": "1234e56"}])
     rows.append([{"name": "b", "seq_len": 2, "ms": math.nan, "ok": False, "commit": "0123456"}])
     rows.append([{"name": "c", "seq_len": 3}])
+    with open(rows.path, "a") as handle:  # whole numbers as an untyped writer leaves them
+        handle.write("d,4.0,,,\n")
     frame = rows.read()
-    assert frame["commit"].tolist() == ["1234e56", "0123456", ""]
+    assert frame["commit"].tolist() == ["1234e56", "0123456", "", ""]
+    assert frame["seq_len"].tolist() == [1, 2, 3, 4]
     assert frame["seq_len"].dtype == "Int64" and frame["ok"].dtype == "boolean"
     assert frame["ms"].iloc[0] == 1.5 and math.isnan(frame["ms"].iloc[1])
-    assert pd.isna(frame["ok"].iloc[2]) and frame["name"].tolist() == ["a", "b", "c"]
+    assert pd.isna(frame["ok"].iloc[2]) and frame["name"].tolist() == ["a", "b", "c", "d"]
 
 
 def test_values_of_the_wrong_type_and_unknown_columns_are_refused(tmp_path):
@@ -68,19 +71,19 @@ def test_malformed_lines_are_quarantined_with_a_warning(tmp_path):
     rows.append([{"name": "a", "seq_len": 1, "ms": 1.0}])
     with open(rows.path, "a") as handle:
         handle.write("garbage\n")
-        handle.write("b,notanint,1.0,True,x\n")
+        handle.write("b,4.5,1.0,True,x\n")
     with pytest.warns(UserWarning) as caught:
         rows.append([{"name": "c", "seq_len": 3}])  # the sweep goes on
     messages = [str(warning.message) for warning in caught]
     assert any("rows.csv: line 3: 1 fields where the header has 5" in m for m in messages)
-    assert any("line 4: column 'seq_len' holds int, got 'notanint'" in m for m in messages)
+    assert any("line 4: column 'seq_len' holds int, got '4.5'" in m for m in messages)
     with open(rows.path, "a") as handle:
         handle.write("d,4,1.")  # a write cut off by a kill
     with pytest.warns(UserWarning, match="line 4: an unfinished line"):
         frame = rows.read()
     assert frame["name"].tolist() == ["a", "c"]
     bad = rows.path.with_name("rows.csv.bad").read_text().splitlines()
-    assert bad == ["garbage", "b,notanint,1.0,True,x", "d,4,1."]
+    assert bad == ["garbage", "b,4.5,1.0,True,x", "d,4,1."]
     rows.append([{"name": "e", "seq_len": 5}])  # the file is clean again: no more warnings
     assert rows.read()["name"].tolist() == ["a", "c", "e"]
 
