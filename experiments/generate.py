@@ -1,6 +1,6 @@
 """Stream text from a byte-level LM checkpoint of `experiments.train task=stdlib_lm`.
 
-    python -m experiments.generate ckpt=results/cpu/stdlib_lm/checkpoints/stdlib_lm-local-n256.pt \
+    python -m experiments.generate ckpt=results/cpu/stdlib_lm/stdlib_lm-local-n256.pt \
         prompt="def main(" max_new_tokens=200 temperature=0.8 top_k=40
 
 The model is rebuilt from the checkpoint alone (`experiments.train.load_checkpoint`) and
