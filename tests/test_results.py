@@ -125,6 +125,7 @@ def test_error_rows(error, status):
 
 
 def test_environment_is_read_only_and_picklable(tmp_path):
+    results.git_commit.cache_clear()  # once per process: HEAD may have moved since
     env = results.environment(torch.device("cpu"))
     assert set(env) == set(results.ENVIRONMENT_COLUMNS)
     assert pickle.loads(pickle.dumps(results.git_commit)) is results.git_commit
