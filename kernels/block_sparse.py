@@ -15,7 +15,7 @@ IEEE precision, or on TF32 tensor cores when `torch.set_float32_matmul_precision
 Head dims up to 128 (padded to a power of two in-kernel). Tiles, warps and stages come from
 `CONFIGS`, per architecture family, precision and head dim, each natively compile-checked.
 
-`block_sparse_attention` is the autograd-aware entry point; it runs through the custom ops
+`layout_attention` is the autograd-aware entry point; it runs through the custom ops
 `attn_zoo::block_sparse_fwd` / `attn_zoo::block_sparse_bwd`, so `torch.compile` traces it.
 """
 
@@ -591,7 +591,7 @@ def _backward_rule(ctx, grad_out, grad_lse):
 _forward_op.register_autograd(_backward_rule, setup_context=_setup_context)
 
 
-def block_sparse_attention(
+def layout_attention(
     q: Tensor,
     k: Tensor,
     v: Tensor,

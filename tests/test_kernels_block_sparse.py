@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from attn_zoo.kernels.block_sparse import block_sparse_attention, tile_config
+from attn_zoo.kernels.block_sparse import layout_attention, tile_config
 from attn_zoo.kernels.launch import capture
 from attn_zoo.kernels.layout import build_layout, cached_layout
 from conftest import qkv, variant_id
@@ -82,7 +82,7 @@ def test_kernel_matches_dense_reference(pad, bias, dtype):
     key_bias = random(batch, m, seed=4) if bias else None
     inputs = [q, k, v] + ([key_bias] if bias else [])
     scale = 0.3
-    out, lse = block_sparse_attention(q, k, v, layout, scale=scale, key_padding_mask=real,
+    out, lse = layout_attention(q, k, v, layout, scale=scale, key_padding_mask=real,
                                       key_bias=key_bias)
     assert out.dtype == dtype and lse.dtype == torch.float32 and out.shape == q.shape
     allowed = pattern(torch.arange(n)[:, None], torch.arange(m))
@@ -105,7 +105,7 @@ def test_rows_without_keys_are_zero_with_finite_gradients():
     q, k, v = random(1, 1, 1, n, dim), random(1, 1, n, dim, seed=1), random(1, 1, n, dim, seed=2)
     real = torch.zeros(1, n, dtype=torch.bool, device=DEVICE)
     real[:, 10:15] = True  # rows 20..29 see padded keys only, rows 30.. see real ones
-    out, lse = block_sparse_attention(q, k, v, layout, scale=0.25, key_padding_mask=real)
+    out, lse = layout_attention(q, k, v, layout, scale=0.25, key_padding_mask=real)
     empty = torch.arange(n) < 30
     assert torch.all(out[0, 0, 0, empty.to(DEVICE)] == 0)
     assert torch.all(lse[0, 0, 0, empty.to(DEVICE)] == float("-inf"))
@@ -175,7 +175,7 @@ def test_custom_op_traces_under_torch_compile():
     key_bias = random(1, n, seed=3)
 
     def loss(q, k, v, key_bias):
-        out, lse = block_sparse_attention(q, k, v, layout, scale=0.5, key_bias=key_bias)
+        out, lse = layout_attention(q, k, v, layout, scale=0.5, key_bias=key_bias)
         return out.square().sum() + lse.sum()
 
     expected = torch.autograd.grad(loss(q, k, v, key_bias), (q, k, v, key_bias))
