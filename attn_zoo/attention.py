@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from attn_zoo.blocksparse import merge_partial_attentions, part_attention
 from attn_zoo.flex import flex_block_mask, flex_forward
 from attn_zoo.params import Params
-from attn_zoo.patterns import Part, Pattern, union
+from attn_zoo.patterns import Part, Pattern, Reach, union, union_reach
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _TRITON_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
@@ -127,12 +127,14 @@ class Attention(nn.Module):
 
     def triton_attention(self, q: Tensor, k: Tensor, v: Tensor, part: str, pattern,
                          causal: bool, key_padding_mask: Tensor | None, scale: float,
-                         key_bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                         key_bias: Tensor | None = None,
+                         reach: Reach | None = None) -> tuple[Tensor, Tensor]:
         """(out, lse) of the block-sparse kernel over the pairs `pattern(i, j)` of q against k.
 
         q: (B, Hkv, G, N, D); k, v: (B, Hkv, M, D); key_bias: float broadcastable to (B, M).
         The tile layout is built once per (variant, parameters, `part`, causal, N, M, tiles,
-        device): `part` names which of the variant's patterns this is.
+        device): `part` names which of the variant's patterns this is; `reach` bounds the keys
+        each query may reach, so only those tiles are evaluated.
         """
         from attn_zoo.kernels.block_sparse import layout_attention, tile_config
         from attn_zoo.kernels.layout import cached_layout
@@ -140,7 +142,7 @@ class Attention(nn.Module):
         tiles = tile_config(q.dtype, q.shape[-1], q.device)
         key = (self.name, tuple(self.params.to_dict().items()), part, causal)
         layout = cached_layout(key, pattern, q.shape[3], k.shape[2], tiles.block_m,
-                               tiles.block_n, q.device)
+                               tiles.block_n, q.device, reach)
         return layout_attention(q, k, v, layout, scale=scale, key_padding_mask=key_padding_mask,
                                 key_bias=key_bias)
 
@@ -233,7 +235,7 @@ class PatternAttention(Attention):
         n, m = q.shape[3], k.shape[2]
         parts = self.engine_parts(n, m, causal)
         results = [self.triton_attention(q, k, v, "pattern", union(parts), causal,
-                                         key_padding_mask, scale)]
+                                         key_padding_mask, scale, reach=union_reach(parts))]
         for part in parts:
             if part.pool is None:
                 continue
@@ -241,7 +243,7 @@ class PatternAttention(Attention):
             pooled = part.pool.build(k.float(), v.float(), key_padding_mask)
             results.append(self.triton_attention(
                 q, pooled.k.to(q.dtype), pooled.v.to(q.dtype), part.name, part.pattern, causal,
-                pooled.real, scale, key_bias=pooled.bias))
+                pooled.real, scale, key_bias=pooled.bias, reach=part.reach))
         if len(results) == 1:
             return results[0][0]
         return merge_partial_attentions([(out.float(), lse) for out, lse in results])[0]

@@ -29,7 +29,7 @@ from torch.autograd.function import once_differentiable
 
 from attn_zoo.patterns import Part, Pattern, PooledKeys, Reach
 
-CHUNK_ELEMENTS = 1 << 20
+CHUNK_ELEMENTS = 1 << 19
 """Score elements per chunk of query blocks: bounds the working memory of one step."""
 
 TABLE_CACHE_SIZE = 64
@@ -76,34 +76,63 @@ def masked_softmax_(scores: Tensor, empty: Tensor) -> Tensor:
     return probs
 
 
+def softmax_tiles(scores: Tensor) -> tuple[Tensor, Tensor]:
+    """Masked scores (..., K) -> their row softmax, in place, and each row's log-sum-exp
+    (...,); a row with no allowed key (all -inf) gets probabilities 0 and lse -inf."""
+    row_max = scores.amax(-1)
+    empty = row_max == float("-inf")
+    probs = masked_softmax_(scores, empty)
+    # p_ij = exp(s_ij - lse_i), so the row's largest p gives its lse.
+    return probs, (row_max - probs.amax(-1).log()).masked_fill_(empty, float("-inf"))
+
+
+def tile_gradients(work: Workspace, probs: Tensor, grad_out: Tensor, q: Tensor, k: Tensor,
+                   v: Tensor, delta: Tensor, scale: float,
+                   exact: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of a batch of attention tiles from their recomputed probabilities.
+
+    probs (T, R, K); grad_out, q (T, R, D), q unscaled; k, v (T, K, D); delta (T, R), the
+    rows' rowsum(dO * O) - dlse. Returns grad_q (T, R, D), grad_k, grad_v (T, K, D) and
+    grad_scores (T, R, K), d loss / d (scale * q.k), in workspace buffers that the next call
+    overwrites. exact: k, v or delta may hold inf or NaN; they then reach only the pairs
+    with a nonzero probability (a NaN row is marked by its delta).
+    """
+    if exact:
+        k, v, grad_out = (torch.where(torch.isfinite(x), x, 0.0) for x in (k, v, grad_out))
+    grad_v = torch.bmm(probs.transpose(1, 2), grad_out, out=work("grad_v", *v.shape))
+    grad_scores = torch.bmm(grad_out, v.transpose(1, 2), out=work("grad_scores", *probs.shape))
+    grad_scores.sub_(delta[..., None]).mul_(probs)
+    if exact:
+        grad_scores.masked_fill_(probs == 0, 0.0)
+    # The scale of the scores goes onto q and k.
+    grad_q = torch.baddbmm(q, grad_scores, k, beta=0.0, alpha=scale,
+                           out=work("grad_q", *q.shape))
+    grad_k = torch.baddbmm(k, grad_scores.transpose(1, 2), q, beta=0.0, alpha=scale,
+                           out=work("grad_k", *k.shape))
+    return grad_q, grad_k, grad_v, grad_scores
+
+
 def probs_times_values(probs: Tensor, v: Tensor, out: Tensor, exact: bool) -> Tensor:
-    """bmm(probs (T, R, K), v (T, K, D)) into out (T, R, D); a key with zero probability
-    contributes nothing even when its value is inf or NaN.
+    """bmm(probs (T, R, K), v (T, K, D)) into out (T, R, D), where a key with zero
+    probability contributes nothing even when its value is inf or NaN.
 
     exact=False: the plain product (v known finite). Otherwise non-finite values are left out
-    of the product and added back, by IEEE rules, to the rows that give them a probability.
+    of the product, and a row that gives one of them a probability comes out NaN.
     """
     if not exact:
         return torch.bmm(probs, v, out=out)
-    finite = torch.isfinite(v)
-    torch.bmm(probs, torch.where(finite, v, 0.0), out=out)
-    if bool(finite.all()):
-        return out
-    reached = (probs > 0).to(probs.dtype)
-
-    def reaches(values: Tensor) -> Tensor:
-        return torch.bmm(reached, values.to(probs.dtype)) > 0
-
-    plus, minus, nan = reaches(v == math.inf), reaches(v == -math.inf), reaches(v.isnan())
-    out.masked_fill_(plus, math.inf).masked_fill_(minus, -math.inf)
-    return out.masked_fill_(nan | (plus & minus), math.nan)
+    finite_values = torch.isfinite(v)
+    torch.bmm(probs, torch.where(finite_values, v, 0.0), out=out)
+    bad_keys = (~finite_values).any(-1, keepdim=True).to(probs.dtype)  # (T, K, 1)
+    hits = torch.bmm((probs > 0).to(probs.dtype), bad_keys)
+    return out.masked_fill_(hits > 0, math.nan)
 
 
 def finite(x: Tensor) -> bool:
     """Whether x holds only finite values, in one pass without a temporary: its sum is inf or
     NaN when it holds inf or NaN (an overflowing sum of finite values only costs the exact
     path)."""
-    return math.isfinite(float(x.sum()))
+    return math.isfinite(float(x.detach().sum()))
 
 
 class Workspace:
@@ -261,14 +290,27 @@ class _Problem:
         per_batch = scores.view(nc, self.batch, self.hkv * self.rows, width)
         if self.key_bias is not None:
             per_batch.add_(self.key_bias[:, safe].transpose(0, 1)[:, :, None])
+        tiles = scores.view(nc, self.batch, self.hkv, self.groups, self.block, width)
+        # The pattern runs on int64 positions, four times the bytes of a float32 score: a
+        # few query blocks at a time keep its temporaries a fraction of the scores.
+        step = max(1, CHUNK_ELEMENTS // 16 // (self.block * width))
+        for p0 in range(c0, c1, step):
+            p1 = min(p0 + step, c1)
+            self._mask(tiles[p0 - c0:p1 - c0], keys[p0 - c0:p1 - c0], valid[p0 - c0:p1 - c0],
+                       safe[p0 - c0:p1 - c0], p0, p1)
+        return scores, keys
+
+    def _mask(self, tiles: Tensor, keys: Tensor, valid: Tensor, safe: Tensor, c0: int,
+              c1: int) -> None:
+        """Set the disallowed pairs of query blocks [c0, c1) in their score tiles
+        (nc, B, Hkv, G, block, W) to -inf."""
+        nc, width = c1 - c0, keys.shape[1]
         queries = torch.arange(c0 * self.block, c1 * self.block, device=keys.device)
         mask = self.allowed(queries.view(nc, self.block, 1), keys[:, None, :]) & valid[:, None]
         mask = mask[:, None]  # (nc, 1 or B, block, W)
         if self.key_padding_mask is not None:
             mask = mask & self.key_padding_mask[:, safe].transpose(0, 1)[:, :, None]
-        masked_out = ~mask
-        tiles = scores.view(nc, self.batch, self.hkv, self.groups, self.block, width)
-        masked_out = masked_out[:, :, None, None]
+        masked_out = (~mask)[:, :, None, None]
         slot = self.block if width % self.block == 0 else width
         # Only key slots where some pair is masked need masking at all; reduce the
         # contiguous innermost axis first (a strided boolean reduction is slow).
@@ -277,7 +319,6 @@ class _Problem:
             if needed:
                 part = slice(index * slot, (index + 1) * slot)
                 tiles[..., part].masked_fill_(masked_out[..., part], float("-inf"))
-        return scores, keys
 
 
 class _BlockSparse(torch.autograd.Function):
@@ -294,11 +335,7 @@ class _BlockSparse(torch.autograd.Function):
             sub_out, sub_lse = out[rows], lse[rows]
             for c0, c1 in sub.chunks():
                 scores, _ = sub.scores(work, c0, c1, scale)
-                row_max = scores.amax(-1)
-                empty = row_max == float("-inf")
-                probs = masked_softmax_(scores, empty)
-                # p_ij = exp(s_ij - lse_i), so the row's largest p gives its lse.
-                tile_lse = (row_max - probs.amax(-1).log()).masked_fill_(empty, float("-inf"))
+                probs, tile_lse = softmax_tiles(scores)
                 lse_rows = sub_lse[:, :, c0 * block:c1 * block]
                 lse_rows.copy_(tile_lse.view(c1 - c0, sub.bh, groups, block).permute(1, 2, 0, 3)
                                .flatten(2)[:, :, :lse_rows.shape[2]])
@@ -326,8 +363,9 @@ class _BlockSparse(torch.autograd.Function):
         grad_out = grad_out.reshape(bh, groups, n, dim)
         # d lse_i / d s_ij = p_ij, so the lse gradient shifts the softmax-backward term delta.
         delta = (grad_out * out).sum(-1) - grad_lse.reshape(bh, groups, n)
-        # Keys outside the pattern may hold inf or NaN: zero probabilities must not carry them.
-        exact = not (finite(v) and finite(k))
+        # Keys outside the pattern may hold inf or NaN, and a row that attends to one has a
+        # NaN delta: zero probabilities must carry neither.
+        exact = not (finite(v) and finite(k) and finite(delta))
         grad_out5 = grad_out.view(q.shape)
         work = Workspace(q)
         for sub, b0, b1 in problem.split():
@@ -343,35 +381,23 @@ def _backward_rows(sub: _Problem, work: Workspace, scale: float, exact: bool, gr
                    lse: Tensor, delta: Tensor, grad_q: Tensor, grad_k: Tensor, grad_v: Tensor,
                    grad_bias: Tensor | None) -> None:
     """Accumulate the gradients of one sub-problem (see `_Problem.split`) into the slices."""
-    dim = sub.dim
     for c0, c1 in sub.chunks():
         scores, keys = sub.scores(work, c0, c1, scale)
+        # A row scoring an inf key has NaN probabilities: none may reach a masked key.
+        masked = scores == float("-inf") if exact else None
         probs = masked_softmax_(scores, sub.row_values(lse, c0, c1, float("-inf"))
                                 == float("-inf"))
+        if exact:
+            probs.masked_fill_(masked, 0.0)
         deltas = sub.row_values(delta, c0, c1, 0.0)
         for c in range(c0, c1):
-            p = probs[c - c0]
-            tile_grad_out = sub.query_tile(grad_out5, c, work, "grad_out")
-            k_c = sub.plan.read(sub.k, c, work, "k")
-            v_c = sub.plan.read(sub.v, c, work, "v")
-            if exact:
-                k_c = torch.where(torch.isfinite(k_c), k_c, 0.0)
-                v_c = torch.where(torch.isfinite(v_c), v_c, 0.0)
-            key_tile = work("key_tile", sub.bh, sub.plan.width, dim)
-            sub.plan.add(grad_v, c, torch.bmm(p.transpose(1, 2), tile_grad_out, out=key_tile))
-            # grad_scores is d loss / d (scaled q . k): the scale goes onto q and k.
-            grad_scores = torch.bmm(tile_grad_out, v_c.transpose(1, 2),
-                                    out=work("grad_scores", *p.shape))
-            grad_scores.sub_(deltas[c - c0][..., None]).mul_(p)
-            if exact:
-                grad_scores.masked_fill_(p == 0, 0.0)
-            query_tile = torch.bmm(grad_scores, k_c, out=work("query_tile", sub.bh,
-                                                              sub.rows, dim))
-            sub.store_rows(grad_q, c, query_tile.mul_(scale))
-            q_c = sub.query_tile(sub.q, c, work, "q")
-            sub.plan.add(grad_k, c, torch.baddbmm(
-                key_tile, grad_scores.transpose(1, 2), q_c, beta=0.0, alpha=scale,
-                out=key_tile))
+            grad_q_c, grad_k_c, grad_v_c, grad_scores = tile_gradients(
+                work, probs[c - c0], sub.query_tile(grad_out5, c, work, "grad_out"),
+                sub.query_tile(sub.q, c, work, "q"), sub.plan.read(sub.k, c, work, "k"),
+                sub.plan.read(sub.v, c, work, "v"), deltas[c - c0], scale, exact)
+            sub.store_rows(grad_q, c, grad_q_c)
+            sub.plan.add(grad_k, c, grad_k_c)
+            sub.plan.add(grad_v, c, grad_v_c)
             if grad_bias is not None:  # a bias reaches every query and head of its key
                 per_key = grad_scores.view(sub.batch, -1, sub.plan.width).sum(1)
                 grad_bias.index_add_(1, keys[c - c0].clamp(0, sub.m - 1), per_key)

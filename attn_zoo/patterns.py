@@ -234,6 +234,24 @@ def union(parts: list[Part]) -> Pattern:
     return or_(*patterns)
 
 
+def union_reach(parts: list[Part]) -> Reach | None:
+    """The key range of the parts over the call's own keys together (see `union`), or None
+    when one of them gives a block layout instead."""
+    own = [part for part in parts if part.pool is None]
+    if any(part.reach is None for part in own):
+        return None
+
+    def reach(i: Tensor) -> tuple[Tensor, Tensor]:
+        firsts, lasts = [], []
+        for part in own:
+            first, last = part.reach(i // part.fold)
+            firsts.append(first * part.fold)
+            lasts.append(last * part.fold + part.fold - 1)
+        return torch.stack(firsts).amin(0), torch.stack(lasts).amax(0)
+
+    return reach
+
+
 def unfolded(pattern: Pattern, fold: int) -> Pattern:
     """A pattern over residue-class indices as a pattern over positions: positions of one
     residue class mod `fold` only, at their indices i // fold, j // fold."""

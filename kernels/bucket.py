@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from attn_zoo.kernels.block_sparse import non_finite
 from attn_zoo.kernels.launch import (
     arch_family,
     inner_contiguous,
@@ -143,7 +144,7 @@ _SIZES = ["BH", "HEADS", "KV_GROUP", "N", "S", "L", "GROUP", "N_GROUPS"]
 
 @triton.jit(do_not_specialize=_SIZES)
 def _bucket_fwd_kernel(
-    Q, K, V, Slots, Pad, Out, Lse, Alone,
+    Q, K, V, Slots, Pad, Out, Lse, Alone, NonFinite,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     scale, BH, HEADS, KV_GROUP, N, S, L, GROUP, N_GROUPS, HEAD_DIM,
@@ -165,6 +166,11 @@ def _bucket_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    # With inf or NaN in v (the flag is read on the device), such values stay out of p @ v,
+    # where a zero probability would turn them into NaN; rows giving them a probability
+    # come out NaN.
+    non_finite = tl.load(NonFinite)
+    hits = tl.zeros([BLOCK_M], tl.float32)
     for part in tl.static_range(N_PARTS):  # part 0: own group; part 1: the previous one
         key_group = (g + N_GROUPS - part) % N_GROUPS
         if INCREASING and CAUSAL:  # positions increase along the group: no key past the block
@@ -183,11 +189,16 @@ def _bucket_fwd_kernel(
             alpha = tl.exp2(m_i - m_safe)
             p = tl.exp2(s - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
+            if non_finite != 0:
+                bad = (v != v) | (tl.abs(v) == float("inf"))
+                v = tl.where(bad, 0.0, v)
+                bad_key = tl.max(bad.to(tl.float32), 1)
+                hits += tl.sum(tl.where(p > 0.0, bad_key[None, :], 0.0), 1)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
     has_key = m_i > float("-inf")
     l_safe = tl.where(has_key, l_i, 1.0)
-    out = acc / l_safe[:, None]
+    out = tl.where(hits[:, None] > 0.0, float("nan"), acc / l_safe[:, None])
     lse = (m_i + tl.log2(l_safe)) / 1.4426950408889634
     if ALONE:  # no other key: the query's own key alone, so out = v_own and lse = its score
         alone = q_valid & ~has_key
@@ -208,7 +219,7 @@ def _bucket_fwd_kernel(
 
 @triton.jit(do_not_specialize=_SIZES)
 def _bucket_bwd_dq_kernel(
-    Q, K, V, Slots, Pad, DOut, Lse, Delta, Alone, DQ,
+    Q, K, V, Slots, Pad, DOut, Lse, Delta, Alone, NonFinite, DQ,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     scale, BH, HEADS, KV_GROUP, N, S, L, GROUP, N_GROUPS, HEAD_DIM,
@@ -216,7 +227,9 @@ def _bucket_bwd_dq_kernel(
     BY_POSITION: tl.constexpr, INCREASING: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """dq of a block of queries, from every key block they read."""
+    """dq of a block of queries, from every key block they read. With `NonFinite` set (inf or
+    NaN in k, v or delta), such values stay out of dP and dQ and pairs with p = 0 get no
+    gradient."""
     start_m, g, t, q_off, k_off, v_off, pad_base = _program(
         BH, HEADS, KV_GROUP, N, GROUP, N_GROUPS, stride_qb, stride_qh, stride_kb, stride_kh,
         stride_vb, stride_vh, BLOCK_M)
@@ -235,6 +248,7 @@ def _bucket_bwd_dq_kernel(
         alone = tl.zeros([BLOCK_M], dtype=tl.int1)
     qk_scale = scale * 1.4426950408889634
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    non_finite = tl.load(NonFinite)
     for part in tl.static_range(N_PARTS):
         key_group = (g + N_GROUPS - part) % N_GROUPS
         if INCREASING and CAUSAL:
@@ -248,8 +262,13 @@ def _bucket_bwd_dq_kernel(
                                        BLOCK_N)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
             p = tl.where(allowed, tl.exp2(s - lse[:, None]), 0.0)
+            if non_finite != 0:
+                k = tl.where((k != k) | (tl.abs(k) == float("inf")), 0.0, k)
+                v = tl.where((v != v) | (tl.abs(v) == float("inf")), 0.0, v)
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
             ds = p * (dp - delta[:, None])
+            if non_finite != 0:  # a NaN row's delta must not reach keys it does not see
+                ds = tl.where(p > 0.0, ds, 0.0)
             dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     mask = q_valid[:, None] & (d[None, :] < HEAD_DIM)
     tl.store(DQ + rows[:, None] * HEAD_DIM + d[None, :], dq * scale, mask=mask)
@@ -257,7 +276,7 @@ def _bucket_bwd_dq_kernel(
 
 @triton.jit(do_not_specialize=_SIZES)
 def _bucket_bwd_dkdv_kernel(
-    Q, K, V, Slots, Pad, DOut, Lse, Delta, Alone, DK, DV,
+    Q, K, V, Slots, Pad, DOut, Lse, Delta, Alone, NonFinite, DK, DV,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     scale, BH, HEADS, KV_GROUP, N, S, L, GROUP, N_GROUPS, HEAD_DIM,
@@ -266,7 +285,8 @@ def _bucket_bwd_dkdv_kernel(
     UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dk and dv of a block of keys of group g, from the queries of g and of g + 1 (whose
-    look-back is g)."""
+    look-back is g). With `NonFinite` set, inf and NaN in v and dO stay out of the products
+    (a NaN row is marked by its delta) and pairs with p = 0 get no gradient."""
     start_n, g, t, q_off, k_off, v_off, pad_base = _program(
         BH, HEADS, KV_GROUP, N, GROUP, N_GROUPS, stride_qb, stride_qh, stride_kb, stride_kh,
         stride_vb, stride_vh, BLOCK_N)
@@ -279,6 +299,9 @@ def _bucket_bwd_dkdv_kernel(
     v = _load_rows(V + v_off, k_pos, stride_vn, k_valid, d, HEAD_DIM)
     if UPCAST:
         k, v = k.to(tl.float32), v.to(tl.float32)
+    non_finite = tl.load(NonFinite)
+    if non_finite != 0:
+        v = tl.where((v != v) | (tl.abs(v) == float("inf")), 0.0, v)
     qk_scale = scale * 1.4426950408889634
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -304,6 +327,8 @@ def _bucket_bwd_dkdv_kernel(
             do = tl.load(DOut + rows[:, None] * HEAD_DIM + d[None, :], mask=mask, other=0.0)
             if UPCAST:
                 q, do = q.to(tl.float32), do.to(tl.float32)
+            if non_finite != 0:
+                do = tl.where((do != do) | (tl.abs(do) == float("inf")), 0.0, do)
             lse = tl.load(Lse + rows, mask=q_valid, other=0.0) * 1.4426950408889634
             lse = tl.where(lse == float("-inf"), 0.0, lse)
             delta = tl.load(Delta + rows, mask=q_valid, other=0.0)
@@ -317,6 +342,8 @@ def _bucket_bwd_dkdv_kernel(
             dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
             ds = p * (dp - delta[:, None])
+            if non_finite != 0:
+                ds = tl.where(p > 0.0, ds, 0.0)
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
     mask = k_valid[:, None] & (d[None, :] < HEAD_DIM)
     offsets = k_rows[:, None] * HEAD_DIM + d[None, :]
@@ -433,7 +460,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, slots: Tensor, key_padding_mask: T
     lse = q.new_empty(rows, length, dtype=torch.float32)
     alone = q.new_empty((rows, length) if layout == "lsh" else (0,), dtype=torch.int8)
     launch(_bucket_fwd_kernel, call.grid, q, k, v, slots, call.pad, out, lse, alone,
-           *call.strides, **call.args)
+           non_finite(v), *call.strides, **call.args)
     return out, lse, alone
 
 
@@ -450,7 +477,7 @@ def _backward(grad_out: Tensor, grad_lse: Tensor, q: Tensor, k: Tensor, v: Tenso
     grad_q, grad_k, grad_v = (torch.zeros(call.rows, call.length, q.shape[3],
                                           dtype=torch.float32, device=q.device)
                               for _ in range(3))
-    common = (q, k, v, slots, call.pad, grad_out, lse, delta, alone)
+    common = (q, k, v, slots, call.pad, grad_out, lse, delta, alone, non_finite(k, v, delta))
     launch(_bucket_bwd_dq_kernel, call.grid, *common, grad_q, *call.strides, **call.args)
     launch(_bucket_bwd_dkdv_kernel, call.grid, *common, grad_k, grad_v, *call.strides,
            **call.args)

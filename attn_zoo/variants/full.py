@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 
 from attn_zoo.attention import PatternAttention
+from attn_zoo.blocksparse import finite
 from attn_zoo.patterns import Part, Pattern, causal_pattern, every_key, everything
 from attn_zoo.registry import register
 
@@ -33,7 +34,9 @@ class FullAttention(PatternAttention):
 
     def _forward_torch(self, q, k, v, causal, key_padding_mask, scale):
         batch, kv_heads, groups, n, dim = q.shape
-        if key_padding_mask is not None or (causal and k.shape[2] != n):
+        # SDPA's causal mask lets inf or NaN in a later key reach earlier rows (0 * NaN).
+        exact_causal = causal and (k.shape[2] != n or not (finite(k) and finite(v)))
+        if key_padding_mask is not None or exact_causal:
             return super()._forward_torch(q, k, v, causal, key_padding_mask, scale)
         out = F.scaled_dot_product_attention(q.reshape(batch, kv_heads * groups, n, dim), k, v,
                                              is_causal=causal, scale=scale,

@@ -94,6 +94,12 @@ class SparseFixedAttention(PatternAttention):
         p = self.params
         return fixed_pattern(p.stride, p.summary, causal)
 
+    def _forward_triton(self, q, k, v, causal, key_padding_mask, scale):
+        # The kernel reads the summary columns in place: one layout over the whole pattern.
+        out, _ = self.triton_attention(q, k, v, "pattern", self.pattern(q.shape[3], causal),
+                                       causal, key_padding_mask, scale)
+        return out
+
     def scored_pairs(self, n: int, causal: bool) -> int:
         stride, summary = self.params.stride, self.params.summary
         full, rest = divmod(n, stride)
