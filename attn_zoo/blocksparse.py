@@ -153,56 +153,66 @@ class Workspace:
 class _Plan:
     """Where each query block reads its keys, from a key-block table.
 
-    Window: every row lists a run of consecutive blocks, so block I reads the `width` keys
-    from `starts[I]` (one width for all, a view of k and v). Gather: block I reads the keys of
-    its listed blocks, `index[I]` (-1 padded blocks: `valid` False).
+    Window: every row lists a run of consecutive blocks, so a query block reads a window of
+    consecutive keys, a view of k and v. Gather: it reads the keys of its listed blocks.
+    `widths[I]`: the keys query block I reads (0: none). A chunk of query blocks reads as
+    many keys as its widest row (`_Keys`), so a causal chunk near the start stays narrow.
     """
 
     def __init__(self, key_blocks: Tensor, block: int, m: int) -> None:
         listed = key_blocks >= 0
         counts = listed.sum(1)
-        first = torch.where(listed, key_blocks, key_blocks.amax() + 1).amin(1)
-        last = key_blocks.amax(1)
-        spans = torch.where(counts > 0, last - first + 1, 0)
-        self.empty = (counts == 0).tolist()
+        self.first = torch.where(listed, key_blocks, key_blocks.amax() + 1).amin(1)
+        self.last = key_blocks.amax(1)
+        spans = torch.where(counts > 0, self.last - self.first + 1, 0)
         self.window = bool((spans == counts).all())
-        if self.window:
-            self.width = min(max(1, int(spans.max())) * block, m)
-            self.starts = (first * block).clamp(max=m - self.width).clamp_min(0)
-            self.lo, self.hi = first * block, torch.clamp((last + 1) * block, max=m)
-        else:
-            width = max(1, int(counts.max()))
-            # List each row's blocks first (a stable sort keeps their order), then trim.
-            order = torch.sort((~listed).to(torch.uint8), dim=1, stable=True).indices
-            table = key_blocks.gather(1, order)[:, :width]
-            keys = (table[:, :, None] * block + torch.arange(block, device=table.device))
-            self.valid = ((table[:, :, None] >= 0) & (keys < m)).flatten(1)
-            self.index = torch.where(self.valid, keys.flatten(1), 0)
-            self.width = self.index.shape[1]
-        self.starts_list = self.starts.tolist() if self.window else None
-
-    def keys(self, c0: int, c1: int) -> tuple[Tensor, Tensor]:
-        """Key positions (nc, W) of query blocks [c0, c1) and whether each is listed."""
+        self.block, self.m = block, m
         if not self.window:
-            return self.index[c0:c1], self.valid[c0:c1]
-        keys = self.starts[c0:c1, None] + torch.arange(self.width, device=self.starts.device)
-        return keys, (keys >= self.lo[c0:c1, None]) & (keys < self.hi[c0:c1, None])
+            # List each row's blocks first (a stable sort keeps their order).
+            order = torch.sort((~listed).to(torch.uint8), dim=1, stable=True).indices
+            self.table = key_blocks.gather(1, order)
+        self.widths = (counts * block).clamp(max=m).tolist()
+
+    def chunk(self, c0: int, c1: int) -> _Keys:
+        """The keys of query blocks [c0, c1)."""
+        block, m = self.block, self.m
+        width = max(self.widths[c0:c1])
+        if self.window:
+            first = self.first[c0:c1] * block
+            starts = first.clamp(max=m - width).clamp_min(0)
+            keys = starts[:, None] + torch.arange(width, device=starts.device)
+            end = torch.clamp((self.last[c0:c1] + 1) * block, max=m)
+            valid = (keys >= first[:, None]) & (keys < end[:, None])
+            return _Keys(keys, valid, c0, starts.tolist())
+        table = self.table[c0:c1, :-(-width // block)]
+        keys = table[:, :, None] * block + torch.arange(block, device=table.device)
+        valid = ((table[:, :, None] >= 0) & (keys < m)).flatten(1)
+        return _Keys(torch.where(valid, keys.flatten(1), 0), valid, c0, None)
+
+
+class _Keys:
+    """The keys of a chunk of query blocks from c0: positions (nc, W), and whether each is
+    listed (valid); `starts` (a window's first key per block) or None (gathered)."""
+
+    def __init__(self, keys: Tensor, valid: Tensor, c0: int, starts: list[int] | None) -> None:
+        self.keys, self.valid, self.c0, self.starts = keys, valid, c0, starts
+        self.width = keys.shape[1]
 
     def read(self, x: Tensor, c: int, work: Workspace, name: str) -> Tensor:
         """The keys of query block c from x (BH, M, D): (BH, W, D), a view when a window."""
-        if self.window:
-            start = self.starts_list[c]
+        if self.starts is not None:
+            start = self.starts[c - self.c0]
             return x[:, start:start + self.width]
         out = work(name, x.shape[0], self.width, x.shape[2])
-        return torch.index_select(x, 1, self.index[c], out=out)
+        return torch.index_select(x, 1, self.keys[c - self.c0], out=out)
 
     def add(self, target: Tensor, c: int, tiles: Tensor) -> None:
         """Add per-key gradients tiles (BH, W, D) of query block c into target (BH, M, D)."""
-        if self.window:
-            start = self.starts_list[c]
+        if self.starts is not None:
+            start = self.starts[c - self.c0]
             target[:, start:start + self.width].add_(tiles)
-        else:  # invalid slots point at key 0 with a zero gradient
-            target.index_add_(1, self.index[c], tiles)
+        else:  # unlisted slots point at key 0 with a zero gradient
+            target.index_add_(1, self.keys[c - self.c0], tiles)
 
 
 class _Problem:
@@ -223,7 +233,7 @@ class _Problem:
     def split(self):
         """(sub-problem, first batch entry, end): the whole call, or, when one query block of
         every head alone holds more than CHUNK_ELEMENTS scores, runs of whole batch entries."""
-        per_batch = self.hkv * self.rows * self.plan.width
+        per_batch = self.hkv * self.rows * max(1, *self.plan.widths)
         step = max(1, CHUNK_ELEMENTS // per_batch)
         if step >= self.batch:
             yield self, 0, self.batch
@@ -240,13 +250,26 @@ class _Problem:
                 sub.key_bias = self.key_bias[b0:b1]
             yield sub, b0, b1
 
-    def chunks(self):
-        step = max(1, CHUNK_ELEMENTS // (self.bh * self.rows * self.plan.width))
-        empty = self.plan.empty
-        for c0 in range(0, self.n_blocks, step):
-            c1 = min(c0 + step, self.n_blocks)
-            if not all(empty[c0:c1]):
-                yield c0, c1
+    def chunks(self, work: Workspace) -> list[tuple[int, int]]:
+        """Runs [c0, c1) of query blocks whose scores, at their widest row, hold at most
+        CHUNK_ELEMENTS values (one block at least); blocks without keys are skipped. The
+        largest chunk's score buffer is reserved first, so it is never reallocated."""
+        widths, per_key = self.plan.widths, self.bh * self.rows
+        chunks, largest, c0 = [], 0, 0
+        while c0 < self.n_blocks:
+            if widths[c0] == 0:
+                c0 += 1
+                continue
+            c1, width = c0 + 1, widths[c0]
+            while (c1 < self.n_blocks
+                   and max(width, widths[c1]) * per_key * (c1 - c0 + 1) <= CHUNK_ELEMENTS):
+                width = max(width, widths[c1])
+                c1 += 1
+            chunks.append((c0, c1))
+            largest = max(largest, width * per_key * (c1 - c0))
+            c0 = c1
+        work("scores", largest)
+        return chunks
 
     def query_tile(self, x: Tensor, c: int, work: Workspace, name: str) -> Tensor:
         """Rows of query block c of x (B, Hkv, G, N, D): (BH, G * block, D), zero-padded."""
@@ -276,16 +299,17 @@ class _Problem:
         r1 = min(r0 + self.block, self.n)
         target[:, :, r0:r1].copy_(tile.view(self.bh, self.groups, self.block, -1)[:, :, :r1 - r0])
 
-    def scores(self, work: Workspace, c0: int, c1: int, scale: float) -> tuple[Tensor, Tensor]:
+    def scores(self, work: Workspace, c0: int, c1: int, scale: float) -> tuple[Tensor, _Keys]:
         """Masked scores (nc, BH, G * block, W) of query blocks [c0, c1), disallowed = -inf,
-        and the key positions (nc, W)."""
-        nc, width = c1 - c0, self.plan.width
+        and the keys they read."""
+        chunk = self.plan.chunk(c0, c1)
+        nc, width = c1 - c0, chunk.width
         scores = work("scores", nc, self.bh, self.rows, width)
         for c in range(c0, c1):
             torch.baddbmm(scores[c - c0], self.query_tile(self.q, c, work, "q"),
-                          self.plan.read(self.k, c, work, "k").transpose(1, 2), beta=0.0,
+                          chunk.read(self.k, c, work, "k").transpose(1, 2), beta=0.0,
                           alpha=scale, out=scores[c - c0])
-        keys, valid = self.plan.keys(c0, c1)
+        keys, valid = chunk.keys, chunk.valid
         safe = keys.clamp(0, self.m - 1)
         per_batch = scores.view(nc, self.batch, self.hkv * self.rows, width)
         if self.key_bias is not None:
@@ -298,7 +322,7 @@ class _Problem:
             p1 = min(p0 + step, c1)
             self._mask(tiles[p0 - c0:p1 - c0], keys[p0 - c0:p1 - c0], valid[p0 - c0:p1 - c0],
                        safe[p0 - c0:p1 - c0], p0, p1)
-        return scores, keys
+        return scores, chunk
 
     def _mask(self, tiles: Tensor, keys: Tensor, valid: Tensor, safe: Tensor, c0: int,
               c1: int) -> None:
@@ -333,15 +357,15 @@ class _BlockSparse(torch.autograd.Function):
         for sub, b0, b1 in problem.split():
             rows = slice(b0 * sub.hkv, b1 * sub.hkv)
             sub_out, sub_lse = out[rows], lse[rows]
-            for c0, c1 in sub.chunks():
-                scores, _ = sub.scores(work, c0, c1, scale)
+            for c0, c1 in sub.chunks(work):
+                scores, chunk = sub.scores(work, c0, c1, scale)
                 probs, tile_lse = softmax_tiles(scores)
                 lse_rows = sub_lse[:, :, c0 * block:c1 * block]
                 lse_rows.copy_(tile_lse.view(c1 - c0, sub.bh, groups, block).permute(1, 2, 0, 3)
                                .flatten(2)[:, :, :lse_rows.shape[2]])
                 for c in range(c0, c1):
                     tile = work("out", sub.bh, sub.rows, dim)
-                    probs_times_values(probs[c - c0], sub.plan.read(sub.v, c, work, "v"), tile,
+                    probs_times_values(probs[c - c0], chunk.read(sub.v, c, work, "v"), tile,
                                        exact)
                     sub.store_rows(sub_out, c, tile)
         ctx.save_for_backward(q, k, v, key_blocks, key_padding_mask, key_bias, out, lse)
@@ -381,8 +405,8 @@ def _backward_rows(sub: _Problem, work: Workspace, scale: float, exact: bool, gr
                    lse: Tensor, delta: Tensor, grad_q: Tensor, grad_k: Tensor, grad_v: Tensor,
                    grad_bias: Tensor | None) -> None:
     """Accumulate the gradients of one sub-problem (see `_Problem.split`) into the slices."""
-    for c0, c1 in sub.chunks():
-        scores, keys = sub.scores(work, c0, c1, scale)
+    for c0, c1 in sub.chunks(work):
+        scores, chunk = sub.scores(work, c0, c1, scale)
         # A row scoring an inf key has NaN probabilities: none may reach a masked key.
         masked = scores == float("-inf") if exact else None
         probs = masked_softmax_(scores, sub.row_values(lse, c0, c1, float("-inf"))
@@ -393,14 +417,14 @@ def _backward_rows(sub: _Problem, work: Workspace, scale: float, exact: bool, gr
         for c in range(c0, c1):
             grad_q_c, grad_k_c, grad_v_c, grad_scores = tile_gradients(
                 work, probs[c - c0], sub.query_tile(grad_out5, c, work, "grad_out"),
-                sub.query_tile(sub.q, c, work, "q"), sub.plan.read(sub.k, c, work, "k"),
-                sub.plan.read(sub.v, c, work, "v"), deltas[c - c0], scale, exact)
+                sub.query_tile(sub.q, c, work, "q"), chunk.read(sub.k, c, work, "k"),
+                chunk.read(sub.v, c, work, "v"), deltas[c - c0], scale, exact)
             sub.store_rows(grad_q, c, grad_q_c)
-            sub.plan.add(grad_k, c, grad_k_c)
-            sub.plan.add(grad_v, c, grad_v_c)
+            chunk.add(grad_k, c, grad_k_c)
+            chunk.add(grad_v, c, grad_v_c)
             if grad_bias is not None:  # a bias reaches every query and head of its key
-                per_key = grad_scores.view(sub.batch, -1, sub.plan.width).sum(1)
-                grad_bias.index_add_(1, keys[c - c0].clamp(0, sub.m - 1), per_key)
+                per_key = grad_scores.view(sub.batch, -1, chunk.width).sum(1)
+                grad_bias.index_add_(1, chunk.keys[c - c0].clamp(0, sub.m - 1), per_key)
 
 
 # -- key-block tables -----------------------------------------------------------------------

@@ -26,7 +26,7 @@ from torch import Tensor
 from attn_zoo.attention import Attention
 from attn_zoo.params import Params, require
 from attn_zoo.registry import register
-from attn_zoo.variants.lsh import gather_rows, kv_rows, masked_attention, tie_ignored_keys
+from attn_zoo.shared_qk import gather_rows, kv_rows, masked_attention, tie_ignored_keys
 
 
 @dataclass
