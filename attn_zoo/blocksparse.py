@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from attn_zoo.patterns import Part, Pattern, PooledKeys, Reach
+from attn_zoo.patterns import Part, Pattern, Pooled, Reach
 
 CHUNK_ELEMENTS = 1 << 19
 """Score elements per chunk of query blocks: bounds the working memory of one step."""
@@ -231,24 +231,33 @@ class _Problem:
         self.key_padding_mask, self.key_bias = key_padding_mask, key_bias
 
     def split(self):
-        """(sub-problem, first batch entry, end): the whole call, or, when one query block of
-        every head alone holds more than CHUNK_ELEMENTS scores, runs of whole batch entries."""
-        per_batch = self.hkv * self.rows * max(1, *self.plan.widths)
-        step = max(1, CHUNK_ELEMENTS // per_batch)
-        if step >= self.batch:
-            yield self, 0, self.batch
+        """(sub-problem, its rows of the flattened (B * Hkv) axis, its batch entries, its kv
+        heads): the whole call, or, when one query block of every head holds more than
+        CHUNK_ELEMENTS scores, runs of batch entries, or of the kv heads of one entry."""
+        per_head = self.rows * max(1, *self.plan.widths)
+        step = max(1, CHUNK_ELEMENTS // per_head)
+        if step >= self.bh:
+            yield self, slice(None), slice(None), slice(None)
             return
-        for b0 in range(0, self.batch, step):
-            b1 = min(b0 + step, self.batch)
+        if step >= self.hkv:
+            runs = [(b0, min(b0 + step // self.hkv, self.batch), 0, self.hkv)
+                    for b0 in range(0, self.batch, step // self.hkv)]
+        else:
+            runs = [(b, b + 1, h0, min(h0 + step, self.hkv))
+                    for b in range(self.batch) for h0 in range(0, self.hkv, step)]
+        for b0, b1, h0, h1 in runs:
             sub = copy.copy(self)
-            sub.batch, sub.bh = b1 - b0, (b1 - b0) * self.hkv
-            rows = slice(b0 * self.hkv, b1 * self.hkv)
-            sub.q, sub.k, sub.v = self.q[b0:b1], self.k[rows], self.v[rows]
+            sub.batch, sub.hkv = b1 - b0, h1 - h0
+            sub.bh = sub.batch * sub.hkv
+            batches, heads = slice(b0, b1), slice(h0, h1)
+            rows = slice(b0 * self.hkv + h0, (b1 - 1) * self.hkv + h1)
+            sub.q = self.q[batches, heads]
+            sub.k, sub.v = self.k[rows], self.v[rows]
             if self.key_padding_mask is not None:
-                sub.key_padding_mask = self.key_padding_mask[b0:b1]
+                sub.key_padding_mask = self.key_padding_mask[batches]
             if self.key_bias is not None:
-                sub.key_bias = self.key_bias[b0:b1]
-            yield sub, b0, b1
+                sub.key_bias = self.key_bias[batches]
+            yield sub, rows, batches, heads
 
     def chunks(self, work: Workspace) -> list[tuple[int, int]]:
         """Runs [c0, c1) of query blocks whose scores, at their widest row, hold at most
@@ -354,8 +363,7 @@ class _BlockSparse(torch.autograd.Function):
         lse = q.new_full((bh, groups, n), float("-inf"))
         exact = not finite(v)  # one pass: the slow path only for inf/NaN
         work = Workspace(q)
-        for sub, b0, b1 in problem.split():
-            rows = slice(b0 * sub.hkv, b1 * sub.hkv)
+        for sub, rows, _, _ in problem.split():
             sub_out, sub_lse = out[rows], lse[rows]
             for c0, c1 in sub.chunks(work):
                 scores, chunk = sub.scores(work, c0, c1, scale)
@@ -392,11 +400,11 @@ class _BlockSparse(torch.autograd.Function):
         exact = not (finite(v) and finite(k) and finite(delta))
         grad_out5 = grad_out.view(q.shape)
         work = Workspace(q)
-        for sub, b0, b1 in problem.split():
-            rows = slice(b0 * sub.hkv, b1 * sub.hkv)
-            _backward_rows(sub, work, scale, exact, grad_out5[b0:b1], lse[rows], delta[rows],
-                           grad_q[rows], grad_k[rows], grad_v[rows],
-                           None if grad_bias is None else grad_bias[b0:b1])
+        for sub, rows, batches, heads in problem.split():
+            # A bias gradient is summed over heads: runs of heads add into their entry's row.
+            _backward_rows(sub, work, scale, exact, grad_out5[batches, heads], lse[rows],
+                           delta[rows], grad_q[rows], grad_k[rows], grad_v[rows],
+                           None if grad_bias is None else grad_bias[batches])
         return (grad_q.view(q.shape), grad_k.view(k.shape), grad_v.view(v.shape),
                 None, None, None, None, None, grad_bias)
 
@@ -537,7 +545,7 @@ def part_attention(part: Part, q: Tensor, k: Tensor, v: Tensor,
     """
     bias = None
     if part.pool is not None:
-        pooled: PooledKeys = part.pool.build(k, v, key_padding_mask)
+        pooled: Pooled = part.pool.build(k, v, key_padding_mask)
         k, v, bias, key_padding_mask = pooled.k, pooled.v, pooled.bias, pooled.real
     n, fold = q.shape[3], part.fold
     if fold > 1:

@@ -150,7 +150,7 @@ def tile_block(extent: int) -> int:
 # -- the engine description -----------------------------------------------------------------
 
 
-class PooledKeys(NamedTuple):
+class Pooled(NamedTuple):
     """Keys that stand for groups of positions, built from a call's k and v.
 
     k, v: (B, Hkv, P, D); bias: float broadcastable to (B, P), added to their scores, or
@@ -167,11 +167,11 @@ class PooledKeys(NamedTuple):
 class Pool:
     """How a part's pooled keys are built and where they sit.
 
-    build(k, v, key_padding_mask) -> PooledKeys; position(J): the last position pooled key J
+    build(k, v, key_padding_mask) -> Pooled; position(J): the last position pooled key J
     stands for (causality keeps J when position(J) <= i).
     """
 
-    build: Callable[[Tensor, Tensor, Tensor | None], PooledKeys]
+    build: Callable[[Tensor, Tensor, Tensor | None], Pooled]
     position: Callable[[Tensor], Tensor]
 
 

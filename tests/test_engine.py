@@ -12,6 +12,7 @@ from conftest import call, causal_modes, qkv
 from test_layout import SMALL
 
 import attn_zoo
+from attn_zoo import blocksparse
 from attn_zoo.attention import PatternAttention
 from attn_zoo.blocksparse import CHUNK_ELEMENTS, block_sparse_attention, reach_key_blocks
 from attn_zoo.patterns import Part, and_, band, causal_pattern, not_, or_, union_reach
@@ -188,3 +189,25 @@ def test_every_part_reaches_all_its_pairs(name, causal):
     pattern = attn.exact_pattern(n, causal)
     bounded = build_layout(pattern, n, n, 16, 16, reach=union_reach(parts))
     assert torch.equal(bounded.kv_index, build_layout(pattern, n, n, 16, 16).kv_index)
+
+
+@pytest.mark.parametrize("chunk", [64, 4000])  # runs of one kv head; runs of one batch entry
+def test_engine_splits_calls_whose_query_block_exceeds_a_chunk(monkeypatch, chunk):
+    monkeypatch.setattr(blocksparse, "CHUNK_ELEMENTS", chunk)
+    q, k, v = qkv(batch=2, q_heads=4, kv_heads=2, n=40, dim=8, dtype=torch.float64,
+                  requires_grad=True)
+    bias = torch.randn(2, 40, dtype=torch.float64, requires_grad=True)
+    real = torch.rand(2, 40, generator=torch.Generator().manual_seed(3)) > 0.3
+    out, _ = block_sparse_attention(q.unflatten(1, (2, 2)), k, v,
+                                    blocksparse.band_key_blocks(40, 16, 1, 1), band(12),
+                                    block=16, scale=0.3, key_padding_mask=real, key_bias=bias)
+    allowed = dense_mask(band(12), 40) & real[:, None, None, :]
+    scores = (q @ k.repeat_interleave(2, 1).transpose(-1, -2)) * 0.3 + bias[:, None, None, :]
+    expected = torch.softmax(scores.masked_fill(~allowed, -math.inf), -1) @ v.repeat_interleave(
+        2, 1)
+    weight = torch.randn(expected.shape, dtype=torch.float64)
+    got = torch.autograd.grad((out.flatten(1, 2) * weight).sum(), (q, k, v, bias))
+    reference = torch.autograd.grad((expected * weight).sum(), (q, k, v, bias))
+    torch.testing.assert_close(out.flatten(1, 2), expected)
+    for grad, want in zip(got, reference, strict=True):
+        torch.testing.assert_close(grad, want)

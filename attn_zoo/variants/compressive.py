@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from attn_zoo.attention import Attention, PatternAttention
 from attn_zoo.params import Params, require
-from attn_zoo.patterns import Part, Pattern, Pool, PooledKeys, and_, causal_pattern
+from attn_zoo.patterns import Part, Pattern, Pool, Pooled, and_, causal_pattern
 from attn_zoo.registry import register
 
 
@@ -142,7 +142,7 @@ class CompressiveAttention(PatternAttention):
                               pool=pool))
         return parts
 
-    def _pool(self, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> PooledKeys:
+    def _pool(self, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> Pooled:
         """The compressed memory: every complete group of k and v pooled, and whether each
         holds a real key."""
         rate, conv = self.params.rate, self.params.compress == "conv"
@@ -151,7 +151,7 @@ class CompressiveAttention(PatternAttention):
         real = None
         if key_padding_mask is not None:
             real = key_padding_mask[:, :pooled_k.shape[2] * rate].unflatten(1, (-1, rate)).any(2)
-        return PooledKeys(pooled_k, pooled_v, None, real)
+        return Pooled(pooled_k, pooled_v, None, real)
 
     def scored_pairs(self, n: int, causal: bool) -> int:
         segment, mem_len = self.params.segment, self.params.mem_len

@@ -23,7 +23,7 @@ from attn_zoo.patterns import (
     Part,
     Pattern,
     Pool,
-    PooledKeys,
+    Pooled,
     and_,
     block_band,
     causal_pattern,
@@ -96,12 +96,12 @@ class HierarchicalAttention(PatternAttention):
             parts.append(Part("pooled", far, every_key, n_blocks, pool=pool))
         return parts
 
-    def _pool(self, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> PooledKeys:
+    def _pool(self, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> Pooled:
         """One key per block: the means of its real keys and values, scored + log(count)."""
         block = self.params.block
         pooled_k, counts = block_means(k, key_padding_mask, block)
         pooled_v, _ = block_means(v, key_padding_mask, block)
-        return PooledKeys(pooled_k, pooled_v, counts.clamp_min(1).log(),
+        return Pooled(pooled_k, pooled_v, counts.clamp_min(1).log(),
                           None if key_padding_mask is None else counts > 0)
 
     def scored_pairs(self, n: int, causal: bool) -> int:

@@ -18,7 +18,7 @@ from attn_zoo.patterns import (
     Part,
     Pattern,
     Pool,
-    PooledKeys,
+    Pooled,
     and_,
     block_band,
     causal_pattern,
@@ -76,10 +76,10 @@ class SparseFixedAttention(PatternAttention):
             def position(c: Tensor) -> Tensor:
                 return c // summary * stride + stride - summary + c % summary
 
-            def pool(k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> PooledKeys:
+            def pool(k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> Pooled:
                 positions = position(torch.arange(n_summary, device=k.device))
                 real = None if key_padding_mask is None else key_padding_mask[:, positions]
-                return PooledKeys(k.index_select(2, positions), v.index_select(2, positions),
+                return Pooled(k.index_select(2, positions), v.index_select(2, positions),
                                   None, real)
 
             def other_segments(i: Tensor, c: Tensor) -> Tensor:
