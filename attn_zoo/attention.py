@@ -21,6 +21,7 @@ The triton backend runs on CUDA tensors, or on CPU tensors under Triton's interp
 from __future__ import annotations
 
 import os
+from abc import ABCMeta, abstractmethod
 from typing import Any, ClassVar
 
 import torch
@@ -140,11 +141,14 @@ class Attention(nn.Module):
         from attn_zoo.kernels.layout import cached_layout
 
         tiles = tile_config(q.dtype, q.shape[-1], q.device)
-        key = (self.name, tuple(self.params.to_dict().items()), part, causal)
-        layout = cached_layout(key, pattern, q.shape[3], k.shape[2], tiles.block_m,
-                               tiles.block_n, q.device, reach)
+        layout = cached_layout(self._part_key(part, causal), pattern, q.shape[3], k.shape[2],
+                               tiles.block_m, tiles.block_n, q.device, reach)
         return layout_attention(q, k, v, layout, scale=scale, key_padding_mask=key_padding_mask,
                                 key_bias=key_bias)
+
+    def _part_key(self, part: str, causal: bool) -> tuple:
+        """Identifies one of the variant's patterns for the layout and table caches."""
+        return (self.name, tuple(self.params.to_dict().items()), part, causal)
 
     # A variant defines `scored_pairs(n, causal) -> int`: the (query, key) pairs one
     # (batch, head) forward scores, a pooled key counting as one; `register` checks it.
@@ -199,7 +203,7 @@ class Attention(nn.Module):
                                  f"{key_padding_mask.device}")
 
 
-class PatternAttention(Attention):
+class PatternAttention(Attention, metaclass=ABCMeta):
     """A variant described once, as `parts(n, m, causal)`: disjoint sets of (query, key)
     pairs, each an exact pattern with its reach, or pooled keys with their bias (see
     `attn_zoo.patterns`). The torch engine runs each part and merges them by log-sum-exp;
@@ -207,10 +211,10 @@ class PatternAttention(Attention):
     part as one more; causality is intersected here, once, for every part.
     """
 
+    @abstractmethod
     def parts(self, n: int, m: int, causal: bool) -> list[Part]:
         """The variant's parts for n queries and m keys, written without causality (`causal`
         only where it changes more than the pairs, e.g. BigBird's random draws)."""
-        raise NotImplementedError
 
     def engine_parts(self, n: int, m: int, causal: bool) -> list[Part]:
         """`parts` with causality intersected (key j at most i + m - n)."""
@@ -220,9 +224,6 @@ class PatternAttention(Attention):
     def exact_pattern(self, n: int, causal: bool) -> Pattern:
         """The pairs scored exactly, over the call's own keys (pooled keys come on top)."""
         return union(self.engine_parts(n, n, causal))
-
-    def _part_key(self, part: str, causal: bool) -> tuple:
-        return (self.name, tuple(self.params.to_dict().items()), part, causal)
 
     def _forward_torch(self, q, k, v, causal, key_padding_mask, scale):
         n, m = q.shape[3], k.shape[2]

@@ -7,13 +7,15 @@ band, a span), a tile reads its keys as a view of k and v, never a copy; otherwi
 the listed blocks. Work runs over chunks of query blocks whose scores hold about
 `CHUNK_ELEMENTS` values, in buffers reused from chunk to chunk, and the backward pass
 recomputes the scores from `(q, k, v, out, lse)`, so memory is the output plus one chunk:
-never N x N, never the whole (N x keys per query) score tensor.
+never N x N, never the whole (N x keys per query) score tensor. When one query block of
+every head alone holds more scores than a chunk (dense rows of a long sequence), the call
+runs over batch entries, or kv heads, a few at a time.
 
 Keys outside the pattern never reach an output, whatever they hold: their scores are masked
 to -inf, and when v holds a non-finite value (checked in one pass per call) the products
 with zero probabilities that would turn it into NaN are left out, so only the rows that
 attend to it see it. `part_attention` runs one `attn_zoo.patterns.Part` of a variant's engine
-description; `key_block_table` builds a part's key-block table from its reach and pattern.
+description; `part_key_blocks` builds its key-block table from its reach and pattern.
 """
 
 from __future__ import annotations

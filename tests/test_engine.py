@@ -34,9 +34,11 @@ def test_combinators_compose_patterns():
 
 
 def test_every_described_variant_intersects_causality_once():
+    """Parts are written without causality: the causal pairs are the bidirectional ones with
+    j <= i (BigBird aside: its random blocks are drawn among earlier blocks when causal)."""
     for name in attn_zoo.available():
         cls = get(name)
-        if not issubclass(cls, PatternAttention) or cls.causal_only:
+        if not issubclass(cls, PatternAttention) or cls.causal_only or name == "bigbird":
             continue
         attn = attn_zoo.build(name, **SMALL[name])
         both, causal = (dense_mask(attn.exact_pattern(40, c), 40) for c in (False, True))
