@@ -29,8 +29,10 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from attn_zoo.blocksparse import merge_partial_attentions, part_attention
 from attn_zoo.flex import flex_block_mask, flex_forward
 from attn_zoo.params import Params
+from attn_zoo.patterns import Part, Pattern, Reach, union, union_reach
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _TRITON_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
@@ -155,30 +157,29 @@ class Attention(nn.Module, metaclass=ABCMeta):
             mask = self._flex_masks[key]
         return flex_forward(q, k, v, mask, scale)
 
-    def _forward_triton(self, q, k, v, causal, key_padding_mask, scale):
-        """The block-sparse kernel over `self.pattern(n, causal)`, for variants listing "triton"."""
-        out, _ = self.triton_attention(q, k, v, "pattern", self.pattern(q.shape[3], causal),
-                                       causal, key_padding_mask, scale)
-        return out
-
     def triton_attention(self, q: Tensor, k: Tensor, v: Tensor, part: str, pattern,
                          causal: bool, key_padding_mask: Tensor | None, scale: float,
-                         key_bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                         key_bias: Tensor | None = None,
+                         reach: Reach | None = None) -> tuple[Tensor, Tensor]:
         """(out, lse) of the block-sparse kernel over the pairs `pattern(i, j)` of q against k.
 
         q: (B, Hkv, G, N, D); k, v: (B, Hkv, M, D); key_bias: float broadcastable to (B, M).
         The tile layout is built once per (variant, parameters, `part`, causal, N, M, tiles,
-        device): `part` names which of the variant's patterns this is.
+        device): `part` names which of the variant's patterns this is; `reach` bounds the keys
+        each query may reach, so only those tiles are evaluated.
         """
-        from attn_zoo.kernels.block_sparse import block_sparse_attention, tile_config
+        from attn_zoo.kernels.block_sparse import layout_attention, tile_config
         from attn_zoo.kernels.layout import cached_layout
 
         tiles = tile_config(q.dtype, q.shape[-1], q.device)
-        key = (self.name, tuple(self.params.to_dict().items()), part, causal)
-        layout = cached_layout(key, pattern, q.shape[3], k.shape[2], tiles.block_m,
-                               tiles.block_n, q.device)
-        return block_sparse_attention(q, k, v, layout, scale=scale,
-                                      key_padding_mask=key_padding_mask, key_bias=key_bias)
+        layout = cached_layout(self._part_key(part, causal), pattern, q.shape[3], k.shape[2],
+                               tiles.block_m, tiles.block_n, q.device, reach)
+        return layout_attention(q, k, v, layout, scale=scale, key_padding_mask=key_padding_mask,
+                                key_bias=key_bias)
+
+    def _part_key(self, part: str, causal: bool) -> tuple:
+        """Identifies one of the variant's patterns for the layout and table caches."""
+        return (self.name, tuple(self.params.to_dict().items()), part, causal)
 
     @abstractmethod
     def scored_pairs(self, n: int, causal: bool) -> int:
@@ -234,6 +235,53 @@ class Attention(nn.Module, metaclass=ABCMeta):
             if key_padding_mask.device != q.device:
                 raise ValueError(f"key_padding_mask must be on {q.device}, got "
                                  f"{key_padding_mask.device}")
+
+
+class PatternAttention(Attention, metaclass=ABCMeta):
+    """A variant described once, as `parts(n, m, causal)`: disjoint sets of (query, key)
+    pairs, each an exact pattern with its reach, or pooled keys with their bias (see
+    `attn_zoo.patterns`). The torch engine runs each part and merges them by log-sum-exp;
+    the Triton kernel runs the parts over the call's own keys as one layout, and each pooled
+    part as one more; causality is intersected here, once, for every part.
+    """
+
+    @abstractmethod
+    def parts(self, n: int, m: int, causal: bool) -> list[Part]:
+        """The variant's parts for n queries and m keys, written without causality (`causal`
+        only where it changes more than the pairs, e.g. BigBird's random draws)."""
+
+    def engine_parts(self, n: int, m: int, causal: bool) -> list[Part]:
+        """`parts` with causality intersected (key j at most i + m - n)."""
+        parts = self.parts(n, m, causal)
+        return [part.causal(m - n) for part in parts] if causal else parts
+
+    def exact_pattern(self, n: int, causal: bool) -> Pattern:
+        """The pairs scored exactly, over the call's own keys (pooled keys come on top)."""
+        return union(self.engine_parts(n, n, causal))
+
+    def _forward_torch(self, q, k, v, causal, key_padding_mask, scale):
+        n, m = q.shape[3], k.shape[2]
+        results = [part_attention(part, q, k, v, key_padding_mask, scale,
+                                  self._part_key(part.name, causal))
+                   for part in self.engine_parts(n, m, causal)]
+        return results[0][0] if len(results) == 1 else merge_partial_attentions(results)[0]
+
+    def _forward_triton(self, q, k, v, causal, key_padding_mask, scale):
+        n, m = q.shape[3], k.shape[2]
+        parts = self.engine_parts(n, m, causal)
+        results = [self.triton_attention(q, k, v, "pattern", union(parts), causal,
+                                         key_padding_mask, scale, reach=union_reach(parts))]
+        for part in parts:
+            if part.pool is None:
+                continue
+            # Pooled keys are built in float32 and read by the kernel in q's dtype.
+            pooled = part.pool.build(k.float(), v.float(), key_padding_mask)
+            results.append(self.triton_attention(
+                q, pooled.k.to(q.dtype), pooled.v.to(q.dtype), part.name, part.pattern, causal,
+                pooled.real, scale, key_bias=pooled.bias, reach=part.reach))
+        if len(results) == 1:
+            return results[0][0]
+        return merge_partial_attentions([(out.float(), lse) for out, lse in results])[0]
 
 
 def _triton_refusal(device: torch.device, dtype: torch.dtype, dim: int) -> Exception | None:

@@ -6,7 +6,7 @@ GPU targets by Triton's compiler and its bundled ptxas, on a machine without a G
     python -m attn_zoo.kernels.compile_check --archs 90 --out /tmp/check
     python -m attn_zoo.kernels.compile_check --tune            # re-derive the config tables
 
-A case is one call of a public kernel entry point (`block_sparse_attention`, `lsh_attention`,
+A case is one call of a public kernel entry point (`layout_attention`, `lsh_attention`,
 `routing_attention`), forward and backward, on small CPU tensors inside `launch.capture(arch)`:
 the launchers choose the configuration a GPU of that architecture gets and record every kernel
 launch with its real arguments. Each distinct launch (kernel, signature, specialization,
@@ -147,7 +147,7 @@ def _matmul_precision(precision: str) -> Iterator[None]:
 
 def capture_case(case: Case) -> list[Launch]:
     """The launches of `case`'s forward and backward call, as its architecture runs them."""
-    from attn_zoo.kernels.block_sparse import block_sparse_attention, tile_config
+    from attn_zoo.kernels.block_sparse import layout_attention, tile_config
     from attn_zoo.kernels.bucket import lsh_attention, routing_attention
     from attn_zoo.kernels.layout import build_layout
 
@@ -162,7 +162,7 @@ def capture_case(case: Case) -> list[Launch]:
             k, v = (torch.zeros(1, 2, n, dim, dtype=dtype, requires_grad=True) for _ in "kv")
             bias = (torch.zeros(1, n, requires_grad="grad" in case.flags)
                     if "bias" in case.flags else None)
-            out, lse = block_sparse_attention(q, k, v, layout, scale=dim**-0.5,
+            out, lse = layout_attention(q, k, v, layout, scale=dim**-0.5,
                                               key_padding_mask=pad, key_bias=bias)
             inputs = [q, k, v] + ([bias] if bias is not None and bias.requires_grad else [])
         else:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from attn_zoo.blocksparse import Pattern
+from attn_zoo.patterns import Pattern, Reach
 
 CHUNK_ELEMENTS = 1 << 24
 """Pattern evaluations per chunk of query tiles: bounds the builder's working memory."""
@@ -101,32 +101,39 @@ def _pad_columns(rows: list[Tensor], width: int, value: int) -> Tensor:
 @torch.compiler.disable  # data-dependent host work: a graph break when first met in a trace
 def build_layout(pattern: Pattern, n: int, m: int, block_m: int, block_n: int,
                  device: torch.device | str | None = None,
-                 chunk_elements: int = CHUNK_ELEMENTS) -> BlockLayout:
+                 chunk_elements: int = CHUNK_ELEMENTS, reach: Reach | None = None) -> BlockLayout:
     """The `BlockLayout` of `pattern` over n queries and m keys; see the module docstring.
 
     Empty tiles are dropped; a query tile with none has kv_count 0 (its rows get out = 0).
+    reach: the key range each query may reach (`attn_zoo.patterns.Reach`), or None (every
+    key): only the key tiles inside it are evaluated, so a band costs O(N * width), not
+    O(N * M).
     """
     for label, value in (("n", n), ("m", m), ("block_m", block_m), ("block_n", block_n)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{label} must be an int >= 1, got {value!r}")
     device = torch.device("cpu" if device is None else device)
     n_query_tiles, n_key_tiles = -(-n // block_m), -(-m // block_n)
-    keys = torch.arange(n_key_tiles * block_n, device=device)
-    key_in_range = keys < m
-    step = max(1, chunk_elements // (block_m * keys.numel()))
+    first, last = _reached_tiles(reach, n, m, block_m, block_n, device)
+    widest = max(1, int((last - first + 1).max()))
+    step = max(1, chunk_elements // (block_m * widest * block_n))
     mask_ids: dict[bytes, int] = {}
     masks: list[Tensor] = []
     index_rows, mask_rows, count_rows = [], [], []
     pairs = 0
     for t0 in range(0, n_query_tiles, step):
         t1 = min(t0 + step, n_query_tiles)
+        # Key tiles k0 .. k1 - 1 hold every key this chunk's rows reach.
+        k0 = min(int(first[t0:t1].min()), n_key_tiles - 1)
+        k1 = max(k0 + 1, int(last[t0:t1].max()) + 1)
+        keys = torch.arange(k0 * block_n, k1 * block_n, device=device)
         rows = torch.arange(t0 * block_m, t1 * block_m, device=device)
-        in_range = (rows < n)[:, None] & key_in_range
+        in_range = (rows < n)[:, None] & (keys < m)
         allowed = pattern(rows[:, None], keys[None, :]).expand_as(in_range) & in_range
         pairs += int(allowed.sum())
         # (tiles of this chunk, key tiles, block_m, block_n)
-        tiles = allowed.view(t1 - t0, block_m, n_key_tiles, block_n).transpose(1, 2)
-        in_tiles = in_range.view(t1 - t0, block_m, n_key_tiles, block_n).transpose(1, 2)
+        tiles = allowed.view(t1 - t0, block_m, k1 - k0, block_n).transpose(1, 2)
+        in_tiles = in_range.view(t1 - t0, block_m, k1 - k0, block_n).transpose(1, 2)
         visited = tiles.any(3).any(2)
         full = (tiles | ~in_tiles).all(3).all(2)
         partial = visited & ~full
@@ -147,7 +154,7 @@ def build_layout(pattern: Pattern, n: int, m: int, block_m: int, block_n: int,
         # A stable sort of "not visited" flags lists the visited tiles first, in order.
         order = torch.sort((~visited).to(torch.uint8), dim=1, stable=True).indices[:, :width]
         listed = torch.arange(width, device=device) < counts[:, None]
-        index_rows.append(torch.where(listed, order, 0).to(torch.int32))
+        index_rows.append(torch.where(listed, order + k0, 0).to(torch.int32))
         mask_rows.append(torch.where(listed, tile_mask.gather(1, order), FULL))
         count_rows.append(counts.to(torch.int32))
     width = max(row.shape[1] for row in index_rows)
@@ -159,6 +166,22 @@ def build_layout(pattern: Pattern, n: int, m: int, block_m: int, block_n: int,
         masks.append(torch.zeros(block_m, block_n, dtype=torch.uint8, device=device))
     return BlockLayout(n, m, block_m, block_n, kv_index, kv_count, kv_mask, q_index, q_count,
                        q_mask, torch.stack(masks).contiguous(), pairs)
+
+
+def _reached_tiles(reach: Reach | None, n: int, m: int, block_m: int, block_n: int,
+                   device: torch.device) -> tuple[Tensor, Tensor]:
+    """First and last key tile each query tile may reach: (ceil(n / block_m),) long each
+    (last < first: none)."""
+    n_query_tiles, n_key_tiles = -(-n // block_m), -(-m // block_n)
+    if reach is None:
+        return (torch.zeros(n_query_tiles, dtype=torch.long, device=device),
+                torch.full((n_query_tiles,), n_key_tiles - 1, device=device))
+    rows = torch.arange(n_query_tiles * block_m, device=device).clamp_max(n - 1)
+    first, last = reach(rows)
+    first, last = first.clamp(0, m), last.clamp(-1, m - 1)
+    first = torch.where(last < first, m, first).view(n_query_tiles, block_m).amin(1)
+    last = last.view(n_query_tiles, block_m).amax(1)
+    return first // block_n, last.div(block_n, rounding_mode="floor")
 
 
 def _transpose(kv_index: Tensor, kv_count: Tensor, kv_mask: Tensor,
@@ -185,8 +208,8 @@ _CACHE: OrderedDict[tuple, BlockLayout] = OrderedDict()
 
 
 def cached_layout(key: Hashable, pattern: Pattern, n: int, m: int, block_m: int, block_n: int,
-                  device: torch.device | str) -> BlockLayout:
-    """`build_layout(pattern, ...)`, built once per (key, n, m, tiles, device).
+                  device: torch.device | str, reach: Reach | None = None) -> BlockLayout:
+    """`build_layout(pattern, ..., reach=reach)`, built once per (key, n, m, tiles, device).
 
     key: identifies the pattern, e.g. (variant name, its parameters, causal, which part);
     two patterns given the same key must allow the same pairs.
@@ -197,7 +220,8 @@ def cached_layout(key: Hashable, pattern: Pattern, n: int, m: int, block_m: int,
     full_key = (key, n, m, block_m, block_n, device)
     layout = _CACHE.get(full_key)
     if layout is None:
-        layout = _CACHE[full_key] = build_layout(pattern, n, m, block_m, block_n, device)
+        layout = _CACHE[full_key] = build_layout(pattern, n, m, block_m, block_n, device,
+                                                 reach=reach)
         while len(_CACHE) > CACHE_SIZE:
             _CACHE.popitem(last=False)
     _CACHE.move_to_end(full_key)

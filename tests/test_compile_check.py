@@ -18,7 +18,7 @@ import pytest
 import torch
 from attn_zoo.kernels import block_sparse, bucket
 from attn_zoo.kernels import compile_check as check
-from attn_zoo.kernels.block_sparse import block_sparse_attention, tile_config
+from attn_zoo.kernels.block_sparse import layout_attention, tile_config
 from attn_zoo.kernels.bucket import lsh_attention
 from attn_zoo.kernels.launch import (
     ARCH_FAMILIES,
@@ -41,7 +41,7 @@ def test_capture_configures_for_the_arch_and_records_instead_of_running():
         assert target_arch(torch.device("cpu")) == 90
         tiles = tile_config(q.dtype, 64, q.device)
         layout = build_layout(lambda i, j: j <= i, 40, 40, tiles.block_m, tiles.block_n)
-        block_sparse_attention(q, k, v, layout, scale=0.125)
+        layout_attention(q, k, v, layout, scale=0.125)
     assert tiles == block_sparse.CONFIGS[90, "16bit"][64]
     assert [launch.kernel.fn.__name__ for launch in launches] == ["_forward_kernel"]
     launch = launches[0]
@@ -61,7 +61,7 @@ def test_every_configuration_table_entry_is_in_the_check_matrix():
 
 
 def _block_sparse_call(q, k, v, layout):
-    out, lse = block_sparse_attention(q, k, v, layout, scale=0.125)
+    out, lse = layout_attention(q, k, v, layout, scale=0.125)
     return torch.autograd.grad((out, lse), (q, k, v), (torch.ones_like(out),
                                                        torch.ones_like(lse)))
 

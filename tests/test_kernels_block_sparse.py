@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from attn_zoo.kernels.block_sparse import block_sparse_attention, tile_config
+from attn_zoo.kernels.block_sparse import layout_attention, tile_config
 from attn_zoo.kernels.launch import capture
 from attn_zoo.kernels.layout import build_layout, cached_layout
 from conftest import qkv, variant_id
@@ -81,7 +81,7 @@ def test_kernel_matches_dense_reference(pad, bias, dtype):
     key_bias = random(batch, m, seed=4) if bias else None
     inputs = [q, k, v] + ([key_bias] if bias else [])
     scale = 0.3
-    out, lse = block_sparse_attention(q, k, v, layout, scale=scale, key_padding_mask=real,
+    out, lse = layout_attention(q, k, v, layout, scale=scale, key_padding_mask=real,
                                       key_bias=key_bias)
     assert out.dtype == dtype and lse.dtype == torch.float32 and out.shape == q.shape
     allowed = pattern(torch.arange(n)[:, None], torch.arange(m))
@@ -104,7 +104,7 @@ def test_rows_without_keys_are_zero_with_finite_gradients():
     q, k, v = random(1, 1, 1, n, dim), random(1, 1, n, dim, seed=1), random(1, 1, n, dim, seed=2)
     real = torch.zeros(1, n, dtype=torch.bool, device=DEVICE)
     real[:, 10:15] = True  # rows 20..29 see padded keys only, rows 30.. see real ones
-    out, lse = block_sparse_attention(q, k, v, layout, scale=0.25, key_padding_mask=real)
+    out, lse = layout_attention(q, k, v, layout, scale=0.25, key_padding_mask=real)
     empty = torch.arange(n) < 30
     assert torch.all(out[0, 0, 0, empty.to(DEVICE)] == 0)
     assert torch.all(lse[0, 0, 0, empty.to(DEVICE)] == float("-inf"))
@@ -174,7 +174,7 @@ def test_custom_op_traces_under_torch_compile():
     key_bias = random(1, n, seed=3)
 
     def loss(q, k, v, key_bias):
-        out, lse = block_sparse_attention(q, k, v, layout, scale=0.5, key_bias=key_bias)
+        out, lse = layout_attention(q, k, v, layout, scale=0.5, key_bias=key_bias)
         return out.square().sum() + lse.sum()
 
     expected = torch.autograd.grad(loss(q, k, v, key_bias), (q, k, v, key_bias))
@@ -242,3 +242,39 @@ def test_an_architecture_without_a_checked_config_is_refused_by_name():
     with capture(75), pytest.raises(ValueError, match="no checked configuration for compute "
                                                       "capability 7.5"):
         attn_zoo.build("local", backend="triton")(q, k, v)
+
+
+def test_kernel_keeps_out_of_pattern_inf_and_nan_out_of_rows_and_gradients():
+    """local(window=4), causal: key 63 holds NaN in v and inf in k; row 63 alone sees it, so
+    rows 0..62 (and the gradients of every key row 63 does not see) equal a finite run."""
+    q, k, v = (x.to(DEVICE).requires_grad_() for x in qkv(batch=1, q_heads=2, kv_heads=1,
+                                                           n=64, dim=16))
+    bad_k, bad_v = k.detach().clone(), v.detach().clone()
+    bad_k[..., 63, :], bad_v[..., 63, :] = float("inf"), float("nan")
+    bad_k.requires_grad_(), bad_v.requires_grad_()
+    attn = attn_zoo.build("local", window=4, backend="triton")
+    out = attn(q, bad_k, bad_v, causal=True)
+    expected = attn(q, k, v, causal=True)
+    assert out[:, :, 63].isnan().all()
+    assert_close(out[:, :, :63], expected[:, :, :63], torch.float32)
+    got = torch.autograd.grad(out[:, :, :50].sum(), (q, bad_k, bad_v))
+    finite = torch.autograd.grad(expected[:, :, :50].sum(), (q, k, v))
+    for grad, reference in zip(got, finite, strict=True):
+        assert_close(grad[..., :59, :], reference[..., :59, :], torch.float32)
+
+
+@pytest.mark.parametrize(("name", "causal"), CASES, ids=[variant_id(case) for case in CASES])
+def test_triton_backend_keeps_non_finite_keys_to_the_rows_that_see_them(name, causal):
+    """NaN in one key's value changes only the rows whose output depends on that key (found
+    by giving it two finite values); the others stay finite and unchanged."""
+    attn = attn_zoo.build(name, backend="triton", **SMALL[name])
+    q, k, v = (x.to(DEVICE) for x in qkv(batch=1, q_heads=2, kv_heads=1, n=40, dim=16))
+    other, bad = v.clone(), v.clone()
+    other[..., 39, :] += 3.0
+    bad[..., 39, :] = float("nan")
+    with torch.no_grad():
+        base = attn(q, k, v, causal=causal)
+        reached = (base - attn(q, k, other, causal=causal)).abs().amax(-1) > 0
+        out = attn(q, k, bad, causal=causal)
+    assert out[~reached].isfinite().all()
+    assert_close(out[~reached], base[~reached], torch.float32)

@@ -15,15 +15,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from attn_zoo.attention import Attention
-from attn_zoo.blocksparse import (
-    Pattern,
-    block_sparse_attention,
-    layout_key_blocks,
-    span_key_blocks,
-)
+from attn_zoo.attention import Attention, PatternAttention
 from attn_zoo.cache import GrowingCache, attend, register_cache
 from attn_zoo.params import Params, at_most, require
+from attn_zoo.patterns import Part, Pattern, and_, causal_pattern, not_, queries_before
 from attn_zoo.registry import register
 
 MAX_BLOCK = 1024
@@ -79,24 +74,30 @@ def bigbird_layout(n: int, block: int, window_blocks: int, n_global_blocks: int,
 
 
 def layout_pattern(layout: Tensor, block: int, causal: bool) -> Pattern:
-    """Pairs whose blocks the layout allows; causal keeps j <= i. Positions outside the
-    layout (the engine's padding slots, masked anyway) are clamped into it."""
+    """Pairs whose blocks the layout allows; causal keeps j <= i (the decoding cache's form)."""
+    pattern = block_layout(layout, block)
+    return and_(pattern, causal_pattern()) if causal else pattern
+
+
+def block_layout(layout: Tensor, block: int) -> Pattern:
+    """Pairs whose blocks the layout allows. Positions outside the layout (an engine's
+    padding, masked anyway) are clamped into it."""
     last = layout.shape[0] - 1
 
     def allowed(i: Tensor, j: Tensor) -> Tensor:
-        pairs = layout[(i // block).clamp(0, last), (j // block).clamp(0, last)]
-        return pairs & (j <= i) if causal else pairs
+        blocks = layout.to(i.device)
+        return blocks[(i // block).clamp(0, last), (j // block).clamp(0, last)]
 
     return allowed
 
 
 @register("bigbird")
-class BigBirdAttention(Attention):
+class BigBirdAttention(PatternAttention):
     """Block-sparse attention over the BigBird layout.
 
     Non-global query blocks visit window_blocks + n_global_blocks + n_random key blocks
-    (O(N * block) work and memory); the global rows, which see every key, run apart so the
-    others' key-block table stays that narrow.
+    (O(N * block) work and memory); the global rows, which see every key, are a part apart
+    so the others' key-block table stays that narrow.
     """
 
     Params = BigBirdParams
@@ -112,31 +113,21 @@ class BigBirdAttention(Attention):
         return bigbird_layout(n, p.block, p.window_blocks, p.n_global_blocks, p.n_random,
                               p.seed, causal)
 
-    def pattern(self, n: int, causal: bool) -> Pattern:
-        return layout_pattern(self._layout(n, causal), self.params.block, causal)
+    def parts(self, n: int, m: int, causal: bool) -> list[Part]:
+        block, layout = self.params.block, self._layout(n, causal)
+        pattern = block_layout(layout, block)
+        n_global = min(self.params.n_global_blocks, layout.shape[0])
+        if n_global == 0:
+            return [Part("layout", pattern, None, block, blocks=layout)]
+        rows = torch.arange(layout.shape[0])[:, None] >= n_global
+        global_rows = queries_before(n_global * block)
+        return [Part("layout", and_(pattern, not_(global_rows)), None, block,
+                     blocks=layout & rows),
+                Part("global_rows", and_(pattern, global_rows), None, block,
+                     blocks=layout & ~rows)]
 
-    def _forward_torch(self, q, k, v, causal, key_padding_mask, scale):
-        n, block = q.shape[3], self.params.block
-        layout = self._layout(n, causal).to(q.device)
-        allowed = layout_pattern(layout, block, causal)
-        n_global_blocks = min(self.params.n_global_blocks, layout.shape[0])
-        # Global rows, full rows of the layout, are left out here and computed below.
-        non_global = layout.clone()
-        non_global[:n_global_blocks] = False
-        key_blocks = layout_key_blocks(non_global)
-        out, _ = block_sparse_attention(q, k, v, key_blocks, allowed, block=block, scale=scale,
-                                        key_padding_mask=key_padding_mask)
-        if n_global_blocks == 0:
-            return out
-        global_blocks = torch.arange(n_global_blocks, device=q.device)
-        last = torch.full_like(global_blocks, layout.shape[0] - 1)
-        key_blocks = span_key_blocks(torch.zeros_like(global_blocks),
-                                     global_blocks if causal else last)
-        n_rows = min(n, n_global_blocks * block)
-        rows, _ = block_sparse_attention(q[:, :, :, :n_rows], k, v, key_blocks, allowed,
-                                         block=block, scale=scale,
-                                         key_padding_mask=key_padding_mask)
-        return torch.cat([rows, out[:, :, :, n_rows:]], dim=3)
+    def pattern(self, n: int, causal: bool) -> Pattern:
+        return self.exact_pattern(n, causal)
 
     def scored_pairs(self, n: int, causal: bool) -> int:
         block = self.params.block

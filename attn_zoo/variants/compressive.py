@@ -25,16 +25,10 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from attn_zoo.attention import Attention
-from attn_zoo.blocksparse import (
-    Pattern,
-    block_sparse_attention,
-    merge_partial_attentions,
-    span_key_blocks,
-    tile_block,
-)
+from attn_zoo.attention import Attention, PatternAttention
 from attn_zoo.cache import RingCache, register_cache, split_at_multiples
 from attn_zoo.params import Params, require
+from attn_zoo.patterns import Part, Pattern, Pool, Pooled, and_, causal_pattern
 from attn_zoo.registry import register
 
 
@@ -63,11 +57,12 @@ class CompressiveParams(Params):
 
 def compressive_exact_pattern(segment: int, mem_len: int) -> Pattern:
     """Pairs (i, j) scored exactly: i's segment up to i and the mem_len keys before it."""
+    return and_(segment_and_memory(segment, mem_len), causal_pattern())
 
-    def allowed(i: Tensor, j: Tensor) -> Tensor:
-        return (j <= i) & (j >= i // segment * segment - mem_len)
 
-    return allowed
+def segment_and_memory(segment: int, mem_len: int) -> Pattern:
+    """j >= start(i) - mem_len, start(i) = i // segment * segment (causality comes on top)."""
+    return lambda i, j: j >= i // segment * segment - mem_len
 
 
 def compressive_pooled_end(segment: int, mem_len: int, rate: int) -> Callable[[Tensor], Tensor]:
@@ -82,22 +77,10 @@ def compressive_pooled_end(segment: int, mem_len: int, rate: int) -> Callable[[T
     return end
 
 
-def compressive_pooled_pattern(segment: int, mem_len: int, cmem_len: int, rate: int) -> Pattern:
-    """Pairs (i, g) of a query and a compressed group: the newest cmem_len groups before
-    i's raw memory."""
-    end = compressive_pooled_end(segment, mem_len, rate)
-
-    def allowed(i: Tensor, groups: Tensor) -> Tensor:
-        last = end(i)
-        return (groups < last) & (groups >= last - cmem_len)
-
-    return allowed
-
-
 @register("compressive")
-class CompressiveAttention(Attention):
-    """Segment and raw memory through the block-sparse engine, plus the N / rate compressed
-    keys as a second engine call, merged by log-sum-exp.
+class CompressiveAttention(PatternAttention):
+    """Segment and raw memory, plus the N / rate compressed keys as a second part, merged by
+    log-sum-exp.
 
     Work O(N * (mem_len + segment + cmem_len)), the pattern's own count; memory O(N * D)
     plus one chunk of tiles.
@@ -114,10 +97,6 @@ class CompressiveAttention(Attention):
             rate = self.params.rate
             self.key_conv = nn.Parameter(torch.full((rate,), 1.0 / rate))
             self.value_conv = nn.Parameter(torch.full((rate,), 1.0 / rate))
-
-    def exact_pattern(self, n: int, causal: bool) -> Pattern:
-        """The exactly scored pairs (the compressed memory comes on top)."""
-        return compressive_exact_pattern(self.params.segment, self.params.mem_len)
 
     def pool_groups(self, x: Tensor, real: Tensor | None, weight: Tensor | None) -> Tensor:
         """The complete groups of `rate` rows of x pooled: (B, H, N, D) -> (B, H, N // rate, D).
@@ -142,68 +121,43 @@ class CompressiveAttention(Attention):
             return torch.where(counts > 0, groups.amax(3), 0.0)
         return groups.sum(3) / counts.clamp_min(1)
 
-    def _forward_torch(self, q, k, v, causal, key_padding_mask, scale):
-        n = q.shape[3]
+    def parts(self, n: int, m: int, causal: bool) -> list[Part]:
         segment, mem_len = self.params.segment, self.params.mem_len
         cmem_len, rate = self.params.cmem_len, self.params.rate
-        parts = [self._segment_and_memory(q, k, v, key_padding_mask, scale)]
-        last_start = (n - 1) // segment * segment
-        if cmem_len and last_start - mem_len >= rate:  # some query has a compressed key
-            conv = self.params.compress == "conv"
-            pooled_k = self.pool_groups(k, key_padding_mask, self.key_conv if conv else None)
-            pooled_v = self.pool_groups(v, key_padding_mask, self.value_conv if conv else None)
-            real = None
-            if key_padding_mask is not None:
-                real = key_padding_mask[:, :pooled_k.shape[2] * rate].unflatten(
-                    1, (-1, rate)).any(2)
+
+        def memory(i: Tensor) -> tuple[Tensor, Tensor]:
+            start = i // segment * segment
+            return start - mem_len, start + segment - 1
+
+        parts = [Part("memory", segment_and_memory(segment, mem_len), memory, segment)]
+        if cmem_len and (n - 1) // segment * segment - mem_len >= rate:  # a compressed key
+            end = compressive_pooled_end(segment, mem_len, rate)
+
+            def newest(i: Tensor, groups: Tensor) -> Tensor:
+                last = end(i)
+                return (groups < last) & (groups >= last - cmem_len)
+
+            def compressed(i: Tensor) -> tuple[Tensor, Tensor]:
+                last = end(i)
+                return last - cmem_len, last - 1
+
+            pool = Pool(self._pool, lambda groups: groups * rate + rate - 1)
             # The groups a query sees move by segment // rate from one segment to the next:
             # tiles of that size (or of cmem_len, if smaller) cover them without waste.
-            tile = tile_block(min(cmem_len, segment // rate))
-            first_row = torch.arange(0, n, tile, device=q.device)
-            last_row = (first_row + tile - 1).clamp_max(n - 1)
-            end = compressive_pooled_end(segment, mem_len, rate)
-            first = (end(first_row) - cmem_len).clamp_min(0)
-            last = (end(last_row) - 1).div(tile, rounding_mode="floor")
-            key_blocks = span_key_blocks(first // tile, last)
-            parts.append(block_sparse_attention(
-                q, pooled_k, pooled_v, key_blocks,
-                compressive_pooled_pattern(segment, mem_len, cmem_len, rate), block=tile,
-                scale=scale, key_padding_mask=real,
-            ))
-        return merge_partial_attentions(parts)[0]
+            parts.append(Part("compressed", newest, compressed, min(cmem_len, segment // rate),
+                              pool=pool))
+        return parts
 
-    def _forward_triton(self, q, k, v, causal, key_padding_mask, scale):
-        n = q.shape[3]
-        segment, mem_len = self.params.segment, self.params.mem_len
-        cmem_len, rate = self.params.cmem_len, self.params.rate
-        parts = [self.triton_attention(q, k, v, "exact", self.exact_pattern(n, True), True,
-                                       key_padding_mask, scale)]
-        if cmem_len and (n - 1) // segment * segment - mem_len >= rate:
-            conv = self.params.compress == "conv"
-            pooled_k = self.pool_groups(k.float(), key_padding_mask,
-                                        self.key_conv if conv else None)
-            pooled_v = self.pool_groups(v.float(), key_padding_mask,
-                                        self.value_conv if conv else None)
-            real = None
-            if key_padding_mask is not None:
-                real = key_padding_mask[:, :pooled_k.shape[2] * rate].unflatten(
-                    1, (-1, rate)).any(2)
-            parts.append(self.triton_attention(
-                q, pooled_k.to(q.dtype), pooled_v.to(q.dtype), "pooled",
-                compressive_pooled_pattern(segment, mem_len, cmem_len, rate), True, real, scale,
-            ))
-        return merge_partial_attentions([(out.float(), lse) for out, lse in parts])[0]
-
-    def _segment_and_memory(self, q, k, v, key_padding_mask, scale) -> tuple[Tensor, Tensor]:
-        """Keys start - mem_len ... i of every query: (out, lse) like the engine."""
-        n, segment, mem_len = q.shape[3], self.params.segment, self.params.mem_len
-        tile = tile_block(segment)
-        first_row = torch.arange(0, n, tile, device=q.device)
-        last_row = (first_row + tile - 1).clamp_max(n - 1)
-        first_key = (first_row // segment * segment - mem_len).clamp_min(0)
-        key_blocks = span_key_blocks(first_key // tile, last_row // tile)
-        return block_sparse_attention(q, k, v, key_blocks, self.exact_pattern(n, True),
-                                      block=tile, scale=scale, key_padding_mask=key_padding_mask)
+    def _pool(self, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> Pooled:
+        """The compressed memory: every complete group of k and v pooled, and whether each
+        holds a real key."""
+        rate, conv = self.params.rate, self.params.compress == "conv"
+        pooled_k = self.pool_groups(k, key_padding_mask, self.key_conv if conv else None)
+        pooled_v = self.pool_groups(v, key_padding_mask, self.value_conv if conv else None)
+        real = None
+        if key_padding_mask is not None:
+            real = key_padding_mask[:, :pooled_k.shape[2] * rate].unflatten(1, (-1, rate)).any(2)
+        return Pooled(pooled_k, pooled_v, None, real)
 
     def scored_pairs(self, n: int, causal: bool) -> int:
         segment, mem_len = self.params.segment, self.params.mem_len

@@ -19,16 +19,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attn_zoo.attention import Attention
-from attn_zoo.blocksparse import (
-    Pattern,
-    block_sparse_attention,
-    merge_partial_attentions,
-    span_key_blocks,
-    tile_block,
-)
+from attn_zoo.attention import Attention, PatternAttention
 from attn_zoo.cache import RingCache, register_cache, split_at_multiples
 from attn_zoo.params import Params, require
+from attn_zoo.patterns import (
+    Part,
+    Pattern,
+    Pool,
+    Pooled,
+    and_,
+    block_band,
+    causal_pattern,
+    every_key,
+)
 from attn_zoo.registry import register
 
 
@@ -47,25 +50,10 @@ class HierarchicalParams(Params):
 
 
 def hierarchical_exact_pattern(block: int, window_blocks: int, causal: bool) -> Pattern:
-    """Pairs (i, j) scored exactly: j in a block within `window_blocks` of i's block."""
-
-    def allowed(i: Tensor, j: Tensor) -> Tensor:
-        offset = i // block - j // block
-        if causal:
-            return (offset <= window_blocks) & (j <= i)
-        return offset.abs() <= window_blocks
-
-    return allowed
-
-
-def hierarchical_pooled_pattern(block: int, window_blocks: int, causal: bool) -> Pattern:
-    """Pairs (i, J) of a query and a pooled block J: the blocks outside i's window."""
-
-    def allowed(i: Tensor, blocks: Tensor) -> Tensor:
-        offset = i // block - blocks
-        return offset > window_blocks if causal else offset.abs() > window_blocks
-
-    return allowed
+    """Pairs (i, j) scored exactly: j in a block within `window_blocks` of i's block; causal
+    keeps j <= i (the decoding cache's form)."""
+    pattern = block_band(block, window_blocks)
+    return and_(pattern, causal_pattern()) if causal else pattern
 
 
 def block_means(x: Tensor, real: Tensor | None, block: int) -> tuple[Tensor, Tensor]:
@@ -87,9 +75,9 @@ def block_means(x: Tensor, real: Tensor | None, block: int) -> tuple[Tensor, Ten
 
 
 @register("hierarchical")
-class HierarchicalAttention(Attention):
-    """Window of blocks through the block-sparse engine, plus the N / block pooled keys as a
-    second engine call (their log(block_len) as a per-key score bias), merged by log-sum-exp.
+class HierarchicalAttention(PatternAttention):
+    """Window of blocks, plus the N / block pooled keys (their log(block_len) as a per-key
+    score bias) as a second part, merged by log-sum-exp.
 
     Work O(N * ((2 * window_blocks + 1) * block + N / block)), the pattern's own count;
     memory O(N * D) plus one chunk of tiles.
@@ -99,62 +87,30 @@ class HierarchicalAttention(Attention):
     backends = ("torch", "triton")
     pooled_keys = True
 
-    def exact_pattern(self, n: int, causal: bool) -> Pattern:
-        """The exactly scored pairs (the pooled keys come on top; see the module docstring)."""
-        return hierarchical_exact_pattern(self.params.block, self.params.window_blocks, causal)
+    def parts(self, n: int, m: int, causal: bool) -> list[Part]:
+        block, window_blocks = self.params.block, self.params.window_blocks
 
-    def _forward_torch(self, q, k, v, causal, key_padding_mask, scale):
-        n, block, window_blocks = q.shape[3], self.params.block, self.params.window_blocks
-        parts = [self._window(q, k, v, causal, key_padding_mask, scale)]
+        def window(i: Tensor) -> tuple[Tensor, Tensor]:
+            own = i // block
+            return (own - window_blocks) * block, (own + window_blocks + 1) * block - 1
+
+        def far(i: Tensor, pooled: Tensor) -> Tensor:  # pooled key J stands for block J
+            return (i // block - pooled).abs() > window_blocks
+
+        parts = [Part("window", block_band(block, window_blocks), window, block)]
         n_blocks = -(-n // block)
         if n_blocks - 1 > window_blocks:  # some query has a block outside its window
-            pooled_k, counts = block_means(k, key_padding_mask, block)
-            pooled_v, _ = block_means(v, key_padding_mask, block)
-            tile = tile_block(n_blocks)
-            query_blocks = torch.arange(-(-n // tile), device=q.device)
-            if causal:  # blocks before the window of the tile's last row
-                last_row = (query_blocks * tile + tile - 1).clamp_max(n - 1)
-                last = (last_row // block - window_blocks - 1).div(tile, rounding_mode="floor")
-            else:
-                last = torch.full_like(query_blocks, (n_blocks - 1) // tile)
-            key_blocks = span_key_blocks(torch.zeros_like(query_blocks), last)
-            parts.append(block_sparse_attention(
-                q, pooled_k, pooled_v, key_blocks,
-                hierarchical_pooled_pattern(block, window_blocks, causal), block=tile,
-                scale=scale, key_padding_mask=None if key_padding_mask is None else counts > 0,
-                key_bias=counts.clamp_min(1).log(),
-            ))
-        return merge_partial_attentions(parts)[0]
+            pool = Pool(self._pool, lambda pooled: pooled * block + block - 1)
+            parts.append(Part("pooled", far, every_key, n_blocks, pool=pool))
+        return parts
 
-    def _forward_triton(self, q, k, v, causal, key_padding_mask, scale):
-        n, block, window_blocks = q.shape[3], self.params.block, self.params.window_blocks
-        parts = [self.triton_attention(q, k, v, "exact", self.exact_pattern(n, causal), causal,
-                                       key_padding_mask, scale)]
-        if -(-n // block) - 1 > window_blocks:  # some query has a block outside its window
-            pooled_k, counts = block_means(k.float(), key_padding_mask, block)
-            pooled_v, _ = block_means(v.float(), key_padding_mask, block)
-            parts.append(self.triton_attention(
-                q, pooled_k.to(q.dtype), pooled_v.to(q.dtype), "pooled",
-                hierarchical_pooled_pattern(block, window_blocks, causal), causal,
-                None if key_padding_mask is None else counts > 0, scale,
-                key_bias=counts.clamp_min(1).log(),
-            ))
-        return merge_partial_attentions([(out.float(), lse) for out, lse in parts])[0]
-
-    def _window(self, q, k, v, causal, key_padding_mask, scale) -> tuple[Tensor, Tensor]:
-        """Keys of the blocks in the query's window: (out, lse) like the engine."""
-        n, block, window_blocks = q.shape[3], self.params.block, self.params.window_blocks
-        tile = tile_block(block)
-        first_row = torch.arange(0, n, tile, device=q.device)
-        last_row = (first_row + tile - 1).clamp_max(n - 1)
-        first_key = ((first_row // block - window_blocks) * block).clamp_min(0)
-        if causal:
-            last_key = last_row
-        else:
-            last_key = ((last_row // block + window_blocks + 1) * block).clamp_max(n) - 1
-        key_blocks = span_key_blocks(first_key // tile, last_key // tile)
-        return block_sparse_attention(q, k, v, key_blocks, self.exact_pattern(n, causal),
-                                      block=tile, scale=scale, key_padding_mask=key_padding_mask)
+    def _pool(self, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> Pooled:
+        """One key per block: the means of its real keys and values, scored + log(count)."""
+        block = self.params.block
+        pooled_k, counts = block_means(k, key_padding_mask, block)
+        pooled_v, _ = block_means(v, key_padding_mask, block)
+        return Pooled(pooled_k, pooled_v, counts.clamp_min(1).log(),
+                          None if key_padding_mask is None else counts > 0)
 
     def scored_pairs(self, n: int, causal: bool) -> int:
         block, window_blocks = self.params.block, self.params.window_blocks

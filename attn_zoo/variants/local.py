@@ -5,12 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from torch import Tensor
-
-from attn_zoo.attention import Attention
-from attn_zoo.blocksparse import Pattern, block_sparse_attention, window_key_blocks
+from attn_zoo.attention import Attention, PatternAttention
 from attn_zoo.cache import RingCache, register_cache
 from attn_zoo.params import Params, require
+from attn_zoo.patterns import Part, Pattern, and_, band, band_pairs, causal_pattern
 from attn_zoo.registry import register
 
 
@@ -27,39 +25,24 @@ class LocalParams(Params):
 
 
 def local_pattern(window: int, causal: bool) -> Pattern:
-    def allowed(i: Tensor, j: Tensor) -> Tensor:
-        offset = i - j
-        return (offset >= 0) & (offset <= window) if causal else offset.abs() <= window
-
-    return allowed
-
-
-def band_pairs(n: int, reach: int, causal: bool) -> int:
-    """Pairs with 0 <= i - j <= reach (causal) or |i - j| <= reach among n positions."""
-    head = min(n, reach + 1)
-    one_sided = head * (head + 1) // 2 + (n - head) * (reach + 1)
-    return one_sided if causal else 2 * one_sided - n
+    """The band abs(i - j) <= window; causal keeps j <= i (the decoding cache's form)."""
+    return and_(band(window), causal_pattern()) if causal else band(window)
 
 
 @register("local")
-class LocalAttention(Attention):
+class LocalAttention(PatternAttention):
     """Sliding window: memory O(N * window) through key blocks of the band only."""
 
     Params = LocalParams
     backends = ("torch", "flex", "triton")
     static_pattern = True
 
-    def pattern(self, n: int, causal: bool) -> Pattern:
-        return local_pattern(self.params.window, causal)
+    def parts(self, n: int, m: int, causal: bool) -> list[Part]:
+        window = self.params.window
+        return [Part("band", band(window), lambda i: (i - window, i + window), window)]
 
-    def _forward_torch(self, q, k, v, causal, key_padding_mask, scale):
-        n = q.shape[3]
-        block, key_blocks = window_key_blocks(n, self.params.window, causal, q.device)
-        out, _ = block_sparse_attention(
-            q, k, v, key_blocks, self.pattern(n, causal),
-            block=block, scale=scale, key_padding_mask=key_padding_mask,
-        )
-        return out
+    def pattern(self, n: int, causal: bool) -> Pattern:
+        return self.exact_pattern(n, causal)
 
     def scored_pairs(self, n: int, causal: bool) -> int:
         return band_pairs(n, self.params.window, causal)

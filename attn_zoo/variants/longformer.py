@@ -10,23 +10,24 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
 
-from attn_zoo.attention import Attention
-from attn_zoo.blocksparse import (
-    Pattern,
-    block_sparse_attention,
-    fold_residues,
-    merge_partial_attentions,
-    span_key_blocks,
-    tile_block,
-    unfold_residues,
-    window_key_blocks,
-)
+from attn_zoo.attention import Attention, PatternAttention
 from attn_zoo.cache import RingCache, register_cache
 from attn_zoo.params import Params, at_most, require
+from attn_zoo.patterns import (
+    Part,
+    Pattern,
+    and_,
+    band,
+    causal_pattern,
+    dilated_band,
+    keys_before,
+    not_,
+    or_,
+    queries_before,
+    rows_reach,
+)
 from attn_zoo.registry import register
-from attn_zoo.variants.local import local_pattern
 
 MAX_DILATION = 1024
 """Upper bound of `dilation`: the torch engine folds the sequence into `dilation` residue
@@ -49,24 +50,12 @@ class LongformerParams(Params):
         return {"window": 3, "dilation": 2, "n_global": 2}
 
 
-def dilated_band(window: int, dilation: int) -> Pattern:
-    """abs(i - j) <= window * dilation and (i - j) % dilation == 0 (both directions)."""
-
-    def allowed(i: Tensor, j: Tensor) -> Tensor:
-        offset = i - j
-        return (offset.abs() <= window * dilation) & (offset % dilation == 0)
-
-    return allowed
-
-
 def longformer_pattern(window: int, dilation: int, n_global: int, causal: bool) -> Pattern:
-    band = dilated_band(window, dilation)
-
-    def allowed(i: Tensor, j: Tensor) -> Tensor:
-        pairs = band(i, j) | (i < n_global) | (j < n_global)
-        return pairs & (j <= i) if causal else pairs
-
-    return allowed
+    """The dilated band, global rows and global keys; causal keeps j <= i (the decoding
+    cache's form)."""
+    pattern = or_(dilated_band(window, dilation), queries_before(n_global),
+                  keys_before(n_global))
+    return and_(pattern, causal_pattern()) if causal else pattern
 
 
 def longformer_pairs(n: int, window: int, dilation: int, n_global: int, causal: bool) -> int:
@@ -85,76 +74,37 @@ def longformer_pairs(n: int, window: int, dilation: int, n_global: int, causal: 
 
 
 @register("longformer")
-class LongformerAttention(Attention):
+class LongformerAttention(PatternAttention):
     """Dilated window + global tokens: O(N * (window + n_global)) work and memory.
 
     Each residue class mod `dilation` is an ordinary window over a strided subsequence,
     so a dilated band costs what an undilated one does. Keys j < n_global outside the band
-    are a second partial attention merged by log-sum-exp; the global rows i < n_global,
-    which see every key, run apart so the other rows' key-block tables stay narrow.
+    are a second part, the rest of the global rows i < n_global a third, merged by
+    log-sum-exp, so every part's key-block table stays narrow.
     """
 
     Params = LongformerParams
     backends = ("torch", "flex", "triton")
     static_pattern = True
 
+    def parts(self, n: int, m: int, causal: bool) -> list[Part]:
+        window, dilation = self.params.window, self.params.dilation
+        n_global = min(self.params.n_global, n)
+        # The band runs per residue class mod dilation, as an ordinary window.
+        parts = [Part("band", band(window), lambda a: (a - window, a + window), window,
+                      fold=dilation)]
+        if n_global:  # keys and rows j, i < n_global outside the band: disjoint parts
+            outside = not_(dilated_band(window, dilation))
+            parts.append(Part("global_keys", and_(keys_before(n_global), outside),
+                              lambda i: (torch.zeros_like(i), torch.full_like(i, n_global - 1)),
+                              n_global))
+            parts.append(Part("global_rows", and_(queries_before(n_global), outside,
+                                                  not_(keys_before(n_global))),
+                              rows_reach(n_global), n_global))
+        return parts
+
     def pattern(self, n: int, causal: bool) -> Pattern:
-        p = self.params
-        return longformer_pattern(p.window, p.dilation, p.n_global, causal)
-
-    def _forward_torch(self, q, k, v, causal, key_padding_mask, scale):
-        n, p = q.shape[3], self.params
-        n_global = min(p.n_global, n)
-        parts = [self._band(q, k, v, causal, key_padding_mask, scale)]
-        if n_global == 0:
-            return parts[0][0]
-        # Keys j < n_global outside the band: disjoint from it, so the merge is exact.
-        band = dilated_band(p.window, p.dilation)
-
-        def global_keys(i: Tensor, j: Tensor) -> Tensor:
-            pairs = (j < n_global) & ~band(i, j)
-            return pairs & (j <= i) if causal else pairs
-
-        block = tile_block(n_global)
-        query_blocks = torch.arange(-(-n // block), device=q.device)
-        last = torch.full_like(query_blocks, (n_global - 1) // block)
-        key_blocks = span_key_blocks(torch.zeros_like(query_blocks),
-                                     last.minimum(query_blocks) if causal else last)
-        parts.append(block_sparse_attention(q, k, v, key_blocks, global_keys, block=block,
-                                            scale=scale, key_padding_mask=key_padding_mask))
-        out = merge_partial_attentions(parts)[0]
-        rows = self._global_rows(q, k, v, n_global, causal, key_padding_mask, scale)
-        return torch.cat([rows, out[:, :, :, n_global:]], dim=3)
-
-    def _band(self, q, k, v, causal, key_padding_mask, scale) -> tuple[Tensor, Tensor]:
-        """The dilated band alone: (out (B, Hkv, G, N, D), lse (B, Hkv, G, N))."""
-        n, window, dilation = q.shape[3], self.params.window, self.params.dilation
-        if key_padding_mask is None and n % dilation:
-            key_padding_mask = torch.ones(q.shape[0], n, dtype=torch.bool, device=q.device)
-        real = None if key_padding_mask is None else fold_residues(key_padding_mask,
-                                                                   dilation, 1)
-        length = -(-n // dilation)
-        block, key_blocks = window_key_blocks(length, window, causal, q.device)
-        out, lse = block_sparse_attention(
-            fold_residues(q, dilation, 3), fold_residues(k, dilation, 2),
-            fold_residues(v, dilation, 2), key_blocks, local_pattern(window, causal),
-            block=block, scale=scale, key_padding_mask=real,
-        )
-        return unfold_residues(out, dilation, 3, n), unfold_residues(lse, dilation, 3, n)
-
-    def _global_rows(self, q, k, v, n_global, causal, key_padding_mask, scale) -> Tensor:
-        """Rows i < n_global, which see every key: (B, Hkv, G, n_global, D)."""
-        n = q.shape[3]
-        block = tile_block(n_global)
-        query_blocks = torch.arange(-(-n_global // block), device=q.device)
-        last = torch.full_like(query_blocks, -(-n // block) - 1)
-        key_blocks = span_key_blocks(torch.zeros_like(query_blocks),
-                                     last.minimum(query_blocks) if causal else last)
-        out, _ = block_sparse_attention(
-            q[:, :, :, :n_global], k, v, key_blocks, self.pattern(n, causal),
-            block=block, scale=scale, key_padding_mask=key_padding_mask,
-        )
-        return out
+        return self.exact_pattern(n, causal)
 
     def scored_pairs(self, n: int, causal: bool) -> int:
         p = self.params

@@ -24,8 +24,12 @@ from attn_zoo.attention import Attention
 from attn_zoo.blocksparse import (
     CHUNK_ELEMENTS,
     Workspace,
+    finite,
     masked_softmax_,
     merge_partial_attentions,
+    probs_times_values,
+    softmax_tiles,
+    tile_gradients,
 )
 from attn_zoo.cache import (
     GrowingCache,
@@ -36,6 +40,7 @@ from attn_zoo.cache import (
 )
 from attn_zoo.params import Params, at_most, require
 from attn_zoo.registry import register
+from attn_zoo.shared_qk import kv_rows, tie_ignored_keys
 
 MAX_HASHES = 64
 """Upper bound of `n_hashes`: every round is a full pass over the sequence (Reformer uses 1-8)."""
@@ -60,61 +65,6 @@ class LSHParams(Params):
 def n_buckets(n: int, bucket_size: int) -> int:
     """Buckets per round: an even number, about n / bucket_size, at least 2."""
     return max(2, 2 * math.ceil(n / (2 * bucket_size)))
-
-
-def masked_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor,
-                     scale: float) -> tuple[Tensor, Tensor]:
-    """Softmax attention of small gathered groups.
-
-    q: (..., R, D); k, v: (..., K, D); allowed: (..., R, K) bool. Returns out (..., R, D) and
-    lse (..., R); a row with no allowed key has out = 0 and lse = -inf, with finite gradients.
-    """
-    scores = (q * scale) @ k.transpose(-1, -2)
-    has_key = allowed.any(-1, keepdim=True)
-    # Empty rows get finite stand-in scores: a softmax of -inf alone is NaN, forward and back.
-    scores = torch.where(allowed, scores, torch.where(has_key, float("-inf"), 0.0))
-    lse = torch.logsumexp(scores, dim=-1).masked_fill(~has_key.squeeze(-1), float("-inf"))
-    return (torch.softmax(scores, dim=-1) @ v).masked_fill(~has_key, 0.0), lse
-
-
-class _ZeroGradient(torch.autograd.Function):
-    """Identity on `out` that gives `ignored` a zero gradient rather than none."""
-
-    @staticmethod
-    def forward(ctx, out: Tensor, ignored: Tensor) -> Tensor:
-        ctx.like = (ignored.shape, ignored.dtype, ignored.device)
-        return out.view_as(out)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor | None]:
-        shape, dtype, device = ctx.like
-        needed = ctx.needs_input_grad[1]
-        return grad, torch.zeros(shape, dtype=dtype, device=device) if needed else None
-
-
-def tie_ignored_keys(out: Tensor, k: Tensor) -> Tensor:
-    """`out` unchanged, with a zero gradient for the keys a shared-QK variant ignores.
-
-    Callers that train the key projection (and DDP without `find_unused_parameters`) expect a
-    gradient for every input; zero is the true one, and unlike `out + 0 * k` it stays finite
-    whatever k holds.
-    """
-    return _ZeroGradient.apply(out, k) if k.requires_grad else out
-
-
-def gather_rows(x: Tensor, rows: Tensor) -> Tensor:
-    """Rows of x (..., D) flattened to (rows, D) at the indices `rows` (*S): (*S, D).
-
-    `index_select`, whose backward adds whole rows, where advanced indexing's would expand
-    the indices to one per element.
-    """
-    return x.reshape(-1, x.shape[-1]).index_select(0, rows.flatten()).view(*rows.shape, -1)
-
-
-def kv_rows(batch: int, kv_heads: int, groups: int, n: int, device) -> Tensor:
-    """(B, H) row offsets into v flattened to (B * Hkv * N, D): query head h reads h // G."""
-    heads = torch.arange(kv_heads * groups, device=device) // groups
-    return (torch.arange(batch, device=device)[:, None] * kv_heads + heads) * n
 
 
 class _Groups:
@@ -150,12 +100,12 @@ class _Groups:
 
     def scores(self, work: Workspace, queries: Tensor, keys: Tensor, scale: float,
                g0: int, g1: int) -> tuple[Tensor, Tensor, Tensor]:
-        """Masked scores (G, W, Wk) of groups [g0, g1), disallowed = -inf, with the scaled
-        query tiles (G, W, D) and the key tiles (G, Wk, D) they came from."""
-        q = self.gather(work, "q", queries, self.q_rows[g0:g1]).mul_(scale)
+        """Masked scores (G, W, Wk) of groups [g0, g1), disallowed = -inf, with the query
+        tiles (G, W, D) and the key tiles (G, Wk, D) they came from."""
+        q = self.gather(work, "q", queries, self.q_rows[g0:g1])
         k = self.gather(work, "k", keys, self.k_rows[g0:g1])
-        scores = torch.bmm(q, k.transpose(1, 2),
-                           out=work("scores", g1 - g0, q.shape[1], k.shape[1]))
+        scores = work("scores", g1 - g0, q.shape[1], k.shape[1])
+        torch.baddbmm(scores, q, k.transpose(1, 2), beta=0.0, alpha=scale, out=scores)
         key_after = self.key_after[g0:g1, None, :]
         # Non-keys, and causal: later keys; both keep a query's own key, decided just below.
         limit = self.query_pos[g0:g1, :, None] if self.causal else self.n
@@ -167,8 +117,10 @@ class _Groups:
 
 
 class _SortedChunkAttention(torch.autograd.Function):
-    """Attention of every group's queries over its keys, chunk by chunk in reused buffers;
-    the backward pass recomputes the scores, so memory stays O(R * N * D) plus one chunk."""
+    """Attention of every group's queries over its keys, chunk by chunk in reused buffers,
+    through the block-sparse engine's tile steps (`softmax_tiles`, `probs_times_values`,
+    `tile_gradients`); the backward pass recomputes the scores, so memory stays
+    O(R * N * D) plus one chunk."""
 
     @staticmethod
     def forward(ctx, queries: Tensor, keys: Tensor, values: Tensor, groups: _Groups,
@@ -179,15 +131,13 @@ class _SortedChunkAttention(torch.autograd.Function):
         out = queries.new_zeros(n_rows, queries.shape[1])
         lse = queries.new_full((n_rows,), float("-inf"))
         work = Workspace(queries)
+        exact = not finite(values)
         for g0, g1 in groups.chunks():
             scores, _, _ = groups.scores(work, queries, keys, scale, g0, g1)
-            row_max = scores.amax(-1)
-            empty = row_max == float("-inf")
-            probs = masked_softmax_(scores, empty)
-            # p_ij = exp(s_ij - lse_i), so the row's largest p gives its lse.
-            tile_lse = (row_max - probs.amax(-1).log()).masked_fill_(empty, float("-inf"))
+            probs, tile_lse = softmax_tiles(scores)
             v = groups.gather(work, "v", values, groups.v_rows[g0:g1])
-            tile_out = torch.bmm(probs, v, out=work("out", *probs.shape[:2], v.shape[2]))
+            tile_out = probs_times_values(probs, v, work("out", *probs.shape[:2], v.shape[2]),
+                                          exact)
             rows = groups.out_rows[g0:g1].flatten()
             out.index_copy_(0, rows, tile_out.view(-1, v.shape[2]))
             lse.index_copy_(0, rows, tile_lse.flatten())
@@ -204,6 +154,7 @@ class _SortedChunkAttention(torch.autograd.Function):
         # d lse_i / d s_ij = p_ij, so the lse gradient shifts the softmax-backward term delta;
         # rows without keys have no probabilities, and a zero delta keeps them finite.
         delta = ((grad_out * out).sum(-1) - grad_lse).masked_fill_(lse == float("-inf"), 0.0)
+        exact = not (finite(values) and finite(delta))
         work = Workspace(queries)
         for g0, g1 in groups.chunks():
             scores, q, k = groups.scores(work, queries, keys, scale, g0, g1)
@@ -211,21 +162,14 @@ class _SortedChunkAttention(torch.autograd.Function):
             # A head's sentinels share one output row, but they all sit in its last group and
             # see the same keys, so they are empty alike.
             probs = masked_softmax_(scores, lse[rows] == float("-inf"))
-            tile_grad = groups.gather(work, "grad_out", grad_out, rows)
             v = groups.gather(work, "v", values, groups.v_rows[g0:g1])
+            tile_grad_q, tile_grad_k, tile_grad_v, _ = tile_gradients(
+                work, probs, groups.gather(work, "grad_out", grad_out, rows), q, k, v,
+                delta[rows], scale, exact)
             dim = v.shape[2]
-            key_tile = work("key_tile", *v.shape)
-            tile_grad_v = torch.bmm(probs.transpose(1, 2), tile_grad, out=key_tile)
             grad_v.index_add_(0, groups.v_rows[g0:g1].flatten(), tile_grad_v.view(-1, dim))
-            # grad_scores is d loss / d (scaled q . k): the scale goes onto the query side.
-            grad_scores = torch.bmm(tile_grad, v.transpose(1, 2),
-                                    out=work("grad_scores", *probs.shape))
-            grad_scores.sub_(delta[rows][..., None]).mul_(probs)
-            query_tile = torch.bmm(grad_scores, k, out=work("query_tile", *q.shape))
-            grad_q.index_add_(0, groups.q_rows[g0:g1].flatten(), query_tile.view(-1, dim),
-                              alpha=scale)
-            grad_k.index_add_(0, groups.k_rows[g0:g1].flatten(),
-                              torch.bmm(grad_scores.transpose(1, 2), q, out=key_tile).view(-1, dim))
+            grad_q.index_add_(0, groups.q_rows[g0:g1].flatten(), tile_grad_q.view(-1, dim))
+            grad_k.index_add_(0, groups.k_rows[g0:g1].flatten(), tile_grad_k.view(-1, dim))
         return grad_q, grad_k, grad_v, None, None, None
 
 

@@ -27,7 +27,7 @@ from attn_zoo.attention import Attention
 from attn_zoo.cache import GrowingCache, attend_selected, recent_in_group, register_cache
 from attn_zoo.params import Params, at_most, require
 from attn_zoo.registry import register
-from attn_zoo.variants.lsh import gather_rows, kv_rows, masked_attention, tie_ignored_keys
+from attn_zoo.shared_qk import gather_rows, kv_rows, masked_attention, tie_ignored_keys
 
 MAX_CLUSTERS = 4096
 """Upper bound of `n_clusters`: each head keeps that many centroids and scores every token

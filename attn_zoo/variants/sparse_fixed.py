@@ -13,16 +13,20 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from attn_zoo.attention import Attention
-from attn_zoo.blocksparse import (
-    Pattern,
-    block_sparse_attention,
-    merge_partial_attentions,
-    span_key_blocks,
-    tile_block,
-)
+from attn_zoo.attention import PatternAttention
 from attn_zoo.cache import PatternCache, register_cache
 from attn_zoo.params import Params, require
+from attn_zoo.patterns import (
+    Part,
+    Pattern,
+    Pool,
+    Pooled,
+    and_,
+    block_band,
+    causal_pattern,
+    every_key,
+    or_,
+)
 from attn_zoo.registry import register
 
 
@@ -42,17 +46,20 @@ class SparseFixedParams(Params):
 
 
 def fixed_pattern(stride: int, summary: int, causal: bool) -> Pattern:
-    def allowed(i: Tensor, j: Tensor) -> Tensor:
-        pairs = (i // stride == j // stride) | (j % stride >= stride - summary)
-        return pairs & (j <= i) if causal else pairs
+    """Own segment or a summary column; causal keeps j <= i (the decoding cache's form)."""
+    pattern = or_(block_band(stride, 0), summary_columns(stride, summary))
+    return and_(pattern, causal_pattern()) if causal else pattern
 
-    return allowed
+
+def summary_columns(stride: int, summary: int) -> Pattern:
+    """j % stride >= stride - summary: the last `summary` keys of every segment."""
+    return lambda i, j: j % stride >= stride - summary
 
 
 @register("sparse_fixed")
-class SparseFixedAttention(Attention):
-    """Own segment through the block-sparse engine, plus the summary columns of the other
-    segments as one compact key set (N / stride * summary keys) merged by log-sum-exp.
+class SparseFixedAttention(PatternAttention):
+    """Own segment, plus the summary columns of the other segments as one compact key set
+    (N / stride * summary keys) merged by log-sum-exp.
 
     Work O(N * (stride + N / stride * summary)), the pattern's own size; memory O(N * D)
     plus one chunk of tiles.
@@ -62,53 +69,43 @@ class SparseFixedAttention(Attention):
     backends = ("torch", "flex", "triton")
     static_pattern = True
 
-    def pattern(self, n: int, causal: bool) -> Pattern:
-        return fixed_pattern(self.params.stride, self.params.summary, causal)
+    def parts(self, n: int, m: int, causal: bool) -> list[Part]:
+        stride, summary = self.params.stride, self.params.summary
 
-    def _forward_torch(self, q, k, v, causal, key_padding_mask, scale):
-        n, stride, summary = q.shape[3], self.params.stride, self.params.summary
-        parts = [self._own_segment(q, k, v, causal, key_padding_mask, scale)]
+        def segment(i: Tensor) -> tuple[Tensor, Tensor]:
+            start = i // stride * stride
+            return start, start + stride - 1
+
+        parts = [Part("segment", block_band(stride, 0), segment, stride)]
         # Summary key c sits at position (c // summary) * stride + stride - summary + c % summary.
         n_summary = n // stride * summary + max(0, n % stride - (stride - summary))
         if n_summary:
-            index = torch.arange(n_summary, device=q.device)
-            positions = index // summary * stride + stride - summary + index % summary
+            def position(c: Tensor) -> Tensor:
+                return c // summary * stride + stride - summary + c % summary
+
+            def pool(k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> Pooled:
+                positions = position(torch.arange(n_summary, device=k.device))
+                real = None if key_padding_mask is None else key_padding_mask[:, positions]
+                return Pooled(k.index_select(2, positions), v.index_select(2, positions),
+                                  None, real)
 
             def other_segments(i: Tensor, c: Tensor) -> Tensor:
                 # Summary keys in i's own segment are already in the first part.
-                return c // summary < i // stride if causal else c // summary != i // stride
+                return c // summary != i // stride
 
-            block = tile_block(n_summary)
-            query_blocks = torch.arange(-(-n // block), device=q.device)
-            if causal:  # summary keys of the segments before the block's last row
-                last_row = (query_blocks * block + block - 1).clamp_max(n - 1)
-                last = (last_row // stride * summary - 1).div(block, rounding_mode="floor")
-            else:
-                last = torch.full_like(query_blocks, (n_summary - 1) // block)
-            key_blocks = span_key_blocks(torch.zeros_like(query_blocks), last)
-            real = None if key_padding_mask is None else key_padding_mask[:, positions]
-            parts.append(block_sparse_attention(
-                q, k.index_select(2, positions), v.index_select(2, positions), key_blocks,
-                other_segments, block=block, scale=scale, key_padding_mask=real,
-            ))
-        return merge_partial_attentions(parts)[0]
+            parts.append(Part("summary", other_segments, every_key, n_summary,
+                              pool=Pool(pool, position)))
+        return parts
 
-    def _own_segment(self, q, k, v, causal, key_padding_mask, scale) -> tuple[Tensor, Tensor]:
-        """Keys of the query's own segment: (out, lse) like the engine."""
-        n, stride = q.shape[3], self.params.stride
-        block = tile_block(stride)
-        first_row = torch.arange(0, n, block, device=q.device)
-        last_row = (first_row + block - 1).clamp_max(n - 1)
-        first_key = first_row // stride * stride
-        last_key = last_row if causal else ((last_row // stride + 1) * stride).clamp_max(n) - 1
-        key_blocks = span_key_blocks(first_key // block, last_key // block)
+    def pattern(self, n: int, causal: bool) -> Pattern:
+        p = self.params
+        return fixed_pattern(p.stride, p.summary, causal)
 
-        def same_segment(i: Tensor, j: Tensor) -> Tensor:
-            pairs = i // stride == j // stride
-            return pairs & (j <= i) if causal else pairs
-
-        return block_sparse_attention(q, k, v, key_blocks, same_segment, block=block,
-                                      scale=scale, key_padding_mask=key_padding_mask)
+    def _forward_triton(self, q, k, v, causal, key_padding_mask, scale):
+        # The kernel reads the summary columns in place: one layout over the whole pattern.
+        out, _ = self.triton_attention(q, k, v, "pattern", self.pattern(q.shape[3], causal),
+                                       causal, key_padding_mask, scale)
+        return out
 
     def scored_pairs(self, n: int, causal: bool) -> int:
         stride, summary = self.params.stride, self.params.summary
