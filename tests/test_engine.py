@@ -9,7 +9,6 @@ import pytest
 import torch
 from attn_zoo.kernels.layout import build_layout
 from conftest import call, causal_modes, qkv
-from test_layout import SMALL
 
 import attn_zoo
 from attn_zoo import blocksparse
@@ -20,9 +19,6 @@ from attn_zoo.reference import dense_mask
 from attn_zoo.registry import get
 from experiments.measure import peak_memory
 
-# Small parameters of every variant (the static ones come from test_layout's table).
-TINY = {**SMALL, "lsh": {"bucket_size": 4, "n_hashes": 2, "seed": 0},
-        "routing": {"n_clusters": 3}}
 CASES = [(name, causal) for name in attn_zoo.available() for causal in causal_modes(name)]
 
 
@@ -40,7 +36,7 @@ def test_every_described_variant_intersects_causality_once():
         cls = get(name)
         if not issubclass(cls, PatternAttention) or cls.causal_only or name == "bigbird":
             continue
-        attn = attn_zoo.build(name, **SMALL[name])
+        attn = attn_zoo.build(name, **get(name).Params.tiny())
         both, causal = (dense_mask(attn.exact_pattern(40, c), 40) for c in (False, True))
         assert torch.equal(causal, both & dense_mask(causal_pattern(), 40)), name
 
@@ -74,7 +70,7 @@ def _out(attn, q, k, v, causal):
 def test_non_finite_keys_reach_only_the_rows_that_attend_to_them(name, causal, value):
     """inf or NaN in one key's k or v changes only the rows whose output depends on that key
     (found by giving it two finite values); every other row stays finite and unchanged."""
-    attn = attn_zoo.build(name, **TINY[name]).eval()
+    attn = attn_zoo.build(name, **get(name).Params.tiny()).eval()
     q, k, v = qkv(batch=1, q_heads=2, kv_heads=1, n=48, dim=8)
     for key in (47, 20):
         other = v.clone()
@@ -156,7 +152,7 @@ def test_local_forward_workspace_is_one_chunk():
 
 def test_full_with_padding_builds_no_n_by_m_tensor():
     attn = attn_zoo.build("full")
-    n = 2048
+    n = 4096
     q, k, v = (torch.randn(1, 2, n, 16) for _ in range(3))
     real = torch.rand(1, n) > 0.3
     with torch.no_grad():
@@ -174,7 +170,7 @@ def test_every_part_reaches_all_its_pairs(name, causal):
     """A part's reach holds every pair its pattern allows, so the key-block tables and the
     kernel layout built inside the reach miss none."""
     n = 61
-    attn = attn_zoo.build(name, **SMALL[name])
+    attn = attn_zoo.build(name, **get(name).Params.tiny())
     parts = attn.engine_parts(n, n, causal)
     zeros = torch.zeros(1, 1, n, 4)
     for part in parts:

@@ -267,7 +267,7 @@ def test_kernel_keeps_out_of_pattern_inf_and_nan_out_of_rows_and_gradients():
 def test_triton_backend_keeps_non_finite_keys_to_the_rows_that_see_them(name, causal):
     """NaN in one key's value changes only the rows whose output depends on that key (found
     by giving it two finite values); the others stay finite and unchanged."""
-    attn = attn_zoo.build(name, backend="triton", **SMALL[name])
+    attn = attn_zoo.build(name, backend="triton", **get(name).Params.tiny())
     q, k, v = (x.to(DEVICE) for x in qkv(batch=1, q_heads=2, kv_heads=1, n=40, dim=16))
     other, bad = v.clone(), v.clone()
     other[..., 39, :] += 3.0
