@@ -105,7 +105,7 @@ class Attention(nn.Module, metaclass=ABCMeta):
         batch, q_heads, n, dim = q.shape
         kv_heads = k.shape[1]
         backend = self.resolve_backend(q.device, q.dtype, dim)
-        if backend == "triton":
+        if self.params.backend == "triton":  # "auto" picks triton only where it runs
             refusal = _triton_refusal(q.device, q.dtype, dim)
             if refusal is not None:
                 raise refusal

@@ -11,6 +11,7 @@ arguments of that real launch instead of running it: the native compile check
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -53,7 +54,13 @@ def target_arch(device: torch.device) -> int | None:
         return _capturing[-1][0]
     if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
         return None
-    major, minor = torch.cuda.get_device_capability(device)
+    return _cuda_arch(torch.cuda.current_device() if device.index is None else device.index)
+
+
+@functools.cache
+def _cuda_arch(index: int) -> int:
+    """Compute capability of CUDA device `index`, read once per process."""
+    major, minor = torch.cuda.get_device_capability(index)
     return 10 * major + minor
 
 
