@@ -55,18 +55,25 @@ _SIZES = ["N", "M", "kv_width", "q_width", "GROUPS", "KV_HEADS"]
 
 @triton.jit(do_not_specialize=_SIZES)
 def _forward_kernel(
-    Q, K, V, Out, Lse, KvIndex, KvCount, KvMask, Masks, KeyPad, KeyBias,
+    Q, K, V, Out, Lse, KvIndex, KvCount, KvMask, Masks, KeyPad, KeyBias, BadKeys, BadTiles,
     stride_qb, stride_qh, stride_qg, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_og, stride_on,
     N, M, kv_width, qk_scale,
     GROUPS, KV_HEADS, HEAD_DIM: tl.constexpr,
     HAS_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, REPAIR: tl.constexpr,
 ):
     """Online softmax of one query tile of one query head over its layout's key tiles.
 
     Scores run in log2 units (qk_scale = scale * log2(e)), so exp2 replaces exp.
+
+    REPAIR (a second launch after the first): only the query tiles that visit a key tile
+    holding a key whose k or v is inf or NaN (`BadTiles`, per kv head and key tile) run, and
+    rewrite their rows with such keys (`BadKeys`) read as zeros and scored NaN, so a row they
+    are allowed to comes out NaN and no other row sees them (in the first launch,
+    0 * NaN in p @ v reaches the whole tile). The others exit at once; the first launch keeps
+    its registers.
     """
     tile = tl.program_id(0)
     head = tl.program_id(1).to(tl.int64)  # (b * Hkv + h) * G + g
@@ -80,6 +87,16 @@ def _forward_kernel(
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < HEAD_DIM
     row_ok = rows < N
+    count = tl.load(KvCount + tile)
+    if REPAIR:
+        hits = tl.full([], 0, tl.int32)
+        for slot in range(count):
+            key_tile = tl.load(KvIndex + tile * kv_width + slot)
+            hits += tl.load(BadTiles + kv_head * tl.cdiv(M, BLOCK_N) + key_tile).to(tl.int32)
+        count = tl.where(hits > 0, count, 0)
+        # Nothing loaded or stored without a bad key tile (hits widened to the rows first:
+        # the interpreter mishandles a scalar mask broadcast).
+        row_ok = row_ok & (tl.zeros((BLOCK_M,), tl.int32) + hits > 0)
     first_row = (tile * BLOCK_M).to(tl.int64)
     q_tile = (Q + batch * stride_qb + kv_in_batch * stride_qh + group * stride_qg
               + first_row * stride_qn)
@@ -92,21 +109,25 @@ def _forward_kernel(
     row_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     row_sum = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    count = tl.load(KvCount + tile)
     for slot in range(count):
         key_tile = tl.load(KvIndex + tile * kv_width + slot)
         mask_id = tl.load(KvMask + tile * kv_width + slot)
         cols = key_tile * BLOCK_N + col_in_tile
         col_ok = cols < M
+        readable = col_ok
+        if REPAIR:
+            readable = col_ok & (tl.load(BadKeys + kv_head * M + cols, mask=col_ok, other=0) == 0)
         first_col = (key_tile * BLOCK_N).to(tl.int64)
         k = tl.load(k_head + first_col * stride_kn + col_in_tile[None, :] * stride_kn
-                    + dims[:, None], mask=col_ok[None, :] & dim_ok[:, None], other=0.0)
+                    + dims[:, None], mask=readable[None, :] & dim_ok[:, None], other=0.0)
         v = tl.load(v_head + first_col * stride_vn + col_in_tile[:, None] * stride_vn
-                    + dims[None, :], mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+                    + dims[None, :], mask=readable[:, None] & dim_ok[None, :], other=0.0)
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
+        if REPAIR:
+            s = tl.where(readable[None, :] | ~col_ok[None, :], s, float("nan"))
         keep = row_ok[:, None] & col_ok[None, :]
         if HAS_BIAS:
             bias = tl.load(KeyBias + batch * M + cols, mask=col_ok, other=0.0)
@@ -340,6 +361,37 @@ def _grad_q_kernel(
              (grad_q * scale).to(GradQ.dtype.element_ty), mask=inside)
 
 
+@triton.jit(do_not_specialize=["M"])
+def _bad_rows_kernel(X, Bad, stride_xb, stride_xh, stride_xn, M, HEADS,
+                     HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Bad[h, r] = 1 when row r of head h of X holds inf or NaN, else 0."""
+    head = tl.program_id(1).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    dims = tl.arange(0, BLOCK_D)
+    inside = (rows[:, None] < M) & (dims[None, :] < HEAD_DIM)
+    x = tl.load(X + (head // HEADS) * stride_xb + (head % HEADS) * stride_xh
+                + rows[:, None].to(tl.int64) * stride_xn + dims[None, :], mask=inside,
+                other=0.0).to(tl.float32)
+    bad = tl.max(((x != x) | (tl.abs(x) == float("inf"))).to(tl.int8), 1)
+    tl.store(Bad + head * M + rows, bad, mask=rows < M)
+
+
+def bad_keys(k: Tensor, v: Tensor, block_n: int) -> tuple[Tensor, Tensor]:
+    """Keys whose k or v row holds inf or NaN, found on the device in one pass each (no host
+    synchronisation): per key (B * Hkv, M) and per key tile (B * Hkv, ceil(M / block_n)),
+    uint8."""
+    batch, heads, m, dim = k.shape
+    flags = []
+    for x in (k, v):
+        bad = torch.empty(batch * heads, m, dtype=torch.uint8, device=x.device)
+        launch(_bad_rows_kernel, (triton.cdiv(m, 64), batch * heads), x, bad,
+               *_strides(x)[:3], m, heads, HEAD_DIM=dim, BLOCK_R=64, BLOCK_D=padded_dim(dim))
+        flags.append(bad)
+    keys = flags[0] | flags[1]
+    tiles = torch.nn.functional.pad(keys, (0, -m % block_n)).view(batch * heads, -1, block_n)
+    return keys, tiles.amax(2)
+
+
 # -- configs --------------------------------------------------------------------------------
 
 
@@ -479,14 +531,20 @@ def _forward(q, k, v, kv_index, kv_count, kv_mask, masks, key_padding_mask, key_
     lse = torch.empty(batch, kv_heads, groups, n, dtype=torch.float32, device=q.device)
     pad, bias = _flags(key_padding_mask, key_bias, q)
     grid = (kv_count.shape[0], batch * kv_heads * groups)
-    launch(_forward_kernel, grid,
-           q, k, v, out, lse, kv_index, kv_count, kv_mask, masks, pad, bias,
-           *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-           n, m, kv_index.shape[1], scale * LOG2E,
-           HEAD_DIM=dim, GROUPS=groups, KV_HEADS=kv_heads,
-           HAS_PAD=key_padding_mask is not None, HAS_BIAS=key_bias is not None,
-           BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=padded_dim(dim),
-           **_precision_args(q), **_options(config, "fwd", q.device))
+    bad, bad_tiles = bad_keys(k, v, block_n)
+    args = (q, k, v, out, lse, kv_index, kv_count, kv_mask, masks, pad, bias, bad, bad_tiles,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+            n, m, kv_index.shape[1], scale * LOG2E)
+    constants = dict(HEAD_DIM=dim, GROUPS=groups, KV_HEADS=kv_heads,
+                     HAS_PAD=key_padding_mask is not None, HAS_BIAS=key_bias is not None,
+                     BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=padded_dim(dim),
+                     **_precision_args(q))
+    options = _options(config, "fwd", q.device)
+    launch(_forward_kernel, grid, *args, REPAIR=False, **constants, **options)
+    # Tiles that read a key holding inf or NaN are rewritten; twice the warps keep the
+    # repair pass's registers per thread within the first one's.
+    launch(_forward_kernel, grid, *args, REPAIR=True, **constants,
+           **({**options, "num_warps": 2 * options["num_warps"]} if options else {}))
     return out, lse
 
 

@@ -243,3 +243,26 @@ def test_an_architecture_without_a_checked_config_is_refused_by_name():
     with capture(75), pytest.raises(ValueError, match="no checked configuration for compute "
                                                       "capability 7.5"):
         attn_zoo.build("local", backend="triton")(q, k, v)
+
+
+@pytest.mark.parametrize(("name", "causal"), CASES, ids=[variant_id(case) for case in CASES])
+@pytest.mark.parametrize("target", ["k", "v"])
+def test_triton_backend_keeps_non_finite_keys_to_the_rows_that_see_them(name, causal, target):
+    """inf in one key's k, or NaN in its v, changes only the rows whose output depends on
+    that key (found by giving its value two finite values); the others stay finite and
+    unchanged (the forward kernel's repair pass)."""
+    attn = attn_zoo.build(name, backend="triton", **SMALL[name])
+    q, k, v = (x.to(DEVICE) for x in qkv(batch=1, q_heads=2, kv_heads=1, n=40, dim=16))
+    other = v.clone()
+    other[..., 39, :] += 3.0
+    bad_k, bad_v = k.clone(), v.clone()
+    if target == "k":
+        bad_k[..., 39, :] = float("inf")
+    else:
+        bad_v[..., 39, :] = float("nan")
+    with torch.no_grad():
+        base = attn(q, k, v, causal=causal)
+        reached = (base - attn(q, k, other, causal=causal)).abs().amax(-1) > 0
+        out = attn(q, bad_k, bad_v, causal=causal)
+    assert out[~reached].isfinite().all()
+    assert_close(out[~reached], base[~reached], torch.float32)
