@@ -541,10 +541,13 @@ def _forward(q, k, v, kv_index, kv_count, kv_mask, masks, key_padding_mask, key_
                      **_precision_args(q))
     options = _options(config, "fwd", q.device)
     launch(_forward_kernel, grid, *args, REPAIR=False, **constants, **options)
-    # Tiles that read a key holding inf or NaN are rewritten; twice the warps keep the
-    # repair pass's registers per thread within the first one's.
-    launch(_forward_kernel, grid, *args, REPAIR=True, **constants,
-           **({**options, "num_warps": 2 * options["num_warps"]} if options else {}))
+    # Tiles that read a key holding inf or NaN are rewritten, at 8 warps and, for tiles of
+    # 1024 pairs or more, one stage: the compile check finds the repair launch without
+    # register spills there.
+    if options:
+        options = {"num_warps": 8,
+                   "num_stages": 1 if block_m * block_n >= 1024 else options["num_stages"]}
+    launch(_forward_kernel, grid, *args, REPAIR=True, **constants, **options)
     return out, lse
 
 
