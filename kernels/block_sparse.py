@@ -55,20 +55,25 @@ _SIZES = ["N", "M", "kv_width", "q_width", "GROUPS", "KV_HEADS"]
 
 @triton.jit(do_not_specialize=_SIZES)
 def _forward_kernel(
-    Q, K, V, Out, Lse, KvIndex, KvCount, KvMask, Masks, KeyPad, KeyBias, BadKeys,
+    Q, K, V, Out, Lse, KvIndex, KvCount, KvMask, Masks, KeyPad, KeyBias, BadKeys, BadTiles,
     stride_qb, stride_qh, stride_qg, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_og, stride_on,
     N, M, kv_width, qk_scale,
     GROUPS, KV_HEADS, HEAD_DIM: tl.constexpr,
     HAS_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, REPAIR: tl.constexpr,
 ):
     """Online softmax of one query tile of one query head over its layout's key tiles.
 
-    Scores run in log2 units (qk_scale = scale * log2(e)), so exp2 replaces exp. A key whose
-    k or v holds inf or NaN (`BadKeys`) is read as zeros and scored NaN: a row it is allowed
-    to comes out NaN, and no other row sees it (a masked load, not 0 * NaN).
+    Scores run in log2 units (qk_scale = scale * log2(e)), so exp2 replaces exp.
+
+    REPAIR (a second launch after the first): only the query tiles that visit a key tile
+    holding a key whose k or v is inf or NaN (`BadTiles`, per kv head and key tile) run, and
+    rewrite their rows with such keys (`BadKeys`) read as zeros and scored NaN, so a row they
+    are allowed to comes out NaN and no other row sees them (in the first launch,
+    0 * NaN in p @ v reaches the whole tile). The others exit at once; the first launch keeps
+    its registers.
     """
     tile = tl.program_id(0)
     head = tl.program_id(1).to(tl.int64)  # (b * Hkv + h) * G + g
@@ -82,6 +87,16 @@ def _forward_kernel(
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < HEAD_DIM
     row_ok = rows < N
+    count = tl.load(KvCount + tile)
+    if REPAIR:
+        hits = tl.full([], 0, tl.int32)
+        for slot in range(count):
+            key_tile = tl.load(KvIndex + tile * kv_width + slot)
+            hits += tl.load(BadTiles + kv_head * tl.cdiv(M, BLOCK_N) + key_tile).to(tl.int32)
+        count = tl.where(hits > 0, count, 0)
+        # Nothing loaded or stored without a bad key tile (hits widened to the rows first:
+        # the interpreter mishandles a scalar mask broadcast).
+        row_ok = row_ok & (tl.zeros((BLOCK_M,), tl.int32) + hits > 0)
     first_row = (tile * BLOCK_M).to(tl.int64)
     q_tile = (Q + batch * stride_qb + kv_in_batch * stride_qh + group * stride_qg
               + first_row * stride_qn)
@@ -94,24 +109,25 @@ def _forward_kernel(
     row_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     row_sum = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    count = tl.load(KvCount + tile)
     for slot in range(count):
         key_tile = tl.load(KvIndex + tile * kv_width + slot)
         mask_id = tl.load(KvMask + tile * kv_width + slot)
         cols = key_tile * BLOCK_N + col_in_tile
         col_ok = cols < M
-        bad = tl.load(BadKeys + kv_head * M + cols, mask=col_ok, other=0) != 0
-        good = col_ok & ~bad
+        readable = col_ok
+        if REPAIR:
+            readable = col_ok & (tl.load(BadKeys + kv_head * M + cols, mask=col_ok, other=0) == 0)
         first_col = (key_tile * BLOCK_N).to(tl.int64)
         k = tl.load(k_head + first_col * stride_kn + col_in_tile[None, :] * stride_kn
-                    + dims[:, None], mask=good[None, :] & dim_ok[:, None], other=0.0)
+                    + dims[:, None], mask=readable[None, :] & dim_ok[:, None], other=0.0)
         v = tl.load(v_head + first_col * stride_vn + col_in_tile[:, None] * stride_vn
-                    + dims[None, :], mask=good[:, None] & dim_ok[None, :], other=0.0)
+                    + dims[None, :], mask=readable[:, None] & dim_ok[None, :], other=0.0)
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
-        s = tl.where(bad[None, :], float("nan"), s)
+        if REPAIR:
+            s = tl.where(readable[None, :] | ~col_ok[None, :], s, float("nan"))
         keep = row_ok[:, None] & col_ok[None, :]
         if HAS_BIAS:
             bias = tl.load(KeyBias + batch * M + cols, mask=col_ok, other=0.0)
@@ -150,7 +166,7 @@ def _delta_kernel(Out, GradOut, GradLse, Delta,
                   stride_gb, stride_gh, stride_gg, stride_gn,
                   N, GROUPS, KV_HEADS, HEAD_DIM: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """delta_i = rowsum(dO_i * O_i) - dlse_i (d lse_i / d s_ij = p_ij); zero dO adds 0."""
+    """delta_i = rowsum(dO_i * O_i) - dlse_i (d lse_i / d s_ij = p_ij)."""
     head = tl.program_id(1).to(tl.int64)
     group = head % GROUPS
     kv_head = head // GROUPS
@@ -170,15 +186,13 @@ def _delta_kernel(Out, GradOut, GradLse, Delta,
     grad_out = tl.load(grad_tile + row_in_tile[:, None] * stride_gn + dims[None, :],
                        mask=inside, other=0.0).to(tl.float32)
     grad_lse = tl.load(GradLse + head * N + rows, mask=rows < N, other=0.0)
-    # A zero gradient adds nothing, even against a NaN output (a row that saw a bad key).
-    product = tl.where(grad_out == 0.0, 0.0, out * grad_out)
-    tl.store(Delta + head * N + rows, tl.sum(product, 1) - grad_lse, mask=rows < N)
+    tl.store(Delta + head * N + rows, tl.sum(out * grad_out, 1) - grad_lse, mask=rows < N)
 
 
 @triton.jit(do_not_specialize=_SIZES)
 def _grad_kv_kernel(
     Q, K, V, GradOut, Lse, Delta, GradK, GradV, GradBias, QIndex, QCount, QMask, Masks,
-    KeyPad, KeyBias, BadKeys,
+    KeyPad, KeyBias,
     stride_qb, stride_qh, stride_qg, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_gb, stride_gh, stride_gg, stride_gn,
     stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
@@ -189,8 +203,7 @@ def _grad_kv_kernel(
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """dK, dV (and this kv head's share of d key_bias) of one key tile, from the query tiles
-    of its G query heads that visit it; transposed scores (BLOCK_N, SUB_M) per step. Keys
-    in `BadKeys` are read as zeros, as in the forward kernel."""
+    of its G query heads that visit it; transposed scores (BLOCK_N, SUB_M) per step."""
     tl.static_assert(BLOCK_M % SUB_M == 0)
     key_tile = tl.program_id(0)
     kv_head = tl.program_id(1).to(tl.int64)
@@ -203,13 +216,10 @@ def _grad_kv_kernel(
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < HEAD_DIM
     kv_inside = col_ok[:, None] & dim_ok[None, :]
-    good = col_ok & (tl.load(BadKeys + kv_head * M + cols, mask=col_ok, other=0) == 0)
     k = tl.load(K + batch * stride_kb + kv_in_batch * stride_kh + first_col * stride_kn
-                + col_in_tile[:, None] * stride_kn + dims[None, :],
-                mask=good[:, None] & dim_ok[None, :], other=0.0)
+                + col_in_tile[:, None] * stride_kn + dims[None, :], mask=kv_inside, other=0.0)
     v = tl.load(V + batch * stride_vb + kv_in_batch * stride_vh + first_col * stride_vn
-                + col_in_tile[:, None] * stride_vn + dims[None, :],
-                mask=good[:, None] & dim_ok[None, :], other=0.0)
+                + col_in_tile[:, None] * stride_vn + dims[None, :], mask=kv_inside, other=0.0)
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
@@ -275,7 +285,7 @@ def _grad_kv_kernel(
 @triton.jit(do_not_specialize=_SIZES)
 def _grad_q_kernel(
     Q, K, V, GradOut, Lse, Delta, GradQ, KvIndex, KvCount, KvMask, Masks, KeyPad, KeyBias,
-    BadKeys, stride_qb, stride_qh, stride_qg, stride_qn, stride_kb, stride_kh, stride_kn,
+    stride_qb, stride_qh, stride_qg, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_gb, stride_gh, stride_gg, stride_gn,
     stride_dqb, stride_dqh, stride_dqg, stride_dqn,
     N, M, kv_width, qk_scale, scale,
@@ -284,8 +294,7 @@ def _grad_q_kernel(
     BLOCK_N: tl.constexpr, SUB_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """dQ of one query tile of one query head, over its layout's key tiles, SUB_N keys a step.
-    Keys in `BadKeys` are read as zeros, as in the forward kernel."""
+    """dQ of one query tile of one query head, over its layout's key tiles, SUB_N keys a step."""
     tl.static_assert(BLOCK_N % SUB_N == 0)
     tile = tl.program_id(0)
     head = tl.program_id(1).to(tl.int64)
@@ -324,8 +333,7 @@ def _grad_q_kernel(
             cols = key_tile * BLOCK_N + col_in_tile
             col_ok = cols < M
             first_col = (key_tile * BLOCK_N).to(tl.int64)
-            good = col_ok & (tl.load(BadKeys + kv_head * M + cols, mask=col_ok, other=0) == 0)
-            kv_inside = good[:, None] & dim_ok[None, :]
+            kv_inside = col_ok[:, None] & dim_ok[None, :]
             k = tl.load(k_head + first_col * stride_kn + col_in_tile[:, None] * stride_kn
                         + dims[None, :], mask=kv_inside, other=0.0)
             v = tl.load(v_head + first_col * stride_vn + col_in_tile[:, None] * stride_vn
@@ -368,19 +376,20 @@ def _bad_rows_kernel(X, Bad, stride_xb, stride_xh, stride_xn, M, HEADS,
     tl.store(Bad + head * M + rows, bad, mask=rows < M)
 
 
-def bad_rows(x: Tensor) -> Tensor:
-    """(B, H, M) uint8 of x (B, H, M, D), last dim contiguous: 1 where a row holds inf or NaN.
-    One pass on the device, no host synchronisation."""
-    batch, heads, m, dim = x.shape
-    bad = torch.empty(batch, heads, m, dtype=torch.uint8, device=x.device)
-    launch(_bad_rows_kernel, (triton.cdiv(m, 64), batch * heads), x, bad, *_strides(x)[:3],
-           m, heads, HEAD_DIM=dim, BLOCK_R=64, BLOCK_D=padded_dim(dim))
-    return bad
-
-
-def bad_keys(k: Tensor, v: Tensor) -> Tensor:
-    """(B, Hkv, M) uint8: 1 where the key's k or v row holds inf or NaN."""
-    return bad_rows(k) | bad_rows(v)
+def bad_keys(k: Tensor, v: Tensor, block_n: int) -> tuple[Tensor, Tensor]:
+    """Keys whose k or v row holds inf or NaN, found on the device in one pass each (no host
+    synchronisation): per key (B * Hkv, M) and per key tile (B * Hkv, ceil(M / block_n)),
+    uint8."""
+    batch, heads, m, dim = k.shape
+    flags = []
+    for x in (k, v):
+        bad = torch.empty(batch * heads, m, dtype=torch.uint8, device=x.device)
+        launch(_bad_rows_kernel, (triton.cdiv(m, 64), batch * heads), x, bad,
+               *_strides(x)[:3], m, heads, HEAD_DIM=dim, BLOCK_R=64, BLOCK_D=padded_dim(dim))
+        flags.append(bad)
+    keys = flags[0] | flags[1]
+    tiles = torch.nn.functional.pad(keys, (0, -m % block_n)).view(batch * heads, -1, block_n)
+    return keys, tiles.amax(2)
 
 
 # -- configs --------------------------------------------------------------------------------
@@ -522,14 +531,23 @@ def _forward(q, k, v, kv_index, kv_count, kv_mask, masks, key_padding_mask, key_
     lse = torch.empty(batch, kv_heads, groups, n, dtype=torch.float32, device=q.device)
     pad, bias = _flags(key_padding_mask, key_bias, q)
     grid = (kv_count.shape[0], batch * kv_heads * groups)
-    launch(_forward_kernel, grid,
-           q, k, v, out, lse, kv_index, kv_count, kv_mask, masks, pad, bias, bad_keys(k, v),
-           *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-           n, m, kv_index.shape[1], scale * LOG2E,
-           HEAD_DIM=dim, GROUPS=groups, KV_HEADS=kv_heads,
-           HAS_PAD=key_padding_mask is not None, HAS_BIAS=key_bias is not None,
-           BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=padded_dim(dim),
-           **_precision_args(q), **_options(config, "fwd", q.device))
+    bad, bad_tiles = bad_keys(k, v, block_n)
+    args = (q, k, v, out, lse, kv_index, kv_count, kv_mask, masks, pad, bias, bad, bad_tiles,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+            n, m, kv_index.shape[1], scale * LOG2E)
+    constants = dict(HEAD_DIM=dim, GROUPS=groups, KV_HEADS=kv_heads,
+                     HAS_PAD=key_padding_mask is not None, HAS_BIAS=key_bias is not None,
+                     BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=padded_dim(dim),
+                     **_precision_args(q))
+    options = _options(config, "fwd", q.device)
+    launch(_forward_kernel, grid, *args, REPAIR=False, **constants, **options)
+    # Tiles that read a key holding inf or NaN are rewritten, at 8 warps and, for tiles of
+    # 1024 pairs or more, one stage: the compile check finds the repair launch without
+    # register spills there.
+    if options:
+        options = {"num_warps": 8,
+                   "num_stages": 1 if block_m * block_n >= 1024 else options["num_stages"]}
+    launch(_forward_kernel, grid, *args, REPAIR=True, **constants, **options)
     return out, lse
 
 
@@ -556,16 +574,15 @@ def _backward(grad_out, grad_lse, q, k, v, out, lse, layout_tensors, key_padding
                   HAS_PAD=key_padding_mask is not None, HAS_BIAS=key_bias is not None,
                   BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=width, **_precision_args(q))
     inputs = (*_strides(q), *_strides(k), *_strides(v), *_strides(grad_out))
-    bad = bad_keys(k, v)
     launch(_grad_kv_kernel, (q_count.shape[0], batch * kv_heads),
            q, k, v, grad_out, lse, delta, grad_k, grad_v, grad_bias, q_index, q_count, q_mask,
-           masks, pad, bias, bad, *inputs, *_strides(grad_k), *_strides(grad_v),
+           masks, pad, bias, *inputs, *_strides(grad_k), *_strides(grad_v),
            n, m, q_index.shape[1], scale * LOG2E, scale,
            BIAS_GRAD=bias_grad, SUB_M=config.sub_m, **common,
            **_options(config, "kv", q.device))
     launch(_grad_q_kernel, (kv_count.shape[0], batch * kv_heads * groups),
            q, k, v, grad_out, lse, delta, grad_q, kv_index, kv_count, kv_mask, masks, pad, bias,
-           bad, *inputs, *_strides(grad_q), n, m, kv_index.shape[1], scale * LOG2E, scale,
+           *inputs, *_strides(grad_q), n, m, kv_index.shape[1], scale * LOG2E, scale,
            SUB_N=config.sub_n, **common, **_options(config, "q", q.device))
     grad_bias = grad_bias.sum(1) if bias_grad else grad_bias.new_empty(0)
     return grad_q, grad_k, grad_v, grad_bias

@@ -16,10 +16,8 @@ read q, k and v through the table, so no gathered copy of them is ever made.
 
 Both mask keys by position (causal: key position <= query position) and by the padding
 mask, and return the log-sum-exp beside the output; a query with no allowed key has out 0
-and lse -inf. A key whose k or v holds inf or NaN is read as zeros and makes the rows it is
-allowed to NaN, and no other (`block_sparse.bad_rows`, one pass on the device). Softmax and
-accumulation run in float32 whatever the input dtype (float32 matmuls as in `block_sparse`:
-IEEE, or TF32 when torch's float32 matmul precision allows).
+and lse -inf. Softmax and accumulation run in float32 whatever the input dtype (float32
+matmuls as in `block_sparse`: IEEE, or TF32 when torch's float32 matmul precision allows).
 q, k and v are read through their strides (the head dim contiguous), never copied. Block
 sizes, warps and stages come from `CONFIGS`, each entry natively compile-checked.
 
@@ -37,7 +35,6 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from attn_zoo.kernels.block_sparse import bad_rows
 from attn_zoo.kernels.launch import (
     arch_family,
     inner_contiguous,
@@ -114,13 +111,11 @@ def _allowed(q_pos, q_valid, q_alone, k_pos, k_valid, key_ok,
 
 
 @triton.jit
-def _key_block(Slots, K, V, Pad, Bad, t, g, start, stride_kn, stride_vn, pad_base, bad_base,
-               q_pos, q_valid, q_alone, d, GROUP, S, HEAD_DIM, CAUSAL: tl.constexpr,
-               HAS_PAD: tl.constexpr, ALONE: tl.constexpr, UPCAST: tl.constexpr,
-               BLOCK: tl.constexpr):
-    """Keys and values (BLOCK, BLOCK_D) of group g from `start` (K, V: the head's rows),
-    which of them each query may see: (M, BLOCK) bool, and which hold inf or NaN (`Bad`;
-    read as zeros): (BLOCK,) bool."""
+def _key_block(Slots, K, V, Pad, t, g, start, stride_kn, stride_vn, pad_base, q_pos, q_valid,
+               q_alone, d, GROUP, S, HEAD_DIM, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
+               ALONE: tl.constexpr, UPCAST: tl.constexpr, BLOCK: tl.constexpr):
+    """Keys and values (BLOCK, BLOCK_D) of group g from `start` (K, V: the head's rows), and
+    which of them each query may see: (M, BLOCK) bool."""
     offset = start + tl.arange(0, BLOCK)
     slot = g * GROUP + offset
     k_valid = (offset < GROUP) & (slot < S)
@@ -129,14 +124,13 @@ def _key_block(Slots, K, V, Pad, Bad, t, g, start, stride_kn, stride_vn, pad_bas
     if HAS_PAD:
         key_ok = key_ok & (tl.load(Pad + pad_base + k_pos, mask=k_valid, other=0) != 0)
     allowed = _allowed(q_pos, q_valid, q_alone, k_pos, k_valid, key_ok, CAUSAL, ALONE)
-    bad = tl.load(Bad + bad_base + k_pos, mask=k_valid, other=0) != 0
-    mask = (k_valid & ~bad)[:, None] & (d[None, :] < HEAD_DIM)
+    mask = k_valid[:, None] & (d[None, :] < HEAD_DIM)
     rows = k_pos[:, None].to(tl.int64)
     k = tl.load(K + rows * stride_kn + d[None, :], mask=mask, other=0.0)
     v = tl.load(V + rows * stride_vn + d[None, :], mask=mask, other=0.0)
     if UPCAST:
         k, v = k.to(tl.float32), v.to(tl.float32)
-    return k, v, allowed, bad
+    return k, v, allowed
 
 
 # Sizes are not specialized on: one compiled kernel serves every length and head count.
@@ -149,7 +143,7 @@ _SIZES = ["BH", "HEADS", "KV_GROUP", "N", "S", "L", "GROUP", "N_GROUPS"]
 
 @triton.jit(do_not_specialize=_SIZES)
 def _bucket_fwd_kernel(
-    Q, K, V, Slots, Pad, Bad, Out, Lse, Alone,
+    Q, K, V, Slots, Pad, Out, Lse, Alone,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     scale, BH, HEADS, KV_GROUP, N, S, L, GROUP, N_GROUPS, HEAD_DIM,
@@ -178,13 +172,12 @@ def _bucket_fwd_kernel(
         else:
             hi = GROUP
         for start_n in range(0, hi, BLOCK_N):
-            k, v, allowed, bad = _key_block(
-                Slots, K + k_off, V + v_off, Pad, Bad, t, key_group, start_n, stride_kn,
-                stride_vn, pad_base, (t % BH) * N, q_pos, q_valid, not_yet, d, GROUP, S,
-                HEAD_DIM, CAUSAL, HAS_PAD, ALONE, UPCAST, BLOCK_N)
+            k, v, allowed = _key_block(Slots, K + k_off, V + v_off, Pad, t, key_group, start_n,
+                                       stride_kn, stride_vn, pad_base, q_pos, q_valid, not_yet, d,
+                                       GROUP, S, HEAD_DIM, CAUSAL, HAS_PAD, ALONE, UPCAST,
+                                       BLOCK_N)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-            # A key holding inf or NaN makes the rows it is allowed to NaN, and no other.
-            s = tl.where(allowed, tl.where(bad[None, :], float("nan"), s), float("-inf"))
+            s = tl.where(allowed, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows without keys yet
             alpha = tl.exp2(m_i - m_safe)
@@ -215,7 +208,7 @@ def _bucket_fwd_kernel(
 
 @triton.jit(do_not_specialize=_SIZES)
 def _bucket_bwd_dq_kernel(
-    Q, K, V, Slots, Pad, Bad, DOut, Lse, Delta, Alone, DQ,
+    Q, K, V, Slots, Pad, DOut, Lse, Delta, Alone, DQ,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     scale, BH, HEADS, KV_GROUP, N, S, L, GROUP, N_GROUPS, HEAD_DIM,
@@ -249,10 +242,10 @@ def _bucket_bwd_dq_kernel(
         else:
             hi = GROUP
         for start_n in range(0, hi, BLOCK_N):
-            k, v, allowed, _ = _key_block(
-                Slots, K + k_off, V + v_off, Pad, Bad, t, key_group, start_n, stride_kn,
-                stride_vn, pad_base, (t % BH) * N, q_pos, q_valid, alone, d, GROUP, S, HEAD_DIM,
-                CAUSAL, HAS_PAD, ALONE, UPCAST, BLOCK_N)
+            k, v, allowed = _key_block(Slots, K + k_off, V + v_off, Pad, t, key_group, start_n,
+                                       stride_kn, stride_vn, pad_base, q_pos, q_valid, alone, d,
+                                       GROUP, S, HEAD_DIM, CAUSAL, HAS_PAD, ALONE, UPCAST,
+                                       BLOCK_N)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
             p = tl.where(allowed, tl.exp2(s - lse[:, None]), 0.0)
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
@@ -264,7 +257,7 @@ def _bucket_bwd_dq_kernel(
 
 @triton.jit(do_not_specialize=_SIZES)
 def _bucket_bwd_dkdv_kernel(
-    Q, K, V, Slots, Pad, Bad, DOut, Lse, Delta, Alone, DK, DV,
+    Q, K, V, Slots, Pad, DOut, Lse, Delta, Alone, DK, DV,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     scale, BH, HEADS, KV_GROUP, N, S, L, GROUP, N_GROUPS, HEAD_DIM,
@@ -282,10 +275,8 @@ def _bucket_bwd_dkdv_kernel(
     if HAS_PAD:
         key_ok = key_ok & (tl.load(Pad + pad_base + k_pos, mask=k_valid, other=0) != 0)
     d = tl.arange(0, BLOCK_D)
-    # Keys holding inf or NaN are read as zeros, as in the forward kernel.
-    good = k_valid & (tl.load(Bad + (t % BH) * N + k_pos, mask=k_valid, other=0) == 0)
-    k = _load_rows(K + k_off, k_pos, stride_kn, good, d, HEAD_DIM)
-    v = _load_rows(V + v_off, k_pos, stride_vn, good, d, HEAD_DIM)
+    k = _load_rows(K + k_off, k_pos, stride_kn, k_valid, d, HEAD_DIM)
+    v = _load_rows(V + v_off, k_pos, stride_vn, k_valid, d, HEAD_DIM)
     if UPCAST:
         k, v = k.to(tl.float32), v.to(tl.float32)
     qk_scale = scale * 1.4426950408889634
@@ -414,8 +405,6 @@ class _Call:
         self.grid = (-(-group // self.block) * n_groups * slots.shape[0],)
         self.pad = (q.new_empty(0, dtype=torch.uint8) if key_padding_mask is None
                     else key_padding_mask.contiguous().view(torch.uint8))
-        # (B, H, N): keys whose k or v (of the kv head) holds inf or NaN; one pass, on device.
-        self.bad = bad_rows(k) | bad_rows(v).repeat_interleave(heads // v.shape[1], 1)
         self.rows = slots.shape[0]
         self.length = n if lsh else slots.shape[1]  # L: rows of the results per table row
         self.strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3])
@@ -443,7 +432,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, slots: Tensor, key_padding_mask: T
     out = q.new_empty(rows, length, dim)
     lse = q.new_empty(rows, length, dtype=torch.float32)
     alone = q.new_empty((rows, length) if layout == "lsh" else (0,), dtype=torch.int8)
-    launch(_bucket_fwd_kernel, call.grid, q, k, v, slots, call.pad, call.bad, out, lse, alone,
+    launch(_bucket_fwd_kernel, call.grid, q, k, v, slots, call.pad, out, lse, alone,
            *call.strides, **call.args)
     return out, lse, alone
 
@@ -456,14 +445,12 @@ def _backward(grad_out: Tensor, grad_lse: Tensor, q: Tensor, k: Tensor, v: Tenso
     grad_out = grad_out.to(q.dtype).contiguous()
     # d lse_i / d s_ij = p_ij: the lse gradient shifts the softmax-backward term delta; rows
     # without keys have no probabilities, and a zero delta keeps them finite.
-    # A zero gradient adds nothing, even against a NaN output (a row that saw a bad key).
-    delta = torch.where(grad_out == 0, 0.0, grad_out.float() * out.float()).sum(-1)
-    delta = delta - grad_lse.float()
+    delta = (grad_out.float() * out.float()).sum(-1) - grad_lse.float()
     delta = delta.masked_fill_(lse == float("-inf"), 0.0).contiguous()
     grad_q, grad_k, grad_v = (torch.zeros(call.rows, call.length, q.shape[3],
                                           dtype=torch.float32, device=q.device)
                               for _ in range(3))
-    common = (q, k, v, slots, call.pad, call.bad, grad_out, lse, delta, alone)
+    common = (q, k, v, slots, call.pad, grad_out, lse, delta, alone)
     launch(_bucket_bwd_dq_kernel, call.grid, *common, grad_q, *call.strides, **call.args)
     launch(_bucket_bwd_dkdv_kernel, call.grid, *common, grad_k, grad_v, *call.strides,
            **call.args)
