@@ -43,10 +43,13 @@ def test_capture_configures_for_the_arch_and_records_instead_of_running():
         layout = build_layout(lambda i, j: j <= i, 40, 40, tiles.block_m, tiles.block_n)
         layout_attention(q, k, v, layout, scale=0.125)
     assert tiles == block_sparse.CONFIGS[90, "16bit"][64]
-    assert [launch.kernel.fn.__name__ for launch in launches] == ["_forward_kernel"]
-    launch = launches[0]
+    # k and v flagged for inf or NaN, the forward kernel, its repair launch.
+    assert [launch.kernel.fn.__name__ for launch in launches] == [
+        "_bad_rows_kernel", "_bad_rows_kernel", "_forward_kernel", "_forward_kernel"]
+    launch = launches[2]
     assert launch.args[0] is q and launch.kwargs["BLOCK_M"] == tiles.block_m
-    assert launch.kwargs["num_warps"] == tiles.fwd_warps
+    assert launch.kwargs["num_warps"] == tiles.fwd_warps and not launch.kwargs["REPAIR"]
+    assert launches[3].kwargs["REPAIR"]
     assert target_arch(torch.device("cpu")) is None  # the interpreter again, outside
 
 
