@@ -43,10 +43,13 @@ def test_capture_configures_for_the_arch_and_records_instead_of_running():
         layout = build_layout(lambda i, j: j <= i, 40, 40, tiles.block_m, tiles.block_n)
         layout_attention(q, k, v, layout, scale=0.125)
     assert tiles == block_sparse.CONFIGS[90, "16bit"][64]
-    assert [launch.kernel.fn.__name__ for launch in launches] == ["_forward_kernel"]
-    launch = launches[0]
+    # k and v flagged for inf or NaN, the forward kernel, its repair launch.
+    assert [launch.kernel.fn.__name__ for launch in launches] == [
+        "_bad_rows_kernel", "_bad_rows_kernel", "_forward_kernel", "_forward_kernel"]
+    launch = launches[2]
     assert launch.args[0] is q and launch.kwargs["BLOCK_M"] == tiles.block_m
-    assert launch.kwargs["num_warps"] == tiles.fwd_warps
+    assert launch.kwargs["num_warps"] == tiles.fwd_warps and not launch.kwargs["REPAIR"]
+    assert launches[3].kwargs["REPAIR"]
     assert target_arch(torch.device("cpu")) is None  # the interpreter again, outside
 
 
@@ -96,7 +99,7 @@ def test_a_transposed_projection_output_is_read_in_place(kernel):
         allocated = {label: peak_memory(lambda xs=xs: call(*xs))
                      for label, xs in (("transposed", transposed), ("contiguous", contiguous))}
     # The launches read the projection's own memory with its strides: nothing was copied.
-    first = launches[0]
+    first = next(launch for launch in launches if "bad_rows" not in launch.kernel.fn.__name__)
     assert first.args[0].data_ptr() == projected[0].data_ptr()
     assert first.args[0].stride() != first.args[0].contiguous().stride()
     assert allocated["transposed"] == allocated["contiguous"]
@@ -147,7 +150,8 @@ def test_every_ci_configuration_compiles_natively_within_shared_memory(ci_rows):
     assert {row["arch"] for row in ci_rows} == {80, 90}
     kernels = {row["kernel"] for row in ci_rows}
     assert kernels == {"forward_kernel", "delta_kernel", "grad_kv_kernel", "grad_q_kernel",
-                       "bucket_fwd_kernel", "bucket_bwd_dq_kernel", "bucket_bwd_dkdv_kernel"}
+                       "bad_rows_kernel", "bucket_fwd_kernel", "bucket_bwd_dq_kernel",
+                       "bucket_bwd_dkdv_kernel"}
     assert {row["precision"] for row in ci_rows} == {"ieee", "bf16", "fp16"}
     assert {row["status"] for row in ci_rows} == {"ok"}
     assert all(row["shared_bytes"] <= row["shared_limit"] for row in ci_rows)
@@ -173,7 +177,7 @@ def test_no_register_spills_on_sm80_up_to_head_dim_64(ci_rows):
 def test_the_kernels_compile_with_triton_3_6_as_on_the_gpu_machines(tmp_path):
     rows = native_check(tmp_path, (90,), python_path=(COMPAT_DIR,))
     assert "Triton 3.6" in (tmp_path / "compile_check.md").read_text()
-    assert len({row["kernel"] for row in rows}) == 7 and {row["status"] for row in rows} == {"ok"}
+    assert len({row["kernel"] for row in rows}) == 8 and {row["status"] for row in rows} == {"ok"}
 
 
 def test_float32_runs_in_ieee_precision_unless_tf32_is_allowed():
