@@ -61,6 +61,76 @@ def call(attn, q, k, v, **kwargs):
     return attn(q, k, v, **kwargs)
 
 
+def padding_mask(batch: int, n: int, seed: int) -> torch.Tensor:
+    """(batch, n) bool: random real keys in row 0 with a padded stretch covering whole blocks
+    and groups, every key real in row 1, none in the last row."""
+    real = torch.rand(batch, n, generator=torch.Generator().manual_seed(seed)) > 0.3
+    real[0, 20:45] = False
+    real[1] = True
+    real[-1] = False
+    return real
+
+
+def check_gradients(out, expected, inputs) -> None:
+    """Gradients of `out` and `expected` for one random output gradient agree to 1e-10
+    (float64); an input that one of them does not reach counts as a zero gradient."""
+    grad = torch.randn_like(out)
+    grads = torch.autograd.grad(out, inputs, grad, allow_unused=True)
+    expected_grads = torch.autograd.grad(expected, inputs, grad, allow_unused=True)
+    for got, want, x in zip(grads, expected_grads, inputs, strict=True):
+        # a conv tap that no query reaches gets no gradient at all from the engine
+        got = torch.zeros_like(x) if got is None else got
+        want = torch.zeros_like(x) if want is None else want
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+
+
+def padding(batch: int, n: int, seed: int) -> torch.Tensor:
+    """(batch, n) bool, about a quarter padded; the last batch row entirely padded."""
+    real = torch.rand(batch, n, generator=torch.Generator().manual_seed(seed)) > 0.25
+    real[-1] = False
+    return real
+
+
+def attention_and_lse(q, keys, v, allowed, real, scale):
+    """Dense float64 attention of q (B, H, N, D) over keys, v (B, H, N, D): out and lse; a row
+    with no allowed key has out 0 and lse -inf (with finite gradients)."""
+    out = reference_attention(q, keys, v, allowed, scale=scale, key_padding_mask=real)
+    allowed = allowed & real[:, None, None, :]
+    has_key = allowed.any(-1)
+    scores = (q @ keys.transpose(-1, -2) * scale).masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(scores.masked_fill(~has_key[..., None], 0.0), dim=-1)
+    return out, lse.masked_fill(~has_key, float("-inf"))
+
+
+def check_shared_qk_gradients(out, expected, q, k, v):
+    """Shared-QK variants (lsh, routing): gradients of out and expected for a random output
+    gradient agree for q and v; k, which they ignore, gets zero."""
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    want = torch.autograd.grad(expected, (q, v), grad)
+    torch.testing.assert_close(got[0], want[0], atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(got[2], want[1], atol=1e-10, rtol=1e-10)
+    assert torch.equal(got[1], torch.zeros_like(k))
+
+
+def params_id(params: dict) -> str:
+    """A test id of a variant's parameters: `bucket_size8-n_hashes3`."""
+    return "-".join(f"{key}{value}" for key, value in params.items())
+
+
+def case_id(case: tuple[str, dict]) -> str:
+    """A test id of (variant, parameters): `local-window4`."""
+    return case[0] + "-" + params_id(case[1])
+
+
+def check_static_pattern(attn, n: int) -> None:
+    """At length n, bidirectional with GQA and causal: forward and gradients equal the dense
+    float64 reference of `attn.pattern`, and `scored_pairs` counts the pattern's pairs."""
+    for causal, kv_heads in ((False, 2), (True, 1)):
+        check_against_reference(attn, n, causal, kv_heads)
+        assert attn.scored_pairs(n, causal) == int(dense_mask(attn.pattern(n, causal), n).sum())
+
+
 def check_against_reference(attn, n: int, causal: bool, kv_heads: int = 2) -> None:
     """Forward and gradients of `attn` equal the dense float64 reference of its pattern."""
     q, k, v = qkv(q_heads=4, kv_heads=kv_heads, n=n, dtype=torch.float64, seed=n,

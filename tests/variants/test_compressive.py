@@ -6,32 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import qkv
+from conftest import check_gradients, padding_mask, qkv
 
 import attn_zoo
 from attn_zoo.reference import PooledKeys, dense_mask, reference_attention
 from experiments.measure import peak_memory
-
-
-def padding_mask(batch: int, n: int, seed: int) -> torch.Tensor:
-    """(batch, n) bool: random real keys in row 0 with a padded stretch covering whole blocks
-    and groups, every key real in row 1, none in the last row."""
-    real = torch.rand(batch, n, generator=torch.Generator().manual_seed(seed)) > 0.3
-    real[0, 20:45] = False
-    real[1] = True
-    real[-1] = False
-    return real
-
-
-def check_gradients(out, expected, inputs) -> None:
-    grad = torch.randn_like(out)
-    grads = torch.autograd.grad(out, inputs, grad, allow_unused=True)
-    expected_grads = torch.autograd.grad(expected, inputs, grad, allow_unused=True)
-    for got, want, x in zip(grads, expected_grads, inputs, strict=True):
-        # a conv tap that no query reaches gets no gradient at all from the engine
-        got = torch.zeros_like(x) if got is None else got
-        want = torch.zeros_like(x) if want is None else want
-        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
 
 
 def compressive_reference(q, k, v, real, attn):

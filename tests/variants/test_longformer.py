@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import check_against_reference, qkv
+from conftest import case_id, check_static_pattern, qkv
 
 import attn_zoo
 from attn_zoo.reference import dense_mask
@@ -20,27 +20,11 @@ CASES = [
 ]
 
 
-def case_id(case: tuple[str, dict]) -> str:
-    return case[0] + "-" + "-".join(f"{key}{value}" for key, value in case[1].items())
-
-
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-@pytest.mark.parametrize("n", [1, 97, 300])
-def test_matches_dense_reference(case, n):
+@pytest.mark.parametrize("n", [1, 23, 97, 300])
+def test_matches_dense_reference_and_counts_its_pairs(case, n):
     name, params = case
-    attn = attn_zoo.build(name, **params)
-    for causal, kv_heads in ((False, 2), (True, 1)):
-        check_against_reference(attn, n, causal, kv_heads)
-
-
-@pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_flops_count_the_pattern(case):
-    name, params = case
-    attn = attn_zoo.build(name, **params)
-    for n in (1, 23, 97, 300):
-        for causal in (False, True):
-            pairs = int(dense_mask(attn.pattern(n, causal), n).sum())
-            assert attn.scored_pairs(n, causal) == pairs, (n, causal)
+    check_static_pattern(attn_zoo.build(name, **params), n)
 
 
 def test_longformer_dilation_skips_the_keys_between():

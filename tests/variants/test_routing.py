@@ -10,38 +10,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import qkv
+from conftest import attention_and_lse, check_shared_qk_gradients, padding, params_id, qkv
 
 import attn_zoo
-from attn_zoo.reference import reference_attention
-
-
-def padding(batch: int, n: int, seed: int) -> torch.Tensor:
-    """(batch, n) bool, about a quarter padded; the last batch row entirely padded."""
-    real = torch.rand(batch, n, generator=torch.Generator().manual_seed(seed)) > 0.25
-    real[-1] = False
-    return real
-
-
-def attention_and_lse(q, keys, v, allowed, real, scale):
-    """Dense float64 attention of q (B, H, N, D) over keys, v (B, H, N, D): out and lse; a row
-    with no allowed key has out 0 and lse -inf (with finite gradients)."""
-    out = reference_attention(q, keys, v, allowed, scale=scale, key_padding_mask=real)
-    allowed = allowed & real[:, None, None, :]
-    has_key = allowed.any(-1)
-    scores = (q @ keys.transpose(-1, -2) * scale).masked_fill(~allowed, float("-inf"))
-    lse = torch.logsumexp(scores.masked_fill(~has_key[..., None], 0.0), dim=-1)
-    return out, lse.masked_fill(~has_key, float("-inf"))
-
-
-def check_gradients(out, expected, q, k, v):
-    """Gradients of out and expected for a random output gradient agree; k's is zero."""
-    grad = torch.randn_like(out)
-    got = torch.autograd.grad(out, (q, k, v), grad)
-    want = torch.autograd.grad(expected, (q, v), grad)
-    torch.testing.assert_close(got[0], want[0], atol=1e-10, rtol=1e-10)
-    torch.testing.assert_close(got[2], want[1], atol=1e-10, rtol=1e-10)
-    assert torch.equal(got[1], torch.zeros_like(k))
 
 
 def routing_reference(attn, q, v, causal, real):
@@ -70,11 +41,7 @@ ROUTING_CASES = [
 ]
 
 
-def case_id(params: dict) -> str:
-    return "-".join(f"{key}{value}" for key, value in params.items())
-
-
-@pytest.mark.parametrize("params", ROUTING_CASES, ids=case_id)
+@pytest.mark.parametrize("params", ROUTING_CASES, ids=params_id)
 @pytest.mark.parametrize("n", [1, 97, 300])
 def test_routing_matches_dense_reference(params, n):
     torch.manual_seed(n)
@@ -87,7 +54,7 @@ def test_routing_matches_dense_reference(params, n):
         expected = routing_reference(attn, q, v, causal, real)
         torch.testing.assert_close(out, expected, atol=1e-10, rtol=1e-10)
         assert torch.equal(out[-1], torch.zeros_like(out[-1]))
-        check_gradients(out, expected, q, k, v)
+        check_shared_qk_gradients(out, expected, q, k, v)
 
 
 def test_routing_one_cluster_of_everything_is_full_attention():
