@@ -209,10 +209,10 @@ def _grad_kv_kernel(
 
     REPAIR (a second launch after the first): only the key tiles flagged in `Repair` (per kv
     head and key tile) run, and rewrite their gradients with keys holding inf or NaN
-    (`BadKeys`) read as zeros and zero probabilities carrying nothing, so a row with a NaN
-    delta (one that sees such a key) reaches only the keys it sees (in the first launch,
-    0 * NaN reaches the whole tile). The others exit at once; the first launch keeps its
-    registers.
+    (`BadKeys`) read as zeros and NaN deltas as zeros (`Delta` is such a copy), so a row that sees such a key (NaN
+    lse and delta) reaches only the keys it sees through its NaN probabilities (in the first
+    launch, 0 * NaN reaches the whole tile). The others exit at once; the first launch keeps
+    its registers.
     """
     tl.static_assert(BLOCK_M % SUB_M == 0)
     key_tile = tl.program_id(0)
@@ -289,8 +289,6 @@ def _grad_kv_kernel(
                                 input_precision=DOT_PRECISION)
                 grad_p_t = tl.dot(v, tl.trans(grad_out), input_precision=DOT_PRECISION)
                 grad_s_t = p_t * (grad_p_t - delta[None, :])
-                if REPAIR:
-                    grad_s_t = tl.where(p_t == 0.0, 0.0, grad_s_t)
                 grad_k = tl.dot(grad_s_t.to(q.dtype), q, grad_k, input_precision=DOT_PRECISION)
                 if BIAS_GRAD:
                     grad_bias += tl.sum(grad_s_t, 1)
@@ -643,8 +641,15 @@ def _backward(grad_out, grad_lse, q, k, v, out, lse, layout_tensors, key_padding
             (_grad_q_kernel, (kv_count.shape[0], batch * kv_heads * groups), q_args,
              _options(config, "q", q.device), dict(SUB_N=config.sub_n))):
         launch(kernel, grid, *args, REPAIR=False, **constants, **common, **options)
-        launch(kernel, grid, *args, REPAIR=True, **constants, **common,
-               **_repair_options(options, block_m * block_n))
+        if kernel is _grad_kv_kernel:
+            # A row that sees a flagged key has a NaN lse and delta: its probabilities carry
+            # its NaN to the keys it sees, its delta (read as 0) to no other key. The launch
+            # keeps the first one's warps and stages: without spills there.
+            args = (*args[:5], torch.nan_to_num(delta, nan=0.0), *args[6:])
+            launch(kernel, grid, *args, REPAIR=True, **constants, **common, **options)
+        else:
+            launch(kernel, grid, *args, REPAIR=True, **constants, **common,
+                   **_repair_options(options, block_m * block_n))
     grad_bias = grad_bias.sum(1) if bias_grad else grad_bias.new_empty(0)
     return grad_q, grad_k, grad_v, grad_bias
 
