@@ -152,6 +152,8 @@ def _forward_kernel(
     reached = row_sum > 0.0
     safe_sum = tl.where(reached, row_sum, 1.0)
     lse = tl.where(reached, (row_max + tl.log2(safe_sum)) * 0.6931471805599453, float("-inf"))
+    if REPAIR:  # a row that sees such a key has a NaN lse, as its output (the torch engine's)
+        lse = tl.where(row_sum == row_sum, lse, float("nan"))
     out_tile = (Out + batch * stride_ob + kv_in_batch * stride_oh + group * stride_og
                 + first_row * stride_on)
     tl.store(out_tile + row_in_tile[:, None] * stride_on + dims[None, :],
@@ -192,7 +194,7 @@ def _delta_kernel(Out, GradOut, GradLse, Delta,
 @triton.jit(do_not_specialize=_SIZES)
 def _grad_kv_kernel(
     Q, K, V, GradOut, Lse, Delta, GradK, GradV, GradBias, QIndex, QCount, QMask, Masks,
-    KeyPad, KeyBias,
+    KeyPad, KeyBias, BadKeys, Repair,
     stride_qb, stride_qh, stride_qg, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_gb, stride_gh, stride_gg, stride_gn,
     stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
@@ -200,10 +202,18 @@ def _grad_kv_kernel(
     GROUPS, KV_HEADS, HEAD_DIM: tl.constexpr,
     HAS_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_M: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, REPAIR: tl.constexpr,
 ):
     """dK, dV (and this kv head's share of d key_bias) of one key tile, from the query tiles
-    of its G query heads that visit it; transposed scores (BLOCK_N, SUB_M) per step."""
+    of its G query heads that visit it; transposed scores (BLOCK_N, SUB_M) per step.
+
+    REPAIR (a second launch after the first): only the key tiles flagged in `Repair` (per kv
+    head and key tile) run, and rewrite their gradients with keys holding inf or NaN
+    (`BadKeys`) read as zeros and NaN deltas as zeros (`Delta` is such a copy), so a row that sees such a key (NaN
+    lse and delta) reaches only the keys it sees through its NaN probabilities (in the first
+    launch, 0 * NaN reaches the whole tile). The others exit at once; the first launch keeps
+    its registers.
+    """
     tl.static_assert(BLOCK_M % SUB_M == 0)
     key_tile = tl.program_id(0)
     kv_head = tl.program_id(1).to(tl.int64)
@@ -212,14 +222,22 @@ def _grad_kv_kernel(
     col_in_tile = tl.arange(0, BLOCK_N)
     cols = key_tile * BLOCK_N + col_in_tile
     col_ok = cols < M
+    readable = col_ok
+    if REPAIR:
+        hit = tl.load(Repair + kv_head * tl.cdiv(M, BLOCK_N) + key_tile).to(tl.int32)
+        # Nothing loaded or stored without the flag (widened to the keys first: the
+        # interpreter mishandles a scalar mask broadcast).
+        col_ok = col_ok & (tl.zeros((BLOCK_N,), tl.int32) + hit > 0)
+        readable = col_ok & (tl.load(BadKeys + kv_head * M + cols, mask=col_ok, other=0) == 0)
     first_col = (key_tile * BLOCK_N).to(tl.int64)
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < HEAD_DIM
     kv_inside = col_ok[:, None] & dim_ok[None, :]
+    kv_read = readable[:, None] & dim_ok[None, :]
     k = tl.load(K + batch * stride_kb + kv_in_batch * stride_kh + first_col * stride_kn
-                + col_in_tile[:, None] * stride_kn + dims[None, :], mask=kv_inside, other=0.0)
+                + col_in_tile[:, None] * stride_kn + dims[None, :], mask=kv_read, other=0.0)
     v = tl.load(V + batch * stride_vb + kv_in_batch * stride_vh + first_col * stride_vn
-                + col_in_tile[:, None] * stride_vn + dims[None, :], mask=kv_inside, other=0.0)
+                + col_in_tile[:, None] * stride_vn + dims[None, :], mask=kv_read, other=0.0)
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
@@ -232,6 +250,8 @@ def _grad_kv_kernel(
     grad_v = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     grad_bias = tl.zeros((BLOCK_N,), tl.float32)
     count = tl.load(QCount + key_tile)
+    if REPAIR:
+        count = tl.where(hit > 0, count, 0)
     for group in range(GROUPS):
         head = kv_head * GROUPS + group
         q_head = Q + batch * stride_qb + kv_in_batch * stride_qh + group * stride_qg
@@ -285,6 +305,7 @@ def _grad_kv_kernel(
 @triton.jit(do_not_specialize=_SIZES)
 def _grad_q_kernel(
     Q, K, V, GradOut, Lse, Delta, GradQ, KvIndex, KvCount, KvMask, Masks, KeyPad, KeyBias,
+    BadKeys, Repair,
     stride_qb, stride_qh, stride_qg, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_gb, stride_gh, stride_gg, stride_gn,
     stride_dqb, stride_dqh, stride_dqg, stride_dqn,
@@ -292,9 +313,16 @@ def _grad_q_kernel(
     GROUPS, KV_HEADS, HEAD_DIM: tl.constexpr,
     HAS_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, SUB_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, REPAIR: tl.constexpr,
 ):
-    """dQ of one query tile of one query head, over its layout's key tiles, SUB_N keys a step."""
+    """dQ of one query tile of one query head, over its layout's key tiles, SUB_N keys a step.
+
+    REPAIR (a second launch after the first): only the query tiles flagged in `Repair` (per
+    kv head and query tile) run, and rewrite their rows with keys holding inf or NaN
+    (`BadKeys`) read as zeros (a row that sees one has a NaN lse and stays NaN; in the first
+    launch, 0 * NaN reaches the whole tile). The others exit at once; the first launch keeps
+    its registers.
+    """
     tl.static_assert(BLOCK_N % SUB_N == 0)
     tile = tl.program_id(0)
     head = tl.program_id(1).to(tl.int64)
@@ -305,6 +333,9 @@ def _grad_q_kernel(
     row_in_tile = tl.arange(0, BLOCK_M)
     rows = tile * BLOCK_M + row_in_tile
     row_ok = rows < N
+    if REPAIR:
+        hit = tl.load(Repair + kv_head * tl.cdiv(N, BLOCK_M) + tile).to(tl.int32)
+        row_ok = row_ok & (tl.zeros((BLOCK_M,), tl.int32) + hit > 0)  # widened: see dK/dV
     first_row = (tile * BLOCK_M).to(tl.int64)
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < HEAD_DIM
@@ -325,6 +356,8 @@ def _grad_q_kernel(
     v_head = V + batch * stride_vb + kv_in_batch * stride_vh
     grad_q = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     count = tl.load(KvCount + tile)
+    if REPAIR:
+        count = tl.where(hit > 0, count, 0)
     for slot in range(count):
         key_tile = tl.load(KvIndex + tile * kv_width + slot)
         mask_id = tl.load(KvMask + tile * kv_width + slot)
@@ -333,7 +366,11 @@ def _grad_q_kernel(
             cols = key_tile * BLOCK_N + col_in_tile
             col_ok = cols < M
             first_col = (key_tile * BLOCK_N).to(tl.int64)
-            kv_inside = col_ok[:, None] & dim_ok[None, :]
+            readable = col_ok
+            if REPAIR:
+                readable = col_ok & (tl.load(BadKeys + kv_head * M + cols, mask=col_ok,
+                                             other=0) == 0)
+            kv_inside = readable[:, None] & dim_ok[None, :]
             k = tl.load(k_head + first_col * stride_kn + col_in_tile[:, None] * stride_kn
                         + dims[None, :], mask=kv_inside, other=0.0)
             v = tl.load(v_head + first_col * stride_vn + col_in_tile[:, None] * stride_vn
@@ -390,6 +427,13 @@ def bad_keys(k: Tensor, v: Tensor, block_n: int) -> tuple[Tensor, Tensor]:
     keys = flags[0] | flags[1]
     tiles = torch.nn.functional.pad(keys, (0, -m % block_n)).view(batch * heads, -1, block_n)
     return keys, tiles.amax(2)
+
+
+def _visiting(flags: Tensor, index: Tensor, count: Tensor) -> Tensor:
+    """(H, T) uint8: whether tile t lists a tile flagged in `flags` (H, T'); index (T, W)
+    lists the tiles t visits, its first count[t] entries."""
+    listed = torch.arange(index.shape[1], device=index.device) < count[:, None]
+    return (flags[:, index.long()] * listed).amax(2)
 
 
 # -- configs --------------------------------------------------------------------------------
@@ -541,14 +585,19 @@ def _forward(q, k, v, kv_index, kv_count, kv_mask, masks, key_padding_mask, key_
                      **_precision_args(q))
     options = _options(config, "fwd", q.device)
     launch(_forward_kernel, grid, *args, REPAIR=False, **constants, **options)
-    # Tiles that read a key holding inf or NaN are rewritten, at 8 warps and, for tiles of
-    # 1024 pairs or more, one stage: the compile check finds the repair launch without
-    # register spills there.
-    if options:
-        options = {"num_warps": 8,
-                   "num_stages": 1 if block_m * block_n >= 1024 else options["num_stages"]}
-    launch(_forward_kernel, grid, *args, REPAIR=True, **constants, **options)
+    launch(_forward_kernel, grid, *args, REPAIR=True, **constants,
+           **_repair_options(options, block_m * block_n))
     return out, lse
+
+
+def _repair_options(options: dict, tile_pairs: int) -> dict:
+    """Warps and stages of a repair launch (tiles that read a key holding inf or NaN are
+    rewritten): 8 warps and, for tiles of 1024 pairs or more, one stage, where the compile
+    check finds the repair launches without register spills; nothing in the interpreter."""
+    if not options:
+        return options
+    return {"num_warps": 8,
+            "num_stages": 1 if tile_pairs >= 1024 else options["num_stages"]}
 
 
 def _backward(grad_out, grad_lse, q, k, v, out, lse, layout_tensors, key_padding_mask,
@@ -574,16 +623,33 @@ def _backward(grad_out, grad_lse, q, k, v, out, lse, layout_tensors, key_padding
                   HAS_PAD=key_padding_mask is not None, HAS_BIAS=key_bias is not None,
                   BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=width, **_precision_args(q))
     inputs = (*_strides(q), *_strides(k), *_strides(v), *_strides(grad_out))
-    launch(_grad_kv_kernel, (q_count.shape[0], batch * kv_heads),
-           q, k, v, grad_out, lse, delta, grad_k, grad_v, grad_bias, q_index, q_count, q_mask,
-           masks, pad, bias, *inputs, *_strides(grad_k), *_strides(grad_v),
-           n, m, q_index.shape[1], scale * LOG2E, scale,
-           BIAS_GRAD=bias_grad, SUB_M=config.sub_m, **common,
-           **_options(config, "kv", q.device))
-    launch(_grad_q_kernel, (kv_count.shape[0], batch * kv_heads * groups),
-           q, k, v, grad_out, lse, delta, grad_q, kv_index, kv_count, kv_mask, masks, pad, bias,
-           *inputs, *_strides(grad_q), n, m, kv_index.shape[1], scale * LOG2E, scale,
-           SUB_N=config.sub_n, **common, **_options(config, "q", q.device))
+    # A query tile that visits a key holding inf or NaN has rows with NaN lse and delta: its
+    # dQ, and dK/dV of every key tile it visits, are rewritten by a repair launch (no host
+    # synchronisation; for finite inputs an empty launch each).
+    bad, bad_tiles = bad_keys(k, v, block_n)
+    repair_q = _visiting(bad_tiles, kv_index, kv_count)
+    repair_kv = _visiting(repair_q, q_index, q_count)
+    kv_args = (q, k, v, grad_out, lse, delta, grad_k, grad_v, grad_bias, q_index, q_count,
+               q_mask, masks, pad, bias, bad, repair_kv, *inputs, *_strides(grad_k),
+               *_strides(grad_v), n, m, q_index.shape[1], scale * LOG2E, scale)
+    q_args = (q, k, v, grad_out, lse, delta, grad_q, kv_index, kv_count, kv_mask, masks, pad,
+              bias, bad, repair_q, *inputs, *_strides(grad_q), n, m, kv_index.shape[1],
+              scale * LOG2E, scale)
+    for kernel, grid, args, options, constants in (
+            (_grad_kv_kernel, (q_count.shape[0], batch * kv_heads), kv_args,
+             _options(config, "kv", q.device), dict(BIAS_GRAD=bias_grad, SUB_M=config.sub_m)),
+            (_grad_q_kernel, (kv_count.shape[0], batch * kv_heads * groups), q_args,
+             _options(config, "q", q.device), dict(SUB_N=config.sub_n))):
+        launch(kernel, grid, *args, REPAIR=False, **constants, **common, **options)
+        if kernel is _grad_kv_kernel:
+            # A row that sees a flagged key has a NaN lse and delta: its probabilities carry
+            # its NaN to the keys it sees, its delta (read as 0) to no other key. The launch
+            # keeps the first one's warps and stages: without spills there.
+            args = (*args[:5], torch.nan_to_num(delta, nan=0.0), *args[6:])
+            launch(kernel, grid, *args, REPAIR=True, **constants, **common, **options)
+        else:
+            launch(kernel, grid, *args, REPAIR=True, **constants, **common,
+                   **_repair_options(options, block_m * block_n))
     grad_bias = grad_bias.sum(1) if bias_grad else grad_bias.new_empty(0)
     return grad_q, grad_k, grad_v, grad_bias
 

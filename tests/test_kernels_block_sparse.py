@@ -265,3 +265,42 @@ def test_triton_backend_keeps_non_finite_keys_to_the_rows_that_see_them(name, ca
         out = attn(q, bad_k, bad_v, causal=causal)
     assert out[~reached].isfinite().all()
     assert_close(out[~reached], base[~reached], torch.float32)
+
+
+
+
+@pytest.mark.parametrize("target", ["k", "v"])
+def test_kernel_gradients_keep_non_finite_keys_to_the_rows_that_see_them(target):
+    """inf in one key's k, or NaN in its v: dq of the rows that do not see that key, and dk,
+    dv and d key_bias of the keys that none of its rows sees, are finite and as with a finite
+    value there (the backward kernels' repair launches; partial tiles on both sides)."""
+    n, dim, bad = 45, 24, 20
+
+    def pattern(i, j):
+        return ((i - j).abs() <= 6) | (j < 3)
+
+    layout = build_layout(pattern, n, n, 16, 16, DEVICE)
+    q = random(1, 1, 2, n, dim)
+    k, v = random(1, 1, n, dim, seed=1), random(1, 1, n, dim, seed=2)
+    key_bias = random(1, n, seed=3)
+    bad_k, bad_v = k.detach().clone(), v.detach().clone()
+    if target == "k":
+        bad_k[..., bad, :] = float("inf")
+    else:
+        bad_v[..., bad, :] = float("nan")
+    results = []
+    for k_in, v_in in ((k, v), (bad_k.requires_grad_(), bad_v.requires_grad_())):
+        out, _ = layout_attention(q, k_in, v_in, layout, scale=0.3, key_bias=key_bias)
+        weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+        results.append(torch.autograd.grad((out * weight).sum(), (q, k_in, v_in, key_bias)))
+    allowed = pattern(torch.arange(n)[:, None], torch.arange(n)).to(DEVICE)
+    reached = allowed[:, bad]
+    unseen = ~allowed[reached].any(0)
+    assert reached.any() and unseen.any() and (~reached).any()
+    (base_q, *base_keys), (grad_q, *grad_keys) = results
+    assert grad_q[..., reached, :].isnan().all()
+    assert_close(grad_q[..., ~reached, :], base_q[..., ~reached, :], torch.float32)
+    for got, expected in zip(grad_keys, base_keys, strict=True):
+        assert_close(got[..., unseen, :] if got.dim() > 2 else got[..., unseen],
+                     expected[..., unseen, :] if got.dim() > 2 else expected[..., unseen],
+                     torch.float32)
