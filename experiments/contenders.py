@@ -309,8 +309,8 @@ def sdpa(name: str, setting: Setting) -> Contender:
             except RuntimeError as error:
                 if "No viable backend" not in str(error):
                     raise
-                raise NotImplementedError(f"torch offers no {kernel} SDPA kernel for this call "
-                                          f"on {q.device.type}") from error
+                raise ValueError(f"torch offers no {kernel} SDPA kernel for this call "
+                                  f"on {q.device.type}") from error
 
         return forward
 
