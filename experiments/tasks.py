@@ -23,6 +23,13 @@ Every task makes batches of next-token prediction at any sequence length `N`:
   `256 * val_fraction`); windows are drawn at random positions of the split's files joined
   by newlines. Its metric is bits per byte.
 
+Packed rows (`packed_batches`, tasks made of documents: `stdlib_lm`, whose documents are its
+files): an epoch shuffles the split's documents (with `generator`) and concatenates them into
+rows of `seq_len` inputs (`pack_documents`); `batch.document_ids` tells the documents apart and
+a target that starts another document is masked out, so nothing is predicted across a
+boundary. A document that does not fit in what remains of a row continues at the start of the
+next row, as a new document there; every byte is an input once per epoch.
+
 `accuracy` on the synthetic tasks is the fraction of answer positions whose argmax
 prediction is the answer token.
 """
@@ -35,6 +42,7 @@ import hashlib
 import math
 import sysconfig
 from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -46,11 +54,18 @@ SPLITS = ("train", "validation")
 
 @dataclasses.dataclass
 class Batch:
-    """inputs, targets: (B, N) long; mask: (B, N) bool, True where the loss is read."""
+    """inputs, targets: (B, N) long; mask: (B, N) bool, True where the loss is read;
+    document_ids: (B, N) long for packed rows (equal ids = one document), else None."""
 
     inputs: Tensor
     targets: Tensor
     mask: Tensor
+    document_ids: Tensor | None = None
+
+    def head(self, rows: int) -> Batch:
+        """The first `rows` rows."""
+        return Batch(*(None if x is None else x[:rows] for x in (
+            self.inputs, self.targets, self.mask, self.document_ids)))
 
 
 def _require(condition: bool, name: str, value: Any, expected: str) -> None:
@@ -90,10 +105,62 @@ class Task(ABC):
                    split: str) -> tuple[Tensor, Tensor]:
         """(B, N + 1) tokens and (B, N + 1) bool: True at tokens that are answers."""
 
+    def documents(self, split: str) -> list[Tensor]:
+        """The split's documents, (L,) uint8 tokens each; a `ValueError` for tasks without."""
+        raise ValueError(f"packing needs a task made of documents (stdlib_lm), got {self.name}")
+
+    def packed_batches(self, batch_size: int, seq_len: int, generator: torch.Generator,
+                       split: str = "train") -> Iterator[Batch]:
+        """Endless (batch_size, seq_len) batches of packed rows: each epoch packs the split's
+        documents, in an order drawn from `generator`, into rows (`pack_documents`); an epoch's
+        last rows that do not fill a batch are left out."""
+        _positive_int("batch_size", batch_size)
+        _positive_int("seq_len", seq_len)
+        _require(split in SPLITS, "split", split, f"one of {SPLITS}")
+        documents = self.documents(split)
+        lengths = torch.tensor([len(document) for document in documents])
+        rows = (int(lengths.sum()) - 1) // seq_len
+        _require(rows >= batch_size, "batch_size", batch_size,
+                 f"<= {rows}, the rows of {seq_len} tokens the {split} split fills")
+        while True:
+            order = torch.randperm(len(documents), generator=generator)
+            stream = torch.cat([documents[index] for index in order.tolist()])
+            ends = lengths[order].cumsum(0)
+            for first in range(0, rows - batch_size + 1, batch_size):
+                yield _packed_rows(stream, ends, first, batch_size, seq_len)
+
     def config(self) -> dict[str, Any]:
         """The parameters that rebuild this task with `make_task`."""
         return {"name": self.name} | {f.name: getattr(self, f.name)
                                       for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+
+
+def _packed_rows(stream: Tensor, ends: Tensor, first: int, rows: int, seq_len: int) -> Batch:
+    """Rows first .. first + rows - 1 of `stream` (documents back to back; document d ends
+    before `ends[d]`) cut into rows of seq_len inputs, the targets one token further."""
+    positions = first * seq_len + torch.arange(rows * seq_len + 1)
+    tokens = stream[positions].long()
+    ids = torch.searchsorted(ends, positions, right=True)  # empty documents take no place
+    return Batch(tokens[:-1].view(rows, seq_len), tokens[1:].view(rows, seq_len),
+                 (ids[1:] == ids[:-1]).view(rows, seq_len), ids[:-1].view(rows, seq_len))
+
+
+def pack_documents(documents: Sequence[Tensor], seq_len: int) -> Batch:
+    """Documents ((L,) token tensors, in order) packed into every full row of seq_len inputs.
+
+    Row r's inputs are tokens [r N, (r + 1) N) of the documents back to back, its targets the
+    tokens one further; `document_ids` holds each input's index in `documents`. A document
+    that does not fit in what remains of a row continues at the start of the next row, as a
+    new document there (its token at the boundary is the earlier row's last target); `mask` is
+    False where the target is the first token of another document. The tokens after the last
+    full row are left out; empty documents take no place.
+    """
+    _positive_int("seq_len", seq_len)
+    lengths = torch.tensor([len(document) for document in documents], dtype=torch.long)
+    rows = (int(lengths.sum()) - 1) // seq_len
+    _require(rows >= 1, "seq_len", seq_len,
+             f"< {int(lengths.sum())}, the documents' tokens (one row and its last target)")
+    return _packed_rows(torch.cat(list(documents)), lengths.cumsum(0), 0, rows, seq_len)
 
 
 def _random_slots(batch_size: int, n_slots: int, k: int, generator: torch.Generator) -> Tensor:
@@ -296,6 +363,19 @@ class StdlibLM(Task):
                                  "empty")
             corpora[split] = torch.frombuffer(bytearray(text), dtype=torch.uint8)
         return corpora
+
+    @functools.cached_property
+    def _documents(self) -> dict[str, list[Tensor]]:
+        files = _stdlib_files(self.root or stdlib_root())
+        return {split: [torch.frombuffer(bytearray(data), dtype=torch.uint8)
+                        for path, data in files if data
+                        and in_validation(path, self.val_fraction) == (split == "validation")]
+                for split in SPLITS}
+
+    def documents(self, split: str) -> list[Tensor]:
+        """The split's non-empty files, in path order, as (L,) uint8 bytes."""
+        _require(split in SPLITS, "split", split, f"one of {SPLITS}")
+        return self._documents[split]
 
     def check_length(self, seq_len: int) -> None:
         shortest = min(len(corpus) for corpus in self._corpora.values())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from attn_zoo.documents import check_documents
 from experiments import tasks
 from experiments.tasks import make_task
 
@@ -159,3 +160,61 @@ def test_unknown_task_split_or_parameter():
         make_task("mqar").batch(2, 64, gen(), "test")
     with pytest.raises(ValueError, match="batch_size"):
         make_task("mqar").batch(0, 64, gen())
+
+
+def test_packed_rows_hold_every_byte_once_with_contiguous_documents_and_masked_starts():
+    documents = [torch.arange(100, 107), torch.arange(0), torch.arange(200, 203),
+                 torch.arange(1, 2), torch.arange(300, 311)]
+    batch = tasks.pack_documents(documents, 5)
+    stream = torch.cat(documents)
+    ids = torch.repeat_interleave(torch.arange(5), torch.tensor([7, 0, 3, 1, 11]))
+    assert batch.inputs.shape == batch.document_ids.shape == (4, 5)  # (22 - 1) // 5 rows
+    # Every byte is an input once, in order; the targets are the next bytes.
+    assert torch.equal(batch.inputs.flatten(), stream[:20])
+    assert torch.equal(batch.targets.flatten(), stream[1:21])
+    assert torch.equal(batch.document_ids.flatten(), ids[:20])
+    # Contiguous runs per row (check_documents raises otherwise); a document cut by a row's
+    # end (7 bytes in rows of 5; 11 bytes over rows 2 and 3) goes on at the next row's start.
+    check_documents(batch.document_ids, None, 4, 5, batch.inputs.device)
+    assert batch.document_ids[:, 0].tolist() == [0, 0, 3, 4]
+    # Targets that start another document are masked, and only those.
+    assert torch.equal(batch.mask.flatten(), ids[1:21] == ids[:20])
+    assert (~batch.mask).nonzero().tolist() == [[1, 1], [1, 4], [2, 0]]
+    assert batch.targets[~batch.mask].tolist() == [200, 1, 300]
+
+
+def test_packing_needs_one_full_row():
+    with pytest.raises(ValueError, match="seq_len must be < 6"):
+        tasks.pack_documents([torch.arange(6)], 6)
+
+
+def test_an_epoch_of_packed_stdlib_rows_uses_every_byte_of_its_files_once(corpus):
+    task = make_task("stdlib_lm", root=str(corpus), val_fraction=0.25)
+    files = {path: (corpus / path).read_bytes() for path in task.split_files("train")}
+    total = sum(map(len, files.values()))
+    batches = task.packed_batches(4, 64, gen(0))
+    epoch = [next(batches) for _ in range((total - 1) // 64 // 4)]
+    again = task.packed_batches(4, 64, gen(0))
+    assert all(torch.equal(b.inputs, next(again).inputs) for b in epoch)  # seeded
+    pieces: dict[int, bytes] = {}
+    for batch in epoch:
+        for row in range(4):
+            ids = batch.document_ids[row]
+            for doc in ids.unique().tolist():
+                pieces[doc] = pieces.get(doc, b"") + bytes(batch.inputs[row][ids == doc].tolist())
+    # Documents in a shuffled order: whole files, each once; only the epoch's tail is left.
+    assert sum(map(len, pieces.values())) > total - 4 * 64 - 1
+    order = sorted(pieces)
+    assert all(pieces[doc] in files.values() for doc in order[:-1])
+    assert any(files[path].startswith(pieces[order[-1]]) for path in files)
+    assert [pieces[doc] for doc in order[:3]] != [files[p] for p in sorted(files)[:3]]
+    next_epoch = next(batches)
+    assert next_epoch.document_ids[0, 0] == 0 and next_epoch.mask.float().mean() > 0.9
+
+
+def test_packing_a_task_without_documents_or_too_many_rows_is_an_error(corpus):
+    with pytest.raises(ValueError, match="packing needs a task made of documents"):
+        next(make_task("mqar").packed_batches(2, 64, gen()))
+    task = make_task("stdlib_lm", root=str(corpus), val_fraction=0.25)
+    with pytest.raises(ValueError, match="batch_size must be <= "):
+        next(task.packed_batches(1000, 64, gen(), "validation"))
