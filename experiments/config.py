@@ -14,7 +14,8 @@ the wrong type fails when Hydra composes the config, before anything runs:
   the latter generated from the task's dataclass like the attention schemas.
 
 Resolvers: `${hydra_dir:${out_dir}}` (each app's Hydra folder, unique per process),
-`${device_slug:${device}}` (a folder name for the device) and `${floordiv:a,b}`. Call
+`${device_slug:${device}}` (a folder name for the device), `${floordiv:a,b}` and
+`${if:condition,text}` (text when the condition holds, else empty). Call
 `register_configs()` before Hydra composes (the apps do it at import).
 """
 
@@ -122,6 +123,7 @@ class TrainConfig:
     logger: LoggerConfig = MISSING
     sweep_name: str = MISSING
     out_dir: str = MISSING
+    packing: bool = MISSING
     seq_len: int = MISSING
     eval_lens: list[int] = MISSING
     steps: int = MISSING
@@ -244,12 +246,18 @@ def floordiv(a: int, b: int) -> int:
     return int(a) // int(b)
 
 
+def if_(condition: bool, text: str) -> str:
+    """`${if:condition,text}`: text when condition holds, else "" (e.g. a file-name suffix)."""
+    return text if condition else ""
+
+
 @functools.cache
 def register_configs() -> None:
     """Store every schema in Hydra's ConfigStore and the resolvers in OmegaConf (once per
     process)."""
     OmegaConf.register_new_resolver("hydra_dir", hydra_dir, use_cache=True)
     OmegaConf.register_new_resolver("floordiv", floordiv)
+    OmegaConf.register_new_resolver("if", if_)
     OmegaConf.register_new_resolver("device_slug", device_slug)
     store = ConfigStore.instance()
     store.store(group="schema", name="bench", node=BenchConfig)

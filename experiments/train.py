@@ -3,6 +3,7 @@
     python -m experiments.train task=mqar attention=local seq_len=512 out_dir=results/mqar
     python -m experiments.train task=stdlib_lm model=small seq_len=256 steps=2000
     python -m experiments.train task=needle seq_len=512 'eval_lens=[512,1024,2048]'
+    python -m experiments.train task=stdlib_lm packing=true     # files packed into rows
     python -m experiments.train -m --config-name quality     # the quality sweep (conf/quality.yaml)
 
 Configs: `conf/train.yaml` (typed by `experiments.config.TrainConfig`), groups `attention/`
@@ -10,16 +11,21 @@ Configs: `conf/train.yaml` (typed by `experiments.config.TrainConfig`), groups `
 A point trains `TransformerLM(task.vocab_size, **model, attention=...)` for `steps` AdamW
 steps (linear warm-up, cosine decay to a tenth) of `tokens_per_step` tokens each
 (`tokens_per_step // seq_len` sequences), with the loss read on the task's answer positions
-(every position for language models); the module is in train mode. Then, in eval mode under
-`no_grad`, it evaluates `eval_sequences` held-out sequences at each of `eval_lens` (lengths
-longer than `seq_len` measure length extrapolation): `eval_loss` (nats per answer token),
-`accuracy` (synthetic tasks) or `bits_per_byte` (`stdlib_lm`, on its validation files). The
-evaluation data depend on the seed and the length only, so every variant sees the same.
+(every position for language models); the module is in train mode. With `packing=true`
+(tasks made of documents: `stdlib_lm`) the training rows are the task's documents packed into
+rows (`Task.packed_batches`): the model gets their `document_ids`, so attention and positions
+stay inside each document, and no target is predicted across a document boundary; the same
+tokens per step as without. Then, in eval mode under `no_grad`, it evaluates `eval_sequences`
+held-out sequences at each of `eval_lens` (lengths longer than `seq_len` measure length
+extrapolation): `eval_loss` (nats per answer token), `accuracy` (synthetic tasks) or
+`bits_per_byte` (`stdlib_lm`: its validation files packed into rows, each file its own
+document, whether the point trained packed or not). The evaluation data depend on the seed
+and the length only, so every variant and both layouts see the same.
 
 Each (point, eval length) becomes one row appended to `<out_dir>/train.csv`
 (`experiments.results.Table`: typed columns, whole lines under a lock, so parallel jobs share
 it; a malformed line is moved aside with a warning): key (attention, params, model, task,
-task_params, seq_len, eval_len and the budget: steps, tokens_per_step, lr, seed), `status`
+task_params, packing, seq_len, eval_len and the budget: steps, tokens_per_step, lr, seed), `status`
 (ok, oom, unsupported, error) with the message in `error`, metrics and the environment. A
 point whose rows all exist is skipped (failed ones too, unless `retry_failed=true`); at the
 end of a sweep the report (`experiments.report`, joined with `speed_dir`) is written.
@@ -32,13 +38,14 @@ point (offline by default), `train/loss` every `log_every` steps and `eval/<len>
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import math
 import os
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +67,7 @@ from experiments.results import (
     environment,
     error_row,
 )
-from experiments.tasks import Task, bits, make_task
+from experiments.tasks import Batch, Task, bits, make_task
 from experiments.wandb_logger import start_run
 
 log = logging.getLogger(__name__)
@@ -69,12 +76,13 @@ CSV_NAME = "train.csv"
 CHECKPOINT_FORMAT = "attn_zoo.train/1"
 CHECKPOINT_KEYS = ("model", "model_kwargs", "task", "config")
 BUDGET = {"steps": int, "tokens_per_step": int, "lr": float, "seed": int}
-KEY = ("attention", "params", "model", "task", "task_params", "seq_len", "eval_len", *BUDGET)
+KEY = ("attention", "params", "model", "task", "task_params", "packing", "seq_len", "eval_len",
+       *BUDGET)
 METRICS = {"eval_loss": float, "accuracy": float, "bits_per_byte": float, "train_loss": float,
            "train_seconds": float, "train_tokens_per_s": float, "eval_seconds": float,
            "n_params": int, "train_tokens": int}
 COLUMNS = ({"attention": str, "params": str, "model": str, "task": str, "task_params": str,
-            "seq_len": int, "eval_len": int} | BUDGET | STATUS_COLUMNS | METRICS
+            "packing": bool, "seq_len": int, "eval_len": int} | BUDGET | STATUS_COLUMNS | METRICS
            | ENVIRONMENT_COLUMNS)
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 EVAL_SEED_OFFSET = 1_000_003  # evaluation data: a stream apart from the training data
@@ -111,7 +119,7 @@ def point_of(cfg: DictConfig) -> dict[str, Any]:
             "params": json.dumps(attention_params(cfg.attention), sort_keys=True),
             "model": cfg.model.name, "task": cfg.task.name,
             "task_params": json.dumps(task_params(cfg), sort_keys=True),
-            "seq_len": cfg.seq_len} | {axis: cfg[axis] for axis in BUDGET}
+            "packing": cfg.packing, "seq_len": cfg.seq_len} | {axis: cfg[axis] for axis in BUDGET}
 
 
 def model_kwargs(cfg: DictConfig, task: Task) -> dict[str, Any]:
@@ -123,6 +131,21 @@ def model_kwargs(cfg: DictConfig, task: Task) -> dict[str, Any]:
 
 
 # -- training and evaluation ----------------------------------------------------------------
+
+
+def logits_of(model: TransformerLM, batch: Batch, device: torch.device) -> torch.Tensor:
+    """The model's (B, N, V) logits of the batch's inputs (packed rows with their documents)."""
+    ids = batch.document_ids
+    return model(batch.inputs.to(device), document_ids=None if ids is None else ids.to(device))
+
+
+def training_batches(task: Task, rows: int, cfg: DictConfig,
+                     generator: torch.Generator) -> Iterator[Batch]:
+    """Endless training batches of `rows` sequences: packed rows with `packing`, else
+    `task.batch` draws."""
+    if cfg.packing:
+        return task.packed_batches(rows, cfg.seq_len, generator, "train")
+    return (task.batch(rows, cfg.seq_len, generator, "train") for _ in itertools.count())
 
 
 def answer_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -158,15 +181,14 @@ def train_model(cfg: DictConfig, task: Task, model: TransformerLM, device: torch
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}],
                                   lr=cfg.lr, betas=(0.9, 0.98))
-    generator = torch.Generator().manual_seed(cfg.seed)
+    batches = training_batches(task, rows, cfg, torch.Generator().manual_seed(cfg.seed))
     model.train()
     losses = []
     started = time.perf_counter()
-    for step in range(cfg.steps):
+    for step, batch in zip(range(cfg.steps), batches):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, cfg)
-        batch = task.batch(rows, cfg.seq_len, generator, "train")
-        loss = answer_loss(model(batch.inputs.to(device)), batch.targets.to(device),
+        loss = answer_loss(logits_of(model, batch, device), batch.targets.to(device),
                            batch.mask.to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -194,17 +216,22 @@ def evaluate(model: TransformerLM, task: Task, seq_len: int, sequences: int, tok
     eval_loss: mean nats per answer token; accuracy: argmax hits on answer tokens (synthetic
     tasks); bits_per_byte: eval_loss in bits (text). Batches of `tokens_per_batch // seq_len`
     (at least one) sequences drawn from the validation split with a generator seeded by
-    `seed` and `seq_len` only.
+    `seed` and `seq_len` only; text: the validation files packed into rows, each file a
+    document (`Task.packed_batches`).
     """
     generator = torch.Generator().manual_seed(seed + EVAL_SEED_OFFSET * seq_len)
     rows = max(1, tokens_per_batch // seq_len)
+    packed = (task.packed_batches(min(rows, sequences), seq_len, generator, "validation")
+              if task.is_text else None)
     total_loss, hits, count, done = 0.0, 0, 0, 0
     started = time.perf_counter()
     model.eval()
     with torch.no_grad():
         while done < sequences:
-            batch = task.batch(min(rows, sequences - done), seq_len, generator, "validation")
-            logits = model(batch.inputs.to(device))
+            size = min(rows, sequences - done)
+            batch = (task.batch(size, seq_len, generator, "validation") if packed is None
+                     else next(packed).head(size))
+            logits = logits_of(model, batch, device)
             mask, targets = batch.mask.to(device), batch.targets.to(device)
             answers = logits[mask].float()
             total_loss += F.cross_entropy(answers, targets[mask], reduction="sum").item()
@@ -319,8 +346,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         return {"rows": earlier, "status": overall(earlier), "skipped": True}
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
-    wandb_run = start_run(cfg.logger, name=f"{point['task']}-{point['attention']}-n{cfg.seq_len}",
-                          group=cfg.sweep_name, job_type="train", dir=cfg.out_dir,
+    name = f"{point['task']}-{point['attention']}-n{cfg.seq_len}" + "-packed" * cfg.packing
+    wandb_run = start_run(cfg.logger, name=name, group=cfg.sweep_name, job_type="train", dir=cfg.out_dir,
                           config=plain(cfg))
     common: dict[str, Any] = {}
     try:
@@ -386,7 +413,7 @@ register_configs()
 @hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> dict[str, Any]:
     result = run(cfg)
-    columns = ("task", "attention", "seq_len", "eval_len", "status", "accuracy",
+    columns = ("task", "attention", "packing", "seq_len", "eval_len", "status", "accuracy",
                "bits_per_byte", "eval_loss", "train_loss", "train_seconds")
     frame = pd.DataFrame(result["rows"])
     print(text_table(frame[[c for c in columns if c in frame]]), flush=True)

@@ -16,6 +16,7 @@ from experiments.config import register_configs
 from experiments.tasks import make_task
 from experiments.wandb_logger import read_offline_run
 from tests.test_conf import CONF
+from tests.test_tasks import corpus  # noqa: F401 (a fixture)
 
 TINY = ["model.dim=16", "model.depth=2", "model.heads=2", "seq_len=32", "steps=3",
         "tokens_per_step=64", "eval_sequences=4", "warmup_steps=1", "threads=1",
@@ -186,3 +187,54 @@ def test_zero_threads_is_an_error_before_anything_runs(tiny, tmp_path):
     with pytest.raises(ValueError, match="threads must be >= 1 or null, got 0"):
         train.run(tiny("threads=0"))
     assert not (tmp_path / "train.csv").exists()
+
+
+@pytest.fixture
+def text(tmp_path, corpus):
+    """A tiny stdlib_lm point on the `corpus` files: overrides -> its composed config."""
+    def make(*overrides: str):
+        return composed(*[o for o in TINY if not o.startswith("task.")], "task=stdlib_lm",
+                        f"task.root={corpus}", "task.val_fraction=0.25", f"out_dir={tmp_path}",
+                        "logger=none", *overrides)
+    return make
+
+
+def test_packed_and_unpacked_text_points_train_equal_tokens_and_share_the_evaluation(
+        text, tmp_path):
+    packed = train.run(text("packing=true"))
+    plain = train.run(text())
+    assert packed["status"] == plain["status"] == "ok"
+    written = train.table(tmp_path).read()
+    assert written["packing"].tolist() == [True, False]
+    assert written["train_tokens"].tolist() == [3 * 64, 3 * 64]
+    assert written["bits_per_byte"].between(0, 16).all()
+    # Both layouts' checkpoints are kept, and each is a done point of its own.
+    assert (tmp_path / "checkpoints" / "stdlib_lm-full-n32-packed.pt").is_file()
+    assert (tmp_path / "checkpoints" / "stdlib_lm-full-n32.pt").is_file()
+    assert train.run(text("packing=true"))["skipped"]
+    # The evaluation is the held-out files packed into rows, whichever layout trained.
+    model, task, _ = train.load_checkpoint(tmp_path / "checkpoints" / "stdlib_lm-full-n32.pt")
+    metrics = train.evaluate(model, task, 32, 4, 64, 0, torch.device("cpu"))
+    assert metrics["bits_per_byte"] == pytest.approx(written["bits_per_byte"].iloc[1], rel=1e-5)
+
+
+def test_packed_training_gives_the_model_the_rows_documents(text, monkeypatch):
+    seen = []
+    forward = train.TransformerLM.forward
+
+    def recording(model, tokens, **options):
+        seen.append(options["document_ids"])
+        return forward(model, tokens, **options)
+
+    monkeypatch.setattr(train.TransformerLM, "forward", recording)
+    train.run(text("packing=true", "checkpoint=null", "steps=20"))
+    assert len(seen) == 20 + 2  # the steps, then two evaluation batches
+    assert all(ids.shape == (2, 32) for ids in seen)
+    assert any(ids[:, 1:].ne(ids[:, :-1]).any() for ids in seen)  # a row of two documents
+
+
+def test_packing_a_task_without_documents_is_an_error_row(tiny):
+    result = train.run(tiny("packing=true", "checkpoint=null"))
+    assert result["status"] == "unsupported"
+    assert "packing needs a task made of documents (stdlib_lm), got mqar" in result["rows"][0][
+        "error"]
