@@ -107,16 +107,22 @@ class Table:
     columns: name -> one of `COLUMN_TYPES`; key: the columns that identify a row.
     extra: the type of columns found in rows or in the file but not in `columns` (e.g. a
     variant's own parameters), or None to refuse them.
+    defaults: column -> the value an empty cell reads as: what rows written before the
+    column existed meant (so that they stay done points).
     """
 
     def __init__(self, path: str | os.PathLike, columns: Mapping[str, type],
-                 key: Sequence[str], *, extra: type | None = None) -> None:
+                 key: Sequence[str], *, extra: type | None = None,
+                 defaults: Mapping[str, Any] | None = None) -> None:
         self.path = Path(path)
         if not self.path.name:
             raise ValueError(f"path must name a file, got {str(path)!r}")
         self.columns = dict(columns)
         self.key = tuple(key)
         self.extra = extra
+        self.defaults = dict(defaults or {})
+        for name, value in self.defaults.items():
+            _format(value, self._type(name), name)  # a TypeError when it is not of the column
         for name, kind in [*self.columns.items(), ("extra", extra)]:
             if kind not in COLUMN_TYPES and not (name == "extra" and kind is None):
                 raise TypeError(f"column {name!r} must have a type in {COLUMN_TYPES}, got {kind}")
@@ -131,7 +137,7 @@ class Table:
         with self._locked():
             header, records = self._load()
         names = list(self.columns) + [name for name in header if name not in self.columns]
-        absent = {name: _parse("", self._type(name), name) for name in names}
+        absent = {name: self._parse("", name) for name in names}
         frame = pd.DataFrame([absent | record for record in records], columns=names)
         return frame.astype({name: _PANDAS_DTYPES[self._type(name)] for name in names})
 
@@ -172,6 +178,11 @@ class Table:
     def _type(self, name: str) -> type:
         return self.columns.get(name) or self.extra or str
 
+    def _parse(self, text: str, name: str) -> Any:
+        if text == "" and name in self.defaults:
+            return self.defaults[name]
+        return _parse(text, self._type(name), name)
+
     def _key_text(self, row: Mapping[str, Any]) -> tuple[str, ...]:
         return tuple(_format(row.get(name), self.columns[name], name) for name in self.key)
 
@@ -206,7 +217,7 @@ class Table:
                 if len(fields) != len(header):
                     raise MalformedLine(f"{len(fields)} fields where the header has "
                                         f"{len(header)}")
-                records.append({name: _parse(value, self._type(name), name)
+                records.append({name: self._parse(value, name)
                                 for name, value in zip(header, fields, strict=True)})
                 good.append(fields)
             except MalformedLine as error:

@@ -84,6 +84,8 @@ METRICS = {"eval_loss": float, "accuracy": float, "bits_per_byte": float, "train
 COLUMNS = ({"attention": str, "params": str, "model": str, "task": str, "task_params": str,
             "packing": bool, "seq_len": int, "eval_len": int} | BUDGET | STATUS_COLUMNS | METRICS
            | ENVIRONMENT_COLUMNS)
+DEFAULTS = {"packing": False}
+"""What rows written before a column existed meant."""
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 EVAL_SEED_OFFSET = 1_000_003  # evaluation data: a stream apart from the training data
 
@@ -309,7 +311,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
 
 def table(out_dir: str | Path) -> Table:
     """The results table `<out_dir>/train.csv`."""
-    return Table(Path(out_dir) / CSV_NAME, COLUMNS, KEY)
+    return Table(Path(out_dir) / CSV_NAME, COLUMNS, KEY, defaults=DEFAULTS)
 
 
 def done_rows(out_dir: Path, points: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]] | None:

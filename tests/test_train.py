@@ -238,3 +238,11 @@ def test_packing_a_task_without_documents_is_an_error_row(tiny):
     assert result["status"] == "unsupported"
     assert "packing needs a task made of documents (stdlib_lm), got mqar" in result["rows"][0][
         "error"]
+
+
+def test_rows_written_before_the_packing_column_are_unpacked_done_points(tiny, tmp_path):
+    train.run(tiny("checkpoint=null"))
+    rows = pd.read_csv(tmp_path / "train.csv").drop(columns="packing")
+    rows.to_csv(tmp_path / "train.csv", index=False)
+    assert train.run(tiny("checkpoint=null"))["skipped"]
+    assert train.table(tmp_path).read()["packing"].tolist() == [False]
