@@ -4,6 +4,7 @@
     python -m experiments.bench -m               # the default sweep: every variant x 1K..16K
     python -m experiments.bench -m bench=cpu_local                 # a preset (conf/bench/)
     python -m experiments.bench -m attention=full,local contender=attn_zoo,sdpa seq_len=[1024,4096]
+    python -m experiments.bench -m bench=cpu_packed      # packed vs padded documents
 
 Configs: `conf/bench.yaml` (typed by `experiments.config.BenchConfig`, checked by `validate`
 before anything is measured) and the presets `conf/bench/<name>.yaml` (`bench=<name>`). A job
@@ -30,6 +31,12 @@ increasing order, for (B, heads, N, D) queries and (B, kv_heads, N, D) keys and 
   matmul rate in the dtype, once per process); `useful_tflops`, `tokens_per_s` of the
   forward+backward when measured, else of the forward.
 * `batch`: `batch`, or max(1, `tokens` // N) when `tokens` is set.
+* `layout`: `plain` (the above: rows of N tokens), or the same N tokens as `docs` documents of
+  random lengths (>= 1, summing to N, drawn from `seed` and N; `doc_lens`): `packed` in one
+  row with `document_ids` (batch 1), `padded` as a row per document, padded to the longest,
+  with `key_padding_mask` (batch `docs`). Useful FLOPs and tokens count the documents' own
+  (padding does no useful work); the check runs the layout at N = `check_n`, a packed call
+  against per-document calls of the reference, padded rows compared at their real tokens.
 
 Each length is one row appended to `<out_dir>/bench.csv` (`experiments.results.Table`: typed
 columns, locked appends, so parallel and SLURM jobs share it) with the variant's parameters as
@@ -44,6 +51,7 @@ lengths still to measure; `max_minutes` stops starting lengths after that long i
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import functools
 import json
@@ -94,6 +102,8 @@ os.environ.setdefault("KINETO_LOG_LEVEL", "6")
 
 CSV_NAME = "bench.csv"
 KEY = ("contender", "attention", "params", "seq_len", *BENCH_AXES)
+DEFAULTS = {"layout": "plain"}
+"""What rows written before a column existed meant (so that they stay done)."""
 METRICS = ("fwd_ms", "fwd_bwd_ms", "peak_mem_mib", "fwd_peak_mib", "fwd_bwd_peak_mib",
            "useful_tflops", "fwd_tflops", "fwd_bwd_tflops", "tokens_per_s",
            "matmul_peak_tflops", "first_call_s")
@@ -102,7 +112,7 @@ LAYOUT_COLUMNS = {"block_m": int, "block_n": int, "visited_tiles": int, "dense_t
 COLUMNS: dict[str, type] = {
     "contender": str, "attention": str, "params": str, "seq_len": int, "batch": int,
     "heads": int, "kv_heads": int, "head_dim": int, "dtype": str, "device": str, "causal": bool,
-    "backend": str, "mode": str, **STATUS_COLUMNS, **dict.fromkeys(METRICS, float),
+    "backend": str, "mode": str, "layout": str, "docs": int, "doc_lens": str, **STATUS_COLUMNS, **dict.fromkeys(METRICS, float),
     "check_error": float, "check_n": int, "check_against": str, "resolved_backend": str,
     **LAYOUT_COLUMNS, **ENVIRONMENT_COLUMNS,
 }
@@ -148,8 +158,14 @@ def validate(cfg: DictConfig) -> None:
             "a length >= 1 or a non-empty list of them")
     require(str(cfg.out_dir).strip() != "", "out_dir", "a folder path (not empty)")
     require(cfg.contender in CONTENDERS, "contender", f"one of {', '.join(sorted(CONTENDERS))}")
-    for name in ("batch", "heads", "kv_heads", "head_dim", "repeats", "check_n"):
+    for name in ("batch", "heads", "kv_heads", "head_dim", "repeats", "check_n", "docs"):
         require(cfg[name] >= 1, name, ">= 1")
+    if cfg.layout.name != "plain":
+        shortest = min([*values, cfg.check_n])
+        require(cfg.docs <= shortest, "docs",
+                f"<= every seq_len and check_n ({shortest}) with layout={cfg.layout.name}")
+        require(cfg.batch == 1 and cfg.tokens is None, "batch",
+                f"1, with tokens null, for layout={cfg.layout.name} (its rows are its documents)")
     require(cfg.heads % cfg.kv_heads == 0, "kv_heads", f"a divisor of heads ({cfg.heads})")
     require(cfg.warmup >= 0, "warmup", ">= 0")
     for name in ("tokens", "threads"):
@@ -199,7 +215,50 @@ def param_columns(attention: str, params: Mapping[str, Any]) -> dict[str, type]:
 
 
 def batch_at(cfg: DictConfig, n: int) -> int:
+    if cfg.layout.name != "plain":
+        return {"packed": 1, "padded": cfg.docs}[cfg.layout.name]
     return cfg.batch if cfg.tokens is None else max(1, cfg.tokens // n)
+
+
+def document_lengths(n: int, docs: int, seed: int) -> list[int]:
+    """`docs` random lengths >= 1 summing to n: cuts at docs - 1 distinct positions of
+    1 .. n - 1 drawn from `seed`."""
+    generator = torch.Generator().manual_seed(seed)
+    cuts = (torch.randperm(n - 1, generator=generator)[:docs - 1] + 1).sort().values
+    return torch.cat([cuts, torch.tensor([n])]).diff(prepend=torch.tensor([0])).tolist()
+
+
+@dataclasses.dataclass
+class Rows:
+    """A point's inputs: `batch` rows of `length` positions, the call's `masks`, `real` (B, L)
+    bool where the tokens are real (None: every one) and the document lengths (plain: none)."""
+
+    batch: int
+    length: int
+    masks: dict[str, torch.Tensor]
+    real: torch.Tensor | None
+    lengths: list[int]
+
+
+def layout_rows(cfg: DictConfig, n: int, batch: int, device: torch.device) -> Rows:
+    """The rows of N tokens in `cfg.layout` (`batch` rows when plain)."""
+    if cfg.layout.name == "plain":
+        return Rows(batch, n, {}, None, [])
+    lengths = document_lengths(n, cfg.docs, cfg.seed)
+    if cfg.layout.name == "packed":
+        ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+        return Rows(1, n, {"document_ids": ids[None].to(device)}, None, lengths)
+    real = (torch.arange(max(lengths)) < torch.tensor(lengths)[:, None]).to(device)
+    return Rows(len(lengths), max(lengths), {"key_padding_mask": real}, real, lengths)
+
+
+def counted_flops(contender: Contender, cfg: DictConfig, rows: Rows) -> float:
+    """Useful FLOPs of a forward over the rows: the documents' own, or B rows of length L."""
+    count = functools.partial(useful_flops, contender.counted, head_dim=cfg.head_dim,
+                              causal=bool(cfg.causal), heads=cfg.heads)
+    if rows.lengths:
+        return sum(count(length, batch=1) for length in rows.lengths)
+    return count(rows.length, batch=rows.batch)
 
 
 # -- checking and measuring -----------------------------------------------------------------
@@ -223,15 +282,21 @@ def relative_error(got: torch.Tensor | None, expected: torch.Tensor | None,
 
 
 def check(contender: Contender, cfg: DictConfig, device: torch.device) -> dict[str, Any]:
-    """Compare the contender with its reference at N = check_n (B=1); the check columns, or
-    `WrongResult` above the tolerance."""
+    """Compare the contender with its reference at N = check_n (B=1 when plain, else the
+    layout's rows; padded rows at their real tokens); the check columns, or `WrongResult`
+    above the tolerance."""
     n, dtype = cfg.check_n, DTYPES[cfg.dtype.name]
     with_grad = cfg.mode.name != "fwd" and contender.no_backward is None
+    rows = layout_rows(cfg, n, 1, device)
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
-    shapes = [(1, cfg.heads, n, cfg.head_dim), *[(1, cfg.kv_heads, n, cfg.head_dim)] * 2]
+    shapes = [(rows.batch, cfg.heads, rows.length, cfg.head_dim),
+              *[(rows.batch, cfg.kv_heads, rows.length, cfg.head_dim)] * 2]
     inputs = [torch.randn(shape, generator=gen, device=device).to(dtype) for shape in shapes]
     grad_out = torch.randn(shapes[0], generator=gen, device=device).to(dtype)
-    forward = contender.build(n, 1)
+    real = None if rows.real is None else rows.real[:, None, :, None]
+    if real is not None:  # padded queries' outputs are no one's: no gradient flows from them
+        grad_out = grad_out * real
+    forward = contender.build(rows.length, rows.batch)
     results = []
     sides = [(forward, dtype)] + ([] if contender.reference is None
                                   else [(contender.reference, torch.float64)])
@@ -239,10 +304,10 @@ def check(contender: Contender, cfg: DictConfig, device: torch.device) -> dict[s
         leaves = [x.detach().to(work).requires_grad_(with_grad) for x in inputs]
         torch.manual_seed(cfg.seed)  # content-based contenders draw the same choices
         with torch.set_grad_enabled(with_grad):
-            out = call(*leaves)
+            out = call(*leaves, **rows.masks)
         grads = (torch.autograd.grad(out, leaves, grad_out.to(work), allow_unused=True)
                  if with_grad else ())
-        results.append((out, *grads))
+        results.append((out if real is None else torch.where(real, out, 0), *grads))
     names = ("out", "dq", "dk", "dv")[:len(results[0])]
     if contender.reference is None:
         got = results[0]
@@ -287,16 +352,18 @@ def measure_length(contender: Contender, cfg: DictConfig, device: torch.device,
                    n: int, batch: int) -> dict[str, Any]:
     """Times, peak memory and useful TFLOP/s at length n (raises when it cannot run)."""
     dtype, dim = DTYPES[cfg.dtype.name], cfg.head_dim
-    forward = contender.build(n, batch)
+    rows = layout_rows(cfg, n, batch, device)
+    batch, length, masks = rows.batch, rows.length, rows.masks
+    forward = contender.build(length, batch)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    q, grad_out = (torch.randn(batch, cfg.heads, n, dim, generator=gen, dtype=dtype,
+    q, grad_out = (torch.randn(batch, cfg.heads, length, dim, generator=gen, dtype=dtype,
                                device=device) for _ in range(2))
-    k, v = (torch.randn(batch, cfg.kv_heads, n, dim, generator=gen, dtype=dtype, device=device)
-            for _ in range(2))
+    k, v = (torch.randn(batch, cfg.kv_heads, length, dim, generator=gen, dtype=dtype,
+                        device=device) for _ in range(2))
     timing = {"device": device, "warmup": cfg.warmup, "repeats": cfg.repeats,
               "budget_s": cfg.budget_s}
-    forward_flops = useful_flops(contender.counted, n, dim, bool(cfg.causal), batch=batch,
-                                 heads=cfg.heads)
+    forward_flops = counted_flops(contender, cfg, rows)
+    tokens = sum(rows.lengths) or batch * n
     row: dict[str, Any] = {} if contender.layout is None else {
         name: value for name, value in contender.layout(n).items() if name in LAYOUT_COLUMNS}
     torch.manual_seed(cfg.seed)  # content-based contenders draw the same choices every run
@@ -306,7 +373,7 @@ def measure_length(contender: Contender, cfg: DictConfig, device: torch.device,
 
         def infer() -> torch.Tensor:
             with torch.no_grad():
-                return forward(q, k, v)
+                return forward(q, k, v, **masks)
 
         row["first_call_s"] = first_call(infer, device, cfg.call_limit_s)
         seconds = median_time(infer, **timing)
@@ -314,7 +381,7 @@ def measure_length(contender: Contender, cfg: DictConfig, device: torch.device,
         tflops = forward_flops / seconds / 1e12
         row |= {"fwd_ms": seconds * 1e3, "fwd_peak_mib": peak, "fwd_tflops": tflops,
                 "peak_mem_mib": peak, "useful_tflops": tflops,
-                "tokens_per_s": batch * n / seconds}
+                "tokens_per_s": tokens / seconds}
     if cfg.mode.name in ("fwd_bwd", "both"):
         if contender.no_backward is not None:
             notes.append(f"fwd_bwd unavailable: {contender.no_backward}")
@@ -325,7 +392,8 @@ def measure_length(contender: Contender, cfg: DictConfig, device: torch.device,
             def train_step() -> tuple[torch.Tensor | None, ...]:
                 # autograd.grad, not .backward(): nothing accumulates across runs; shared-QK
                 # contenders leave k unused.
-                return torch.autograd.grad(forward(*leaves), leaves, grad_out, allow_unused=True)
+                return torch.autograd.grad(forward(*leaves, **masks), leaves, grad_out,
+                                           allow_unused=True)
 
             first = first_call(train_step, device, cfg.call_limit_s)
             row.setdefault("first_call_s", first)
@@ -335,7 +403,7 @@ def measure_length(contender: Contender, cfg: DictConfig, device: torch.device,
             row |= {"fwd_bwd_ms": seconds * 1e3, "fwd_bwd_peak_mib": peak,
                     "fwd_bwd_tflops": tflops, "useful_tflops": tflops,
                     "peak_mem_mib": max(peak, row.get("fwd_peak_mib", 0.0)),
-                    "tokens_per_s": batch * n / seconds}
+                    "tokens_per_s": tokens / seconds}
             train(contender, False)
     return row | {"status": "ok", "error": "; ".join(notes)}
 
@@ -378,7 +446,8 @@ def prepare(cfg: DictConfig) -> tuple[dict[str, Any], Contender | None, torch.de
     try:
         device = check_device(cfg.device)
         setting = Setting(cfg.attention.name, params, cfg.backend.name, cfg.heads, cfg.kv_heads,
-                          cfg.head_dim, DTYPES[cfg.dtype.name], device, bool(cfg.causal))
+                          cfg.head_dim, DTYPES[cfg.dtype.name], device, bool(cfg.causal),
+                          cfg.layout.name)
         contender = build_contender(cfg.contender, setting)
     except NotApplicable:
         raise
@@ -406,15 +475,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         log.info("%s on %s: not applicable (%s)", cfg.contender, cfg.attention.name, error)
         return {"rows": [], "status": f"not applicable: {error}", "skipped": True}
     columns = COLUMNS | param_columns(identity["attention"], identity["params"])
-    table = Table(Path(cfg.out_dir) / CSV_NAME, columns, KEY)
+    table = Table(Path(cfg.out_dir) / CSV_NAME, columns, KEY, defaults=DEFAULTS)
     base = {**{k: v for k, v in identity.items() if k != "params"},
             "params": json.dumps(identity["params"], sort_keys=True), **identity["params"],
             "heads": cfg.heads, "kv_heads": cfg.kv_heads, "head_dim": cfg.head_dim,
             "dtype": cfg.dtype.name, "device": cfg.device, "causal": bool(cfg.causal),
-            "mode": cfg.mode.name}
+            "mode": cfg.mode.name, "layout": cfg.layout.name,
+            "docs": None if cfg.layout.name == "plain" else cfg.docs}
     done, todo = [], []
     for n in seq_lens(cfg):
         point = base | {"seq_len": n, "batch": batch_at(cfg, n)}
+        if cfg.layout.name != "plain":
+            point["doc_lens"] = json.dumps(document_lengths(n, cfg.docs, cfg.seed))
         earlier = table.done(point)
         if earlier is not None and (earlier["status"] == "ok" or not cfg.retry_failed):
             done.append(earlier)

@@ -42,10 +42,11 @@ from experiments.tasks import TASKS
 Dtype = enum.Enum("Dtype", ["float32", "bfloat16", "float16"])
 Mode = enum.Enum("Mode", ["fwd", "fwd_bwd", "both"])
 Backend = enum.Enum("Backend", list(BACKENDS))
+Layout = enum.Enum("Layout", ["plain", "packed", "padded"])
 WandbMode = enum.Enum("WandbMode", ["offline", "online", "disabled"])
 
 BENCH_AXES = ("batch", "heads", "kv_heads", "head_dim", "dtype", "device", "causal", "backend",
-              "mode")
+              "mode", "layout", "docs")
 """Top-level keys that, with the variant, its parameters and `seq_len`, identify a point."""
 
 
@@ -84,6 +85,8 @@ class BenchConfig:
     causal: bool = MISSING
     backend: Backend = MISSING
     mode: Mode = MISSING
+    layout: Layout = MISSING
+    docs: int = MISSING
     warmup: int = MISSING
     repeats: int = MISSING
     budget_s: float | None = MISSING

@@ -1,9 +1,15 @@
 """Who computes the attention a bench job times: the contenders registry of `experiments.bench`.
 
 A contender turns a `Setting` (the variant and its parameters, heads, head dim, dtype, device,
-direction) into a `Contender`: a forward `(q, k, v) -> out` per length, built outside the
-timing, the variant whose `flops` count its useful work, and the reference its output is
-checked against before timing. Each registers itself with `register_contender`:
+direction, layout) into a `Contender`: a forward `(q, k, v, **masks) -> out` per length, built
+outside the timing, the variant whose `flops` count its useful work, and the reference its
+output is checked against before timing. Each registers itself with `register_contender`.
+The layouts (`experiments.bench`): `plain` rows of N tokens, every contender; `packed` (one row
+of documents, `masks` = `document_ids`) and `padded` (a row per document, padded to the
+longest, `masks` = `key_padding_mask`), the `attn_zoo` contender only: a packed call is checked
+against per-document calls of its reference (dense float64 pattern for static variants, the
+float64 torch backend for the others), except for content-based variants (lsh, routing), whose
+random draws per call only the same packed call in float64 repeats.
 
 * `attn_zoo`: the library's variant on the configured `backend` (auto, torch, triton or the
   library's own `flex`).
@@ -60,7 +66,8 @@ import attn_zoo
 from attn_zoo.reference import dense_mask, reference_attention
 from attn_zoo.registry import get
 
-Forward = Callable[[Tensor, Tensor, Tensor], Tensor]
+Forward = Callable[..., Tensor]
+"""(q, k, v, **masks) -> out: masks are the layout's `document_ids` or `key_padding_mask`."""
 Builder = Callable[["Setting"], "Contender"]
 BENCH_EXTRA = "pip install 'attn-zoo[bench]'"
 CONTENT_QUANTILE = 0.99
@@ -89,6 +96,7 @@ class Setting:
     dtype: torch.dtype
     device: torch.device
     causal: bool
+    layout: str = "plain"
 
 
 @dataclass
@@ -107,6 +115,7 @@ class Contender:
     no_backward: why it has no backward (None when it has one).
     layout: n -> the statistics of the kernel's tile layout at n (triton backend only).
     module: the library module it runs, put in train mode for the forward+backward.
+    layouts: the layouts it runs (`plain` rows, `packed` documents, `padded` documents).
     """
 
     name: str
@@ -122,6 +131,7 @@ class Contender:
     no_backward: str | None = None
     layout: Callable[[int], dict[str, Any]] | None = None
     module: torch.nn.Module | None = None
+    layouts: tuple[str, ...] = ("plain",)
 
 
 CONTENDERS: dict[str, Builder] = {}
@@ -140,12 +150,16 @@ def register_contender(name: str) -> Callable[[Builder], Builder]:
 
 
 def build_contender(name: str, setting: Setting) -> Contender:
-    """The contender `name` for `setting`; `NotApplicable`, `MissingPackage` or the error of a
-    combination it rejects otherwise."""
+    """The contender `name` for `setting`; `NotApplicable` (also for a layout it does not run),
+    `MissingPackage` or the error of a combination it rejects otherwise."""
     if name not in CONTENDERS:
         raise ValueError(f"contender must be one of {', '.join(sorted(CONTENDERS))}, "
                          f"got {name!r}")
-    return CONTENDERS[name](setting)
+    contender = CONTENDERS[name](setting)
+    if setting.layout not in contender.layouts:
+        raise NotApplicable(f"{name} runs the layouts {', '.join(contender.layouts)}, not "
+                            f"{setting.layout}")
+    return contender
 
 
 def require_package(module: str, package: str) -> Any:
@@ -168,23 +182,52 @@ def library_module(setting: Setting, backend: str = "torch") -> attn_zoo.Attenti
 def pattern_reference(attn: attn_zoo.Attention, causal: bool) -> Forward:
     """The float64 dense reference over `attn.pattern(n, causal)` with the variant's scale."""
 
-    def reference(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def reference(q: Tensor, k: Tensor, v: Tensor,
+                  key_padding_mask: Tensor | None = None) -> Tensor:
         n = q.shape[2]
         allowed = dense_mask(attn.pattern(n, causal), n).to(q.device)
-        return reference_attention(q, k, v, allowed, scale=attn.params.scale)
+        return reference_attention(q, k, v, allowed, scale=attn.params.scale,
+                                   key_padding_mask=key_padding_mask)
+
+    return reference
+
+
+def per_document(call: Forward) -> Forward:
+    """`call`, with `document_ids` (1, N): run on each document of the packed row alone, the
+    outputs concatenated (without: `call` itself)."""
+
+    def reference(q: Tensor, k: Tensor, v: Tensor, document_ids: Tensor | None = None,
+                  **masks: Tensor) -> Tensor:
+        if document_ids is None:
+            return call(q, k, v, **masks)
+        if document_ids.shape[0] != 1:
+            raise ValueError(f"document_ids must be one packed row (1, N), got "
+                             f"{tuple(document_ids.shape)}")
+        lengths = torch.unique_consecutive(document_ids[0], return_counts=True)[1].tolist()
+        parts = zip(*(x.split(lengths, dim=2) for x in (q, k, v)), strict=True)
+        return torch.cat([call(*part) for part in parts], dim=2)
 
     return reference
 
 
 def library_reference(attn: attn_zoo.Attention, setting: Setting) -> tuple[Forward, str]:
     """(reference, its name): the dense float64 pattern for static variants, else the variant's
-    torch backend in float64 with the same state (random draws: the caller seeds both)."""
+    torch backend in float64 with the same state (random draws: the caller seeds both); run
+    per document on a packed row, but for content-based variants (their random draws)."""
+    suffix = " per document" if setting.layout == "packed" else ""
     if attn.static_pattern:
-        return pattern_reference(attn, setting.causal), "float64 dense pattern"
+        return per_document(pattern_reference(attn, setting.causal)), (
+            "float64 dense pattern" + suffix)
     twin = attn_zoo.build(attn.name, **attn.params.to_dict() | {"backend": "torch"})
     twin.load_state_dict(attn.state_dict())
     twin = twin.to(device=setting.device, dtype=torch.float64).eval()
-    return (lambda q, k, v: twin(q, k, v, causal=setting.causal)), "float64 torch backend"
+
+    def call(q: Tensor, k: Tensor, v: Tensor, **masks: Tensor) -> Tensor:
+        return twin(q, k, v, causal=setting.causal, **masks)
+
+    if attn.content_based:
+        return call, "float64 torch backend"
+    return per_document(call), "float64 torch backend" + suffix
 
 
 def layout_stats(attn: attn_zoo.Attention, setting: Setting) -> Callable[[int], dict[str, Any]]:
@@ -221,14 +264,15 @@ def library(setting: Setting) -> Contender:
         no_backward = "FlexAttention has no CPU backward"
 
     def build(n: int, batch: int) -> Forward:
-        return lambda q, k, v: attn(q, k, v, causal=setting.causal)
+        return lambda q, k, v, **masks: attn(q, k, v, causal=setting.causal, **masks)
 
     return Contender(
         "attn_zoo", setting.attention, dict(setting.params), setting.backend, resolved, build,
         attn, reference, reference_name,
         quantile=CONTENT_QUANTILE if attn.content_based else None, no_backward=no_backward,
         layout=layout_stats(attn, setting) if resolved == "triton" and attn.static_pattern
-        else None, module=attn)
+        and setting.layout == "plain" else None, module=attn,
+        layouts=("plain", "packed", "padded"))
 
 
 def allow_recompiles() -> None:

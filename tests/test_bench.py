@@ -52,7 +52,7 @@ def test_a_job_is_a_checked_row_per_length_in_increasing_order(tmp_path):
     for row in written:
         assert (row["contender"], row["attention"], row["heads"], row["kv_heads"],
                 row["window"], row["mode"]) == ("attn_zoo", "local", 2, 1, 8, "both")
-        assert json.loads(row["params"]) == {"window": 8, "scale": None}
+        assert json.loads(row["params"]) == {"window": 8, "scale": None, "sinks": 0}
         assert 0 <= row["check_error"] < 1e-5 and row["check_n"] == 40
         assert row["check_against"] == "float64 dense pattern"
         for metric in ("fwd_ms", "fwd_bwd_ms", "peak_mem_mib", "useful_tflops",
@@ -170,7 +170,7 @@ def test_sdpa_rows_are_full_attention_checked_against_the_reference(tmp_path):
     (row,) = result["rows"]
     assert (row["contender"], row["attention"], row["status"]) == ("sdpa", "full", "ok")
     assert row["check_error"] < 1e-5 and row["backend"] == ""
-    assert json.loads(row["params"]) == {"scale": None}
+    assert json.loads(row["params"]) == {"scale": None, "sinks": 0}
 
 
 @pytest.mark.parametrize("contender, backend", [("flex_attention", "auto"),
@@ -269,9 +269,13 @@ def test_cpu_peak_memory_is_per_length_and_grows_with_it(tmp_path):
     ("contender=nope", "contender must be one of"),
     ("device=tpu", "device must be cpu, cuda or cuda:<index>, got 'tpu'"),
     ("out_dir=''", "out_dir must be a folder path (not empty), got ''"),
+    ("docs=0", "docs must be >= 1, got 0"),
+    ("layout=packed docs=41", "docs must be <= every seq_len and check_n (40) with "
+                              "layout=packed, got 41"),
+    ("layout=padded batch=2", "batch must be 1, with tokens null, for layout=padded"),
 ])
 def test_nonsense_settings_fail_before_anything_runs(tmp_path, override, message):
-    cfg = config(tmp_path, "attention=full", override)
+    cfg = config(tmp_path, "attention=full", *override.split())
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")
                        .replace("[", r"\[")):
         bench.validate(cfg)
@@ -369,3 +373,71 @@ def test_two_job_multirun_end_to_end(tmp_path):
         assert run["summary"]["bench/seq_len"] == 64
         assert run["summary"]["bench/fwd_ms"] == pytest.approx(table.loc[(attention, 64),
                                                                          "fwd_ms"])
+
+
+def test_document_lengths_are_seeded_positive_and_sum_to_n():
+    lengths = bench.document_lengths(1000, 16, seed=3)
+    assert len(lengths) == 16 and sum(lengths) == 1000 and min(lengths) >= 1
+    assert lengths == bench.document_lengths(1000, 16, seed=3)
+    assert lengths != bench.document_lengths(1000, 16, seed=4)
+    assert bench.document_lengths(5, 5, seed=0) == [1] * 5
+
+
+@pytest.mark.parametrize("attention", ["local", "hierarchical", "lsh"])
+def test_packed_and_padded_points_hold_the_same_documents_and_are_checked(tmp_path, attention):
+    small = {"local": ["attention.window=8"], "hierarchical": ["attention.block=8"],
+             "lsh": ["attention.bucket_size=8", "attention.n_hashes=2"]}[attention]
+    written = {layout: bench.run(config(tmp_path, f"attention={attention}", *small,
+                                        f"layout={layout}", "docs=5", "seq_len=[97,128]",
+                                        "kv_heads=1"))["rows"]
+               for layout in ("packed", "padded")}
+    for layout, batch in (("packed", 1), ("padded", 5)):
+        for row in written[layout]:
+            assert row["status"] == "ok", row["error"]
+            assert (row["layout"], row["docs"], row["batch"]) == (layout, 5, batch)
+            lengths = json.loads(row["doc_lens"])
+            assert len(lengths) == 5 and sum(lengths) == row["seq_len"]
+            assert row["check_error"] < 1e-5 and row["tokens_per_s"] > 0
+    assert written["packed"][0]["check_against"] == {
+        "local": "float64 dense pattern per document",
+        "hierarchical": "float64 torch backend per document",
+        "lsh": "float64 torch backend"}[attention]  # lsh: its random rotations, packed
+    # Both layouts count the documents' own work: padding is not useful.
+    attn = attn_zoo.build(attention, **{o.split("=")[0][10:]: int(o.split("=")[1])
+                                         for o in small})
+    for packed, padded in zip(written["packed"], written["padded"], strict=True):
+        assert packed["doc_lens"] == padded["doc_lens"]
+        flops = sum(attn.flops(n, 16, True) * 2 for n in json.loads(packed["doc_lens"]))
+        for row in (packed, padded):
+            assert row["fwd_tflops"] * row["fwd_ms"] * 1e9 == pytest.approx(flops)
+    table = rows(tmp_path)
+    assert table["layout"].tolist() == ["packed", "packed", "padded", "padded"]
+
+
+@pytest.mark.parametrize("layout, ignored", [("packed", "document_ids"),
+                                              ("padded", "key_padding_mask")])
+def test_a_contender_that_ignores_the_documents_is_wrong(tmp_path, monkeypatch, layout,
+                                                         ignored):
+    def ignoring(forward, n):
+        return lambda q, k, v, **masks: forward(q, k, v, **{key: value for key, value in
+                                                            masks.items() if key != ignored})
+
+    fake(monkeypatch, "ignoring", ignoring)
+    (row,) = bench.run(config(tmp_path, "attention=local", "attention.window=8",
+                              "contender=ignoring", f"layout={layout}", "docs=4",
+                              "causal=false"))["rows"]  # causal: padding is never seen
+    assert row["status"] == "wrong" and "fwd_ms" not in row
+
+
+def test_only_the_library_runs_packed_and_padded_layouts(tmp_path):
+    result = bench.run(config(tmp_path, "attention=full", "contender=sdpa", "layout=packed"))
+    assert result["rows"] == [] and "not packed" in result["status"]
+
+
+def test_plain_rows_written_before_the_layout_columns_stay_done(tmp_path):
+    first = bench.run(config(tmp_path, "attention=full", "mode=fwd"))
+    rows(tmp_path).drop(columns=["layout", "docs", "doc_lens"]).to_csv(
+        tmp_path / "bench.csv", index=False)
+    again = bench.run(config(tmp_path, "attention=full", "mode=fwd"))
+    assert again["skipped"] and again["rows"][0]["timestamp"] == first["rows"][0]["timestamp"]
+    assert again["rows"][0]["layout"] == "plain"

@@ -103,6 +103,9 @@ PRESETS = {
                    "contender": "attn_zoo,reformer,hf_longformer,hf_bigbird,"
                                 "hf_bigbird_no_dense", "causal": "true,false"},
                   {"device": "cpu", "out_dir": "results/cpu/variants_bench", "check_n": 1024}),
+    "cpu_packed": ({"attention": "glob(*)", "layout": "packed,padded"},
+                   {"device": "cpu", "out_dir": "results/cpu/packed", "seq_len": [16384],
+                    "docs": 16}),
     "gpu": ({"attention": "glob(*)", "contender": "attn_zoo,flex_attention,sdpa",
              "backend": "triton,flex", "head_dim": "64,128"},
             {"device": "cuda", "tokens": 16384, "heads": 32, "repeats": 20}),
