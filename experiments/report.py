@@ -13,7 +13,7 @@ warning and the report goes on). Each table found gets its section; everything g
 `<out>/report.md` (out: the first folder) and the terminal, plots to `<out>/plots/`.
 
 * **speed** (bench.csv), per setting (device, dtype, batch, heads, kv_heads, head_dim,
-  causal, mode): for the forward and, when measured, the forward+backward, time and
+  causal, mode, layout and documents): for the forward and, when measured, the forward+backward, time and
   peak memory as variants x sequence lengths, each with its fitted scaling exponent (slope of
   log value over log N through the ok points), speedup over `full` (its time over the
   variant's), memory ratio to `full`, useful TFLOP/s beside the measured matmul peak; log-log
@@ -22,7 +22,9 @@ warning and the report goes on). Each table found gets its section; everything g
   not the library's (SDPA, FlexAttention, a peer): `local window=128`, `local (sdpa)`.
 * **quality** (train.csv), per task, model and budget: the metric (accuracy, or bits per byte
   for text) as variants x training lengths, the length-extrapolation table when points were
-  evaluated at other lengths, and with `--speed` (a bench folder) the frontier: each
+  evaluated at other lengths (points trained on packed rows are the variant `<variant> packed`,
+  and where both layouts were trained, a table of the metric unpacked vs packed at equal
+  tokens), and with `--speed` (a bench folder) the frontier: each
   (variant, N) beside the attention's forward+backward time and peak memory at that N (the
   speed sweep's last ok row of the same variant and parameters) and whether it is on the
   Pareto frontier of its N. Plots `plots/quality_<task>.png`, `plots/frontier_<task>.png`.
@@ -91,12 +93,13 @@ class Source:
     columns: dict[str, type]
     setting: tuple[str, ...]
     length: str
+    defaults: dict[str, Any] = field(default_factory=dict)
 
 
 _COMMON = {"attention": str, "params": str, "status": str, "error": str, "device_name": str,
            "torch_version": str, "threads": float}
 BENCH_SETTING = ("device", "device_name", "dtype", "heads", "kv_heads", "head_dim", "causal",
-                 "mode")
+                 "mode", "layout", "docs")
 """A speed section's setting, with `batch` (see `speed_settings`)."""
 QUALITY_SETTING = ("task", "task_params", "model", "steps", "tokens_per_step", "lr", "seed")
 DECODE_SETTING = ("vocab_size", "dim", "depth", "heads", "kv_heads", "batch", "dtype", "device",
@@ -105,16 +108,17 @@ SOURCES = {
     "bench": Source("bench.csv", _COMMON | {
         "contender": str, "seq_len": int, "batch": int, "heads": int, "kv_heads": int,
         "head_dim": int, "dtype": str, "device": str, "causal": bool, "backend": str,
-        "mode": str, **dict.fromkeys(
+        "mode": str, "layout": str, "docs": int, **dict.fromkeys(
             ("fwd_ms", "fwd_bwd_ms", "fwd_peak_mib", "fwd_bwd_peak_mib", "peak_mem_mib",
              "useful_tflops", "fwd_tflops", "fwd_bwd_tflops", "matmul_peak_tflops"), float),
         **dict.fromkeys(("block_m", "block_n", "visited_tiles", "dense_tiles"), int)},
-        BENCH_SETTING, "seq_len"),
+        BENCH_SETTING, "seq_len", {"layout": "plain"}),
     "train": Source("train.csv", _COMMON | {
-        "model": str, "task": str, "task_params": str, "seq_len": int, "eval_len": int,
+        "model": str, "task": str, "task_params": str, "packing": bool, "seq_len": int,
+        "eval_len": int, "train_tokens": int,
         "steps": int, "tokens_per_step": int, "lr": float, "seed": int, **dict.fromkeys(
             ("eval_loss", "accuracy", "bits_per_byte", "train_loss", "train_seconds"), float)},
-        (*QUALITY_SETTING, "seq_len"), "eval_len"),
+        (*QUALITY_SETTING, "seq_len"), "eval_len", {"packing": False}),
     "decode": Source("decode.csv", _COMMON | {
         "context": int, "vocab_size": int, "dim": int, "depth": int, "heads": int,
         "kv_heads": int, "batch": int, "dtype": str, "device": str, "prefill_chunk": int,
@@ -159,13 +163,15 @@ def load(folders: Sequence[str | Path], kind: str) -> pd.DataFrame:
     """The typed rows of the `kind` table ("bench", "train" or "decode") of every folder that
     has one, with `folder` and a `variant` label; empty when none has it."""
     source = SOURCES[kind]
-    frames = [Table(Path(folder) / source.csv, source.columns, key=()).read()
-              .assign(folder=str(folder))
+    frames = [Table(Path(folder) / source.csv, source.columns, key=(),
+                    defaults=source.defaults).read().assign(folder=str(folder))
               for folder in folders if (Path(folder) / source.csv).exists()]
     if not frames:
         return pd.DataFrame(columns=[*source.columns, "folder", "variant"])
     rows = pd.concat(frames, ignore_index=True)
     rows["variant"] = variant_labels(rows)
+    if kind == "train":
+        rows.loc[rows["packing"].fillna(False).astype(bool), "variant"] += " packed"
     # A point that failed before reaching the device (a peer's package missing) has no device
     # name: it takes the one of its folder and device, so that it joins their tables.
     for _, group in rows.groupby(["folder", "device"] if "device" in rows else ["folder"]):
@@ -322,11 +328,19 @@ def speed_settings(rows: pd.DataFrame) -> Iterator[tuple[dict[str, Any], pd.Data
 
 
 def setting_slug(setting: Mapping[str, Any]) -> str:
-    """A file-name-safe name of a setting, e.g. `cpu-float32-b1-h8-kv8-d64-causal-both`."""
+    """A file-name-safe name of a setting, e.g. `cpu-float32-b1-h8-kv8-d64-causal-both`
+    (`-packed16` for 16 packed documents)."""
     batch = str(setting["batch"]).replace("..", "-")
     return (f"{str(setting['device']).replace(':', '')}-{setting['dtype']}-b{batch}"
             f"-h{setting['heads']}-kv{setting['kv_heads']}-d{setting['head_dim']}-"
-            f"{'causal' if str(setting['causal']) == 'True' else 'bidir'}-{setting['mode']}")
+            f"{'causal' if str(setting['causal']) == 'True' else 'bidir'}-{setting['mode']}"
+            + ("" if documents(setting) is None else f"-{documents(setting)}"))
+
+
+def documents(setting: Mapping[str, Any]) -> str | None:
+    """`packed16` / `padded16` for a setting of documents, None for plain rows."""
+    layout = setting.get("layout", "plain")
+    return None if layout == "plain" else f"{layout}{setting['docs']}"
 
 
 def speed_section(setting: Mapping[str, Any], rows: pd.DataFrame,
@@ -378,7 +392,9 @@ def speed_title(setting: Mapping[str, Any]) -> str:
             f"heads={setting['heads']} kv_heads={setting['kv_heads']} "
             f"head_dim={setting['head_dim']}, "
             f"{'causal' if str(setting['causal']) == 'True' else 'bidirectional'}, "
-            f"mode={setting['mode']}")
+            f"mode={setting['mode']}"
+            + ("" if documents(setting) is None else
+               f", {setting['docs']} documents {setting['layout']} (N tokens in all)"))
 
 
 def speed_plot(rows: pd.DataFrame, phases: Sequence[str], suffix: str, ylabel: str,
@@ -425,6 +441,24 @@ def log_to_wandb(rows: pd.DataFrame, plots: Sequence[Path], out: Path,
 def quality_metric(rows: pd.DataFrame) -> str:
     """"bits_per_byte" for text tasks, else "accuracy"."""
     return "bits_per_byte" if rows["bits_per_byte"].notna().any() else "accuracy"
+
+
+def packing_table(rows: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """(variant, N) lines of the metric trained unpacked and packed at the same tokens (one
+    section is one budget), where both were; empty otherwise."""
+    ok = rows[(rows["status"] == "ok") & (rows["eval_len"] == rows["seq_len"])]
+    ok = ok.assign(variant=ok["variant"].str.removesuffix(" packed"),
+                   packing=ok["packing"].map({True: "packed", False: "unpacked"}))
+    table = ok.pivot_table(index=["variant", "seq_len"], columns="packing",
+                           values=[metric, "train_tokens"], aggfunc="last")
+    if table.empty or {"packed", "unpacked"} - set(table[metric].columns):
+        return pd.DataFrame()
+    both = table[metric].dropna(subset=["packed", "unpacked"])
+    return pd.DataFrame({
+        "variant": both.index.get_level_values(0), "N": both.index.get_level_values(1),
+        "train tokens": table.loc[both.index, ("train_tokens", "packed")].astype(int).values,
+        "unpacked": both["unpacked"].values, "packed": both["packed"].values,
+        "packed - unpacked": (both["packed"] - both["unpacked"]).values})
 
 
 def extrapolation_table(rows: pd.DataFrame, metric: str) -> pd.DataFrame:
@@ -518,6 +552,10 @@ def quality_section(setting: Mapping[str, Any], rows: pd.DataFrame,
     if (rows["eval_len"] != rows["seq_len"]).any():
         sec.tables.append((f"{label}, train length -> eval length",
                            extrapolation_table(rows, metric)))
+    packing = packing_table(rows, metric)
+    if len(packing):
+        sec.tables.append((f"{label}: trained on unpacked vs packed rows, equal tokens",
+                           packing))
     if speed is not None:
         frontier = frontier_table(rows, speed, metric)
         sec.tables.append((f"frontier: {label} vs attention cost", frontier))

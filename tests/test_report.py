@@ -180,6 +180,46 @@ def test_quality_cli(quality, capsys):
     assert "frontier:" in out and (folder / "report.md").exists()
 
 
+def test_packed_and_unpacked_text_points_get_their_table(tmp_path):
+    def text(attention: str, n: int, bits: float, packing: bool | None, **params) -> dict:
+        values = quality_row(attention, n, math.nan, **params) | {
+            "task": "stdlib_lm", "task_params": "{}", "bits_per_byte": bits,
+            "train_tokens": 40960}
+        return values if packing is None else values | {"packing": packing}
+
+    folder = tmp_path / "text"
+    folder.mkdir()
+    pd.DataFrame([text("full", 1024, 2.5, None), text("full", 1024, 2.4, True),
+                  text("local", 1024, 2.75, False, window=64),
+                  text("local", 1024, 2.5, True, window=64),
+                  text("local", 2048, 2.0, True, window=64)]).to_csv(folder / "train.csv",
+                                                                     index=False)
+    md = report.run([folder]).markdown
+    # A row without the packing column trained unpacked; one layout alone is no comparison.
+    assert "| full | 2.50 |  |" in md and "| full packed | 2.40 |  |" in md
+    assert "| local packed | 2.50 | 2.00 |" in md
+    table = md.split("trained on unpacked vs packed rows, equal tokens")[1]
+    assert "| variant | N | train tokens | unpacked | packed | packed - unpacked |" in table
+    assert "| full | 1024 | 40960 | 2.50 | 2.40 | -0.100 |" in table
+    assert "| local | 1024 | 40960 | 2.75 | 2.50 | -0.250 |" in table
+    assert "2048 |" not in table
+
+
+def test_packed_and_padded_bench_rows_are_settings_of_their_own(tmp_path):
+    documents = {"layout": "packed", "docs": 16, "batch": 1}
+    write(tmp_path / "docs", [row("full", 1024, 1.0, 1.0), row("full", 1024, 2.0, 2.0) | documents,
+                              row("full", 1024, 3.0, 3.0) | documents | {
+                                  "layout": "padded", "batch": 16}])
+    result = report.run([tmp_path / "docs"])
+    assert "head_dim=64, causal, mode=both\n" in result.markdown  # the plain rows
+    assert ", 16 documents packed (N tokens in all)" in result.markdown
+    assert ", 16 documents padded (N tokens in all)" in result.markdown
+    assert {p.name for p in result.plots} >= {
+        "time_cpu-float32-b1-h8-kv8-d64-causal-both.png",
+        "time_cpu-float32-b1-h8-kv8-d64-causal-both-packed16.png",
+        "time_cpu-float32-b16-h8-kv8-d64-causal-both-padded16.png"}
+
+
 # -- every point failed ---------------------------------------------------------------------
 
 
