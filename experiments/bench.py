@@ -32,7 +32,7 @@ increasing order, for (B, heads, N, D) queries and (B, kv_heads, N, D) keys and 
   forward+backward when measured, else of the forward.
 * `batch`: `batch`, or max(1, `tokens` // N) when `tokens` is set.
 * `layout`: `plain` (the above: rows of N tokens), or the same N tokens as `docs` documents of
-  random lengths (>= 1, summing to N, drawn from `seed` and N; `doc_lens`): `packed` in one
+  random lengths (>= 1, summing to N, drawn from `seed`; `doc_lens`): `packed` in one
   row with `document_ids` (batch 1), `padded` as a row per document, padded to the longest,
   with `key_padding_mask` (batch `docs`). Useful FLOPs and tokens count the documents' own
   (padding does no useful work); the check runs the layout at N = `check_n`, a packed call
@@ -112,7 +112,8 @@ LAYOUT_COLUMNS = {"block_m": int, "block_n": int, "visited_tiles": int, "dense_t
 COLUMNS: dict[str, type] = {
     "contender": str, "attention": str, "params": str, "seq_len": int, "batch": int,
     "heads": int, "kv_heads": int, "head_dim": int, "dtype": str, "device": str, "causal": bool,
-    "backend": str, "mode": str, "layout": str, "docs": int, "doc_lens": str, **STATUS_COLUMNS, **dict.fromkeys(METRICS, float),
+    "backend": str, "mode": str, "layout": str, "docs": int, "doc_lens": str,
+    **STATUS_COLUMNS, **dict.fromkeys(METRICS, float),
     "check_error": float, "check_n": int, "check_against": str, "resolved_backend": str,
     **LAYOUT_COLUMNS, **ENVIRONMENT_COLUMNS,
 }

@@ -13,13 +13,14 @@ warning and the report goes on). Each table found gets its section; everything g
 `<out>/report.md` (out: the first folder) and the terminal, plots to `<out>/plots/`.
 
 * **speed** (bench.csv), per setting (device, dtype, batch, heads, kv_heads, head_dim,
-  causal, mode, layout and documents): for the forward and, when measured, the forward+backward, time and
-  peak memory as variants x sequence lengths, each with its fitted scaling exponent (slope of
-  log value over log N through the ok points), speedup over `full` (its time over the
-  variant's), memory ratio to `full`, useful TFLOP/s beside the measured matmul peak; log-log
-  plots `plots/{time,memory}_<setting>.png`. A variant is `attention` plus `key=value` for
-  each parameter (or backend) that varies among its rows, and `(contender)` when the rows are
-  not the library's (SDPA, FlexAttention, a peer): `local window=128`, `local (sdpa)`.
+  causal, mode, layout and documents): for the forward and, when measured, the
+  forward+backward, time and peak memory as variants x sequence lengths, each with its fitted
+  scaling exponent (slope of log value over log N through the ok points), speedup over
+  `full` (its time over the variant's), memory ratio to `full`, useful TFLOP/s beside the
+  measured matmul peak; log-log plots `plots/{time,memory}_<setting>.png`. A variant is
+  `attention` plus `key=value` for each parameter (or backend) that varies among its rows,
+  and `(contender)` when the rows are not the library's (SDPA, FlexAttention, a peer):
+  `local window=128`, `local (sdpa)`.
 * **quality** (train.csv), per task, model and budget: the metric (accuracy, or bits per byte
   for text) as variants x training lengths, the length-extrapolation table when points were
   evaluated at other lengths (points trained on packed rows are the variant `<variant> packed`,

@@ -187,7 +187,7 @@ def train_model(cfg: DictConfig, task: Task, model: TransformerLM, device: torch
     model.train()
     losses = []
     started = time.perf_counter()
-    for step, batch in zip(range(cfg.steps), batches):
+    for step, batch in enumerate(itertools.islice(batches, cfg.steps)):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, cfg)
         loss = answer_loss(logits_of(model, batch, device), batch.targets.to(device),
@@ -349,8 +349,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     name = f"{point['task']}-{point['attention']}-n{cfg.seq_len}" + "-packed" * cfg.packing
-    wandb_run = start_run(cfg.logger, name=name, group=cfg.sweep_name, job_type="train", dir=cfg.out_dir,
-                          config=plain(cfg))
+    wandb_run = start_run(cfg.logger, name=name, group=cfg.sweep_name, job_type="train",
+                          dir=cfg.out_dir, config=plain(cfg))
     common: dict[str, Any] = {}
     try:
         device = check_device(cfg.device)

@@ -14,16 +14,20 @@ def gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def write_corpus(root):
+    """A small tree of .py files standing in for the standard library, under `root`."""
+    for i in range(40):
+        folder = root / f"pkg{i % 4}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"mod{i}.py").write_text(f"def f{i}(x):\n    return x * {i}\n" * 20)
+    (root / "site-packages").mkdir()
+    (root / "site-packages" / "other.py").write_text("not the standard library\n")
+    return root
+
+
 @pytest.fixture
 def corpus(tmp_path):
-    """A small tree of .py files standing in for the standard library."""
-    for i in range(40):
-        folder = tmp_path / f"pkg{i % 4}"
-        folder.mkdir(exist_ok=True)
-        (folder / f"mod{i}.py").write_text(f"def f{i}(x):\n    return x * {i}\n" * 20)
-    (tmp_path / "site-packages").mkdir()
-    (tmp_path / "site-packages" / "other.py").write_text("not the standard library\n")
-    return tmp_path
+    return write_corpus(tmp_path)
 
 
 SYNTHETIC = [("mqar", {"vocab_size": 40, "n_pairs": 6}),

@@ -16,7 +16,7 @@ from experiments.config import register_configs
 from experiments.tasks import make_task
 from experiments.wandb_logger import read_offline_run
 from tests.test_conf import CONF
-from tests.test_tasks import corpus  # noqa: F401 (a fixture)
+from tests.test_tasks import write_corpus
 
 TINY = ["model.dim=16", "model.depth=2", "model.heads=2", "seq_len=32", "steps=3",
         "tokens_per_step=64", "eval_sequences=4", "warmup_steps=1", "threads=1",
@@ -190,8 +190,10 @@ def test_zero_threads_is_an_error_before_anything_runs(tiny, tmp_path):
 
 
 @pytest.fixture
-def text(tmp_path, corpus):
-    """A tiny stdlib_lm point on the `corpus` files: overrides -> its composed config."""
+def text(tmp_path):
+    """A tiny stdlib_lm point on a small corpus: overrides -> its composed config."""
+    corpus = write_corpus(tmp_path / "corpus")
+
     def make(*overrides: str):
         return composed(*[o for o in TINY if not o.startswith("task.")], "task=stdlib_lm",
                         f"task.root={corpus}", "task.val_fraction=0.25", f"out_dir={tmp_path}",
