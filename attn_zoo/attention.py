@@ -1,20 +1,25 @@
 """The `Attention` base class: the contract of the README's contract section, shared by every
 variant.
 
-    out = attn(q, k, v, causal=False, key_padding_mask=None)
+    out = attn(q, k, v, causal=False, key_padding_mask=None, document_ids=None)
 
 q: (B, Hq, N, D); k, v: (B, Hkv, M, D) with Hq % Hkv == 0 (query head h reads kv head
 h // (Hq // Hkv)); M == N unless the variant `supports_cross`, and then a causal mask is aligned
 bottom-right (query i sees keys j <= i + M - N). key_padding_mask: (B, M) bool, True = a real
-key; padded keys never reach an output, whatever they hold. Returns (B, Hq, N, D) in q's dtype;
-softmax and accumulation run in float32 (float64 stays float64). A query with no allowed key
-returns zeros; B = 0 returns an empty result.
+key; padded keys never reach an output, whatever they hold. document_ids: (B, N) integers,
+equal ids forming one contiguous document (or `cu_seqlens`, FlashAttention's (n_docs + 1,)
+offsets of one packed row): the call equals running each document alone. Returns
+(B, Hq, N, D) in q's dtype; softmax and accumulation run in float32 (float64 stays float64). A
+query with no allowed key returns zeros; B = 0 returns an empty result. Built with `sinks=Hq`,
+the module holds a learnable logit `sink` (Hq,) per query head, a null key in every softmax.
 
 A variant subclasses `Attention`, sets `Params` (its typed parameters) and its capability flags
 (class attributes below), and implements `_forward_<backend>(q, k, v, causal,
-key_padding_mask, scale)` for each backend in `backends` (q arrives grouped as
-(B, Hkv, G, N, D) in the backend's working dtype, see `working_dtype`; the result has that
-shape), plus `scored_pairs(n, causal)` for `flops`.
+key_padding_mask, scale) -> (out, lse)` for each backend in `backends` (q arrives grouped as
+(B, Hkv, G, N, D) in the backend's working dtype, see `working_dtype`; out has that shape, lse
+(B, Hkv, G, N) is each row's log-sum-exp, -inf for a row with no key, or None where the
+variant applies the sink itself: routing, a mean over clusters), plus `scored_pairs(n,
+causal)` for `flops`. The sink is applied here, once, from the lse.
 
 The triton backend runs on CUDA tensors, or on CPU tensors under Triton's interpreter
 (`TRITON_INTERPRET=1`, set before the first triton call: kernels are imported on first use).
@@ -30,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from attn_zoo.blocksparse import merge_partial_attentions, part_attention
+from attn_zoo.documents import DocumentGroups, check_documents
 from attn_zoo.flex import flex_block_mask, flex_forward
 from attn_zoo.params import Params
 from attn_zoo.patterns import Part, Pattern, Reach, union, union_reach
@@ -79,6 +85,8 @@ class Attention(nn.Module, metaclass=ABCMeta):
                 f"expected: {', '.join(known)}"
             )
         self.params = self.Params(**params)
+        sinks = self.params.sinks
+        self.register_parameter("sink", nn.Parameter(torch.zeros(sinks)) if sinks else None)
         self._flex_masks: dict[tuple, object] = {}  # block masks of the flex backend, by shape
         backend = self.params.backend
         if backend != "auto" and backend not in self.backends:
@@ -100,17 +108,39 @@ class Attention(nn.Module, metaclass=ABCMeta):
         *,
         causal: bool = False,
         key_padding_mask: Tensor | None = None,
+        document_ids: Tensor | None = None,
+        cu_seqlens: Tensor | None = None,
     ) -> Tensor:
         self._check(q, k, v, causal, key_padding_mask)
         batch, q_heads, n, dim = q.shape
-        kv_heads = k.shape[1]
+        documents = check_documents(document_ids, cu_seqlens, batch, n, q.device)
+        if documents is not None and k.shape[2] != n:
+            raise ValueError(f"document_ids need keys as long as queries (N={n}), got key "
+                             f"length {k.shape[2]}")
         backend = self.resolve_backend(q.device, q.dtype, dim)
         if self.params.backend == "triton":  # "auto" picks triton only where it runs
             refusal = _triton_refusal(q.device, q.dtype, dim)
             if refusal is not None:
                 raise refusal
         if batch == 0:  # nothing to attend: an empty result that still carries gradients
-            return q + (k.sum() + v.sum()).to(q.dtype) * 0
+            empty = q + (k.sum() + v.sum()).to(q.dtype) * 0
+            return empty if self.sink is None else empty + self.sink.sum().to(q.dtype) * 0
+        if documents is None:
+            return self._attend(backend, q, k, v, causal, key_padding_mask)
+        # Documents of one length run together, each as a sequence of its own.
+        groups = DocumentGroups(documents)
+        masks = (groups.gather(key_padding_mask[:, None])
+                 if key_padding_mask is not None else [None] * len(groups.index))
+        outs = [self._attend(backend, *inputs, causal, None if mask is None else mask[:, 0])
+                for *inputs, mask in zip(groups.gather(q), groups.gather(k), groups.gather(v),
+                                         masks, strict=True)]
+        return groups.scatter(outs)
+
+    def _attend(self, backend: str, q: Tensor, k: Tensor, v: Tensor, causal: bool,
+                key_padding_mask: Tensor | None) -> Tensor:
+        """The call on one batch of whole sequences (checked; no documents)."""
+        batch, q_heads, n, dim = q.shape
+        kv_heads = k.shape[1]
         if key_padding_mask is not None:
             # Padded keys may hold anything (inf, NaN, -3e38). Zeroed once here, O(B * M * D),
             # no score of theirs overflows and a zero probability times them stays zero.
@@ -120,7 +150,9 @@ class Attention(nn.Module, metaclass=ABCMeta):
         grouped = q.to(work).reshape(batch, kv_heads, q_heads // kv_heads, n, dim)
         scale = self.params.scale if self.params.scale is not None else dim**-0.5
         run = getattr(self, f"_forward_{backend}")
-        out = run(grouped, k.to(work), v.to(work), causal, key_padding_mask, scale)
+        out, lse = run(grouped, k.to(work), v.to(work), causal, key_padding_mask, scale)
+        if self.sink is not None and lse is not None:
+            out = with_sink(out, lse, self.sink.view(kv_heads, -1, 1))
         return out.reshape(batch, q_heads, n, dim).to(q.dtype)
 
     def working_dtype(self, backend: str, dtype: torch.dtype) -> torch.dtype:
@@ -155,7 +187,7 @@ class Attention(nn.Module, metaclass=ABCMeta):
                 self._flex_masks[key] = flex_block_mask(self.pattern(n, causal), None, n, m,
                                                         q.device)
             mask = self._flex_masks[key]
-        return flex_forward(q, k, v, mask, scale)
+        return flex_forward(q, k, v, mask, scale, with_lse=self.sink is not None)
 
     def triton_attention(self, q: Tensor, k: Tensor, v: Tensor, part: str, pattern,
                          causal: bool, key_padding_mask: Tensor | None, scale: float,
@@ -221,6 +253,9 @@ class Attention(nn.Module, metaclass=ABCMeta):
         if m != n and not self.supports_cross:
             raise ValueError(f"attention {self.name!r} needs keys as long as queries "
                              f"(N={n}), got key length {m}")
+        if self.sink is not None and self.sink.shape[0] != q_heads:
+            raise ValueError(f"attention {self.name!r} was built with sinks={self.sink.shape[0]}"
+                             f" (one per query head), got q with {q_heads} heads")
         if not isinstance(causal, bool):
             raise TypeError(f"causal must be a bool, got {causal!r}")
         if self.causal_only and not causal:
@@ -264,7 +299,7 @@ class PatternAttention(Attention, metaclass=ABCMeta):
         results = [part_attention(part, q, k, v, key_padding_mask, scale,
                                   self._part_key(part.name, causal))
                    for part in self.engine_parts(n, m, causal)]
-        return results[0][0] if len(results) == 1 else merge_partial_attentions(results)[0]
+        return results[0] if len(results) == 1 else merge_partial_attentions(results)
 
     def _forward_triton(self, q, k, v, causal, key_padding_mask, scale):
         n, m = q.shape[3], k.shape[2]
@@ -280,8 +315,19 @@ class PatternAttention(Attention, metaclass=ABCMeta):
                 q, pooled.k.to(q.dtype), pooled.v.to(q.dtype), part.name, part.pattern, causal,
                 pooled.real, scale, key_bias=pooled.bias, reach=part.reach))
         if len(results) == 1:
-            return results[0][0]
-        return merge_partial_attentions([(out.float(), lse) for out, lse in results])[0]
+            return results[0]
+        return merge_partial_attentions([(out.float(), lse) for out, lse in results])
+
+
+def with_sink(out: Tensor, lse: Tensor, sink: Tensor) -> Tensor:
+    """Attention with one more, null key: score `sink`, value 0.
+
+    out (..., N, D) and lse (..., N) of a softmax over some keys; sink broadcastable to lse.
+    Returns sum_j exp(s_ij) v_j / (exp(sink) + sum_j exp(s_ij)) = out * sigmoid(lse - sink);
+    a row with no key (lse = -inf) stays zero.
+    """
+    weight = torch.sigmoid(lse - sink.to(lse.dtype))
+    return out * weight[..., None].to(out.dtype)
 
 
 def _triton_refusal(device: torch.device, dtype: torch.dtype, dim: int) -> Exception | None:

@@ -35,13 +35,18 @@ def flex_block_mask(pattern: Pattern, batch: int | None, n: int, m: int, device:
                              batch, None, n, m, device=device)
 
 
-def flex_forward(q: Tensor, k: Tensor, v: Tensor, block_mask, scale: float) -> Tensor:
-    """q (B, Hkv, G, N, D), k, v (B, Hkv, M, D) -> (B, Hkv, G, N, D) through FlexAttention.
+def flex_forward(q: Tensor, k: Tensor, v: Tensor, block_mask, scale: float,
+                 with_lse: bool = False) -> tuple[Tensor, Tensor | None]:
+    """q (B, Hkv, G, N, D), k, v (B, Hkv, M, D) -> out (B, Hkv, G, N, D) through
+    FlexAttention, and with `with_lse` the rows' log-sum-exps (B, Hkv, G, N) (else None).
 
-    Rows with no allowed key come back as zeros.
+    Rows with no allowed key come back as zeros (lse -inf).
     """
     batch, kv_heads, groups, n, dim = q.shape
     _, flex_attention = _compiled()
-    out = flex_attention(q.reshape(batch, kv_heads * groups, n, dim), k, v,
-                         block_mask=block_mask, scale=scale, enable_gqa=groups > 1)
-    return out.view(batch, kv_heads, groups, n, dim)
+    result = flex_attention(q.reshape(batch, kv_heads * groups, n, dim), k, v,
+                            block_mask=block_mask, scale=scale, enable_gqa=groups > 1,
+                            return_lse=with_lse)
+    out, lse = result if with_lse else (result, None)
+    out = out.view(batch, kv_heads, groups, n, dim)
+    return out, None if lse is None else lse.view(batch, kv_heads, groups, n)

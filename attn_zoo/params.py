@@ -66,11 +66,13 @@ class Params:
 
     `backend`: "auto" (fastest correct one for the device), "torch", "triton" or "flex".
     `scale`: score scale, finite and > 0; `None` means `head_dim ** -0.5`.
+    `sinks`: the number of query heads for a learnable sink logit per head (0: none).
     Every integer field is at most `MAX_INT`, or the tighter bound its field sets (`at_most`).
     """
 
     backend: str = "auto"
     scale: float | None = None
+    sinks: int = at_most(0, 1024)
 
     def __post_init__(self) -> None:
         hints, limits = get_type_hints(type(self)), self.limits()
@@ -84,6 +86,7 @@ class Params:
         require(self.backend in BACKENDS, "backend", self.backend, "one of " + ", ".join(BACKENDS))
         require(self.scale is None or (finite(self.scale) and self.scale > 0), "scale",
                 self.scale, "finite and > 0, or None")
+        require(self.sinks >= 0, "sinks", self.sinks, ">= 0 (the number of query heads, 0: none)")
         self.validate()
 
     def validate(self) -> None:

@@ -147,7 +147,8 @@ def test_integer_parameters_at_their_bound_run(name, field):
     except ValueError as error:  # a relation to another parameter (a multiple of, <= stride)
         assert "<=" not in str(error)
         pytest.skip(f"{field} at its bound breaks a relation: {error}")
-    q, k, v = qkv(n=30, dim=8)
+    # `sinks` counts the query heads.
+    q, k, v = qkv(n=30, dim=8, q_heads=params.get("sinks") or 4)
     real = torch.rand(2, 30, generator=torch.Generator().manual_seed(0)) > 0.3
     for causal in [True] if get(name).causal_only else [False, True]:
         out = call(attn, q, k, v, causal=causal, key_padding_mask=real)

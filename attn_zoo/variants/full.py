@@ -38,12 +38,13 @@ class FullAttention(PatternAttention):
         batch, kv_heads, groups, n, dim = q.shape
         # SDPA's causal mask lets inf or NaN in a later key reach earlier rows (0 * NaN).
         exact_causal = causal and (k.shape[2] != n or not (finite(k) and finite(v)))
-        if key_padding_mask is not None or exact_causal:
+        # SDPA gives no log-sum-exp, which a sink needs.
+        if key_padding_mask is not None or exact_causal or self.sink is not None:
             return super()._forward_torch(q, k, v, causal, key_padding_mask, scale)
         out = F.scaled_dot_product_attention(q.reshape(batch, kv_heads * groups, n, dim), k, v,
                                              is_causal=causal, scale=scale,
                                              enable_gqa=groups > 1)
-        return out.reshape(batch, kv_heads, groups, n, dim)
+        return out.reshape(batch, kv_heads, groups, n, dim), None
 
     def scored_pairs(self, n: int, causal: bool) -> int:
         return n * (n + 1) // 2 if causal else n * n

@@ -246,9 +246,10 @@ class LSHAttention(Attention):
         keys, order = self._sort(queries)
         out, lse = lsh_attention(queries, keys.to(q.dtype), v, order, self.params.bucket_size,
                                  causal=causal, scale=scale, key_padding_mask=key_padding_mask)
-        merged, _ = merge_partial_attentions(list(zip(out.unbind(0), lse.unbind(0),
-                                                      strict=True)))
-        return tie_ignored_keys(merged.view(batch, kv_heads, groups, n, dim), k)
+        merged, merged_lse = merge_partial_attentions(list(zip(out.unbind(0), lse.unbind(0),
+                                                               strict=True)))
+        return (tie_ignored_keys(merged.view(batch, kv_heads, groups, n, dim), k),
+                merged_lse.view(batch, kv_heads, groups, n))
 
     def _forward_torch(self, q, k, v, causal, key_padding_mask, scale):
         batch, kv_heads, groups, n, dim = q.shape
@@ -297,9 +298,10 @@ class LSHAttention(Attention):
             out_rows.numel() * (n + 1))
         out = out.view(rounds, batch, heads, n + 1, dim)[:, :, :, :n]
         lse = lse.view(rounds, batch, heads, n + 1)[:, :, :, :n]
-        merged, _ = merge_partial_attentions(list(zip(out.unbind(0), lse.unbind(0),
-                                                      strict=True)))
-        return tie_ignored_keys(merged.view(batch, kv_heads, groups, n, dim), k)
+        merged, merged_lse = merge_partial_attentions(list(zip(out.unbind(0), lse.unbind(0),
+                                                               strict=True)))
+        return (tie_ignored_keys(merged.view(batch, kv_heads, groups, n, dim), k),
+                merged_lse.view(batch, kv_heads, groups, n))
 
     def scored_pairs(self, n: int, causal: bool) -> int:
         """(query, key) pairs of real positions scored per (batch, head): each chunk against

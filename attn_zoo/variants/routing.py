@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from einops import einsum
 from torch import Tensor
 
-from attn_zoo.attention import Attention
+from attn_zoo.attention import Attention, with_sink
 from attn_zoo.cache import GrowingCache, attend_selected, recent_in_group, register_cache
 from attn_zoo.params import Params, at_most, require
 from attn_zoo.registry import register
@@ -137,16 +137,21 @@ class RoutingAttention(Attention):
         count = out.new_zeros(batch * heads * n).index_add_(0, rows, out.new_ones(rows.shape))
         return (total / count.clamp_min(1)[:, None]).view(batch, heads, n, dim)
 
+    def _with_sink(self, out: Tensor, lse: Tensor) -> Tensor:
+        """Each cluster's attention out (B, H, C, W, D), lse (B, H, C, W) with the sink as a
+        null key in its softmax (a token's output is a mean over its clusters' softmaxes)."""
+        return out if self.sink is None else with_sink(out, lse, self.sink.view(-1, 1, 1))
+
     def _forward_triton(self, q, k, v, causal, key_padding_mask, scale):
         from attn_zoo.kernels.bucket import routing_attention
 
         batch, kv_heads, groups, n, dim = q.shape
         queries = q.reshape(batch, kv_heads * groups, n, dim).contiguous()
         keys, members = self._route(queries, key_padding_mask)
-        out, _ = routing_attention(queries, keys.to(q.dtype), v, members, causal=causal,
-                                   scale=scale, key_padding_mask=key_padding_mask)
-        out = self._cluster_mean(out.float(), members, n)
-        return tie_ignored_keys(out.view(batch, kv_heads, groups, n, dim), k)
+        out, lse = routing_attention(queries, keys.to(q.dtype), v, members, causal=causal,
+                                     scale=scale, key_padding_mask=key_padding_mask)
+        out = self._cluster_mean(self._with_sink(out.float(), lse), members, n)
+        return tie_ignored_keys(out.view(batch, kv_heads, groups, n, dim), k), None
 
     def _forward_torch(self, q, k, v, causal, key_padding_mask, scale):
         batch, kv_heads, groups, n, dim = q.shape
@@ -163,10 +168,10 @@ class RoutingAttention(Attention):
             allowed = key_padding_mask[batch_index, members][..., None, :]
         if causal:
             allowed = allowed & (members[..., None, :] <= members[..., :, None])
-        out, _ = masked_attention(gather_rows(queries, rows), gather_rows(keys, rows),
-                                  gather_rows(v, value_rows), allowed, scale)
-        out = self._cluster_mean(out, members, n)
-        return tie_ignored_keys(out.view(batch, kv_heads, groups, n, dim), k)
+        out, lse = masked_attention(gather_rows(queries, rows), gather_rows(keys, rows),
+                                    gather_rows(v, value_rows), allowed, scale)
+        out = self._cluster_mean(self._with_sink(out, lse), members, n)
+        return tie_ignored_keys(out.view(batch, kv_heads, groups, n, dim), k), None
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         # A module not called yet has no centroids: take their shape from the checkpoint.

@@ -103,9 +103,8 @@ class SparseFixedAttention(PatternAttention):
 
     def _forward_triton(self, q, k, v, causal, key_padding_mask, scale):
         # The kernel reads the summary columns in place: one layout over the whole pattern.
-        out, _ = self.triton_attention(q, k, v, "pattern", self.pattern(q.shape[3], causal),
-                                       causal, key_padding_mask, scale)
-        return out
+        return self.triton_attention(q, k, v, "pattern", self.pattern(q.shape[3], causal),
+                                     causal, key_padding_mask, scale)
 
     def scored_pairs(self, n: int, causal: bool) -> int:
         stride, summary = self.params.stride, self.params.summary
