@@ -76,7 +76,7 @@ class MultiheadAttention(nn.Module):
         if "sinks" in params:
             raise ValueError(f"attention_params must not hold 'sinks' (got {params['sinks']!r}): "
                              "pass sinks=True, which gives one sink per query head")
-        self.attention = build(attention, **params, **({"sinks": heads} if sinks else {}))
+        self.attention = build(attention, sinks=heads if sinks else 0, **params)
         self.q_proj = nn.Linear(dim, dim, bias=bias)
         self.k_proj = nn.Linear(dim, self.kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(dim, self.kv_heads * self.head_dim, bias=bias)
