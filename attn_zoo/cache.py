@@ -9,12 +9,12 @@ A self-attention layer's cache lives through one generation:
 
 Keys arrive as the attention sees them (after RoPE). Extending by T positions gives what T
 single steps give. A cache class computes each row's output and log-sum-exp (`_extend`);
-`extend` applies the attention's learnable sink from them, once, as the forward does. A cache class declares `bounded = True` when its memory stops growing past
-the variant's window. A cache whose class has `exact = True` reproduces the variant's
-teacher-forced forward: the output of position i equals row i of `attention(q, k, v,
-causal=True)` over any longer sequence. The others state their decode rule in their docstring
-(bigbird: each row follows the layout of the prefix that ends at it; lsh, routing: the new query
-selects cached keys by content).
+`extend` applies the attention's learnable sink from them, once, as the forward does. A cache
+class declares `bounded = True` when its memory stops growing past the variant's window. A
+cache whose class has `exact = True` reproduces the variant's teacher-forced forward: the output
+of position i equals row i of `attention(q, k, v, causal=True)` over any longer sequence. The
+others state their decode rule in their docstring (bigbird: each row follows the layout of the
+prefix that ends at it; lsh, routing: the new query selects cached keys by content).
 
 A variant gets its cache by registering a `KVCache` subclass in its own file:
 
@@ -36,7 +36,6 @@ from collections.abc import Callable
 from typing import ClassVar, TypeVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from attn_zoo.attention import Attention, with_sink
@@ -89,7 +88,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, bias: Bias, scale: float) -> tuple[T
     `Bias`), in chunks of rows that hold about `CHUNK_ELEMENTS` scores. Returns out
     (B, Hq, T, D) and lse (B, Hq, T); a row with no allowed key has out 0 and lse -inf.
     """
-    batch, q_heads, rows, dim = q.shape
+    batch, q_heads, rows, _ = q.shape
     kv_heads = k.shape[1]
     step = max(1, CHUNK_ELEMENTS // max(1, batch * q_heads * k.shape[2]))
     grouped = q.unflatten(1, (kv_heads, q_heads // kv_heads))  # (B, Hkv, G, T, D)
