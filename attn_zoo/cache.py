@@ -88,25 +88,33 @@ def attend(q: Tensor, k: Tensor, v: Tensor, bias: Bias, scale: float) -> tuple[T
     `Bias`), in chunks of rows that hold about `CHUNK_ELEMENTS` scores. Returns out
     (B, Hq, T, D) and lse (B, Hq, T); a row with no allowed key has out 0 and lse -inf.
     """
-    batch, q_heads, rows, _ = q.shape
+    batch, q_heads, rows, dim = q.shape
     kv_heads = k.shape[1]
     step = max(1, CHUNK_ELEMENTS // max(1, batch * q_heads * k.shape[2]))
-    grouped = q.unflatten(1, (kv_heads, q_heads // kv_heads))  # (B, Hkv, G, T, D)
-    keys, values = k[:, :, None].transpose(-1, -2), v[:, :, None]
+    queries, keys = q.unflatten(1, (kv_heads, -1)), k.transpose(-1, -2)  # (B, Hkv, G, T, D)
     outs, lses = [], []
     for t0 in range(0, rows, step):
         t1 = min(rows, t0 + step)
-        scores = (grouped[:, :, :, t0:t1] @ keys * scale).flatten(1, 2)  # (B, Hq, t, M)
+        # One matmul per kv head for its G query heads: (B, Hkv, G * t, M) -> (B, Hq, t, M).
+        scores = (queries[:, :, :, t0:t1].flatten(2, 3) @ keys).view(
+            batch, q_heads, t1 - t0, -1).mul_(scale)
         extra = bias(t0, t1)
-        if extra.dtype == torch.bool:
-            scores = scores.masked_fill(~extra, float("-inf"))
-        else:
-            scores = scores + extra.to(scores.dtype)
-        lse = scores.logsumexp(-1)
-        probs = torch.exp(scores - lse.masked_fill(lse == float("-inf"), 0.0)[..., None])
-        out = probs.unflatten(1, (kv_heads, -1)) @ values
-        outs.append(out.flatten(1, 2))
-        lses.append(lse)
+        allowed = extra if extra.dtype == torch.bool else extra > float("-inf")
+        if extra.dtype != torch.bool:
+            scores += extra.masked_fill(~allowed, 0.0).to(scores.dtype)
+        # The maximum over allowed keys. Keys not allowed are zeroed after exp rather than set
+        # to -inf before it (exp of -inf is a slow path on CPUs); the clamp keeps exp from
+        # overflowing on them.
+        hidden = torch.zeros_like(allowed, dtype=scores.dtype).masked_fill_(~allowed,
+                                                                            float("-inf"))
+        top = (scores + hidden).amax(-1, keepdim=True)
+        top = top.masked_fill(top == float("-inf"), 0.0)
+        probs = scores.sub_(top).clamp_max_(0.0).exp_() * allowed
+        total = probs.sum(-1, keepdim=True)
+        out = (probs.view(batch, kv_heads, -1, probs.shape[-1]) @ v).view(
+            batch, q_heads, t1 - t0, dim)
+        outs.append(out / total.clamp_min(torch.finfo(total.dtype).tiny))
+        lses.append((top + total.log())[..., 0])
     return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
 
 

@@ -345,6 +345,34 @@ def test_routing_decode_rule_against_its_dense_reference(window, sinks):
                                    atol=1e-10, rtol=1e-10)
 
 
+# -- the shared softmax of the caches -------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["mask", "bias"])
+def test_attend_against_a_dense_softmax(kind, monkeypatch):
+    """GQA, chunked rows, a row with no allowed key (out 0, lse -inf), keys not allowed whose
+    scores exceed every allowed one: out and lse of a float64 softmax."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 9, 8, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(2, 2, 13, 8, generator=gen, dtype=torch.float64) for _ in range(2))
+    k[:, :, 5] = 50 * q[:, ::2, 0].mean(1)  # a huge score, for a key row 0 may not see
+    allowed = torch.rand(9, 13, generator=gen) > 0.4
+    allowed[0, 5] = False
+    allowed[3] = False
+    extra = torch.randn(9, 13, generator=gen, dtype=torch.float64)
+    bias = allowed if kind == "mask" else extra.masked_fill(~allowed, float("-inf"))
+    scores = torch.einsum("bhtd,bhmd->bhtm", q, k.repeat_interleave(2, 1)) * 0.3
+    scores = scores + (0.0 if kind == "mask" else extra)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    lse = scores.logsumexp(-1)
+    expected = torch.nan_to_num(scores.softmax(-1)) @ v.repeat_interleave(2, 1)
+    monkeypatch.setattr(cache_module, "CHUNK_ELEMENTS", 2 * 4 * 13 * 2)  # two rows a chunk
+    out, got_lse = cache_module.attend(q, k, v, lambda t0, t1: bias[t0:t1], 0.3)
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(got_lse, lse, atol=1e-12, rtol=1e-12)
+    assert (out[:, :, 3] == 0).all() and (got_lse[:, :, 3] == float("-inf")).all()
+
+
 # -- sizes ----------------------------------------------------------------------------------
 
 
