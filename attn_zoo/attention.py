@@ -18,8 +18,8 @@ A variant subclasses `Attention`, sets `Params` (its typed parameters) and its c
 key_padding_mask, scale) -> (out, lse)` for each backend in `backends` (q arrives grouped as
 (B, Hkv, G, N, D) in the backend's working dtype, see `working_dtype`; out has that shape, lse
 (B, Hkv, G, N) is each row's log-sum-exp, -inf for a row with no key, or None where the
-variant applies the sink itself: routing, a mean over clusters), plus `scored_pairs(n,
-causal)` for `flops`. The sink is applied here, once, from the lse.
+backend applies the sink itself: routing's mean over clusters, FlexAttention's null key),
+plus `scored_pairs(n, causal)` for `flops`. The sink is applied here, once, from the lse.
 
 The triton backend runs on CUDA tensors, or on CPU tensors under Triton's interpreter
 (`TRITON_INTERPRET=1`, set before the first triton call: kernels are imported on first use).
@@ -88,6 +88,7 @@ class Attention(nn.Module, metaclass=ABCMeta):
         sinks = self.params.sinks
         self.register_parameter("sink", nn.Parameter(torch.zeros(sinks)) if sinks else None)
         self._flex_masks: dict[tuple, object] = {}  # block masks of the flex backend, by shape
+        self._sink_score = None  # the flex backend's score_mod of a sink
         backend = self.params.backend
         if backend != "auto" and backend not in self.backends:
             raise ValueError(
@@ -176,18 +177,39 @@ class Attention(nn.Module, metaclass=ABCMeta):
     # -- what a variant provides ----------------------------------------------------------
 
     def _forward_flex(self, q, k, v, causal, key_padding_mask, scale):
-        """FlexAttention over `self.pattern(n, causal)`, for variants listing "flex"."""
-        n, m = q.shape[3], k.shape[2]
+        """FlexAttention over `self.pattern(n, causal)`, for variants listing "flex". A sink
+        is a null key prepended to k and v (key 0: value 0, score `sink_h`, seen by every
+        row), so the backend applies it itself and returns no lse."""
+        n = q.shape[3]
+        pattern = self.pattern(n, causal)
+        score_mod = None
+        if self.sink is not None:
+            k, v = (torch.nn.functional.pad(x, (0, 0, 1, 0)) for x in (k, v))
+            if key_padding_mask is not None:
+                key_padding_mask = torch.nn.functional.pad(key_padding_mask, (1, 0), value=True)
+            pattern = _behind_null_key(pattern)
+            score_mod = self._null_key_score()
+        m = k.shape[2]
         if key_padding_mask is not None:
-            mask = flex_block_mask(self.pattern(n, causal), q.shape[0], n, m, q.device,
-                                   key_padding_mask)
+            mask = flex_block_mask(pattern, q.shape[0], n, m, q.device, key_padding_mask)
         else:
             key = (n, m, causal, q.device)
             if key not in self._flex_masks:
-                self._flex_masks[key] = flex_block_mask(self.pattern(n, causal), None, n, m,
-                                                        q.device)
+                self._flex_masks[key] = flex_block_mask(pattern, None, n, m, q.device)
             mask = self._flex_masks[key]
-        return flex_forward(q, k, v, mask, scale, with_lse=self.sink is not None)
+        return flex_forward(q, k, v, mask, scale, score_mod), None
+
+    def _null_key_score(self):
+        """The score_mod giving key 0 the score sink_h: one function per module, so compiled
+        FlexAttention is not recompiled from call to call."""
+        if self._sink_score is None:
+            sink = self.sink
+
+            def score_mod(score, b, h, i, j):
+                return torch.where(j == 0, sink[h].to(score.dtype), score)
+
+            self._sink_score = score_mod
+        return self._sink_score
 
     def triton_attention(self, q: Tensor, k: Tensor, v: Tensor, part: str, pattern,
                          causal: bool, key_padding_mask: Tensor | None, scale: float,
@@ -317,6 +339,11 @@ class PatternAttention(Attention, metaclass=ABCMeta):
         if len(results) == 1:
             return results[0]
         return merge_partial_attentions([(out.float(), lse) for out, lse in results])
+
+
+def _behind_null_key(pattern: Pattern) -> Pattern:
+    """`pattern` over keys shifted by one behind a null key 0 that every query sees."""
+    return lambda i, j: (j == 0) | pattern(i, j - 1)
 
 
 def with_sink(out: Tensor, lse: Tensor, sink: Tensor) -> Tensor:

@@ -10,14 +10,16 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import attention_and_lse, check_shared_qk_gradients, padding, params_id, qkv
+from conftest import check_shared_qk_gradients, padding, params_id, qkv
 
 import attn_zoo
+from attn_zoo.reference import reference_attention
 
 
-def routing_reference(attn, q, v, causal, real):
+def routing_reference(attn, q, v, causal, real, sink=None):
     """Float64 routing attention from `attn.clusters(q)`: members of a cluster attend to each
-    other; the mean over a token's clusters."""
+    other (with the null key of `sink` in each cluster's softmax); the mean over a token's
+    clusters."""
     n = q.shape[2]
     clusters = attn.clusters(q)  # (B, H, C, W)
     keys = F.normalize(q, dim=-1)
@@ -28,7 +30,8 @@ def routing_reference(attn, q, v, causal, real):
         allowed = member[..., :, None] & member[..., None, :]
         if causal:
             allowed &= torch.ones(n, n, dtype=torch.bool).tril()
-        total = total + attention_and_lse(q, keys, v, allowed, real, q.shape[-1] ** -0.5)[0]
+        total = total + reference_attention(q, keys, v, allowed, key_padding_mask=real,
+                                            sink=sink)
         count = count + member
     return total / count.clamp_min(1)[..., None]
 
