@@ -58,8 +58,10 @@ def tokens(shape, seed=1) -> torch.Tensor:
     return torch.randint(0, VOCAB, shape, generator=torch.Generator().manual_seed(seed))
 
 
-def first_weight(model: torch.nn.Module) -> torch.nn.Parameter:
-    return model.stack.blocks[0].attn.q_proj.weight
+def watched(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters whose gradients the packed tests compare: a projection, and the sink."""
+    attn = model.stack.blocks[0].attn
+    return [attn.q_proj.weight] + ([] if attn.attention.sink is None else [attn.attention.sink])
 
 
 # -- positions restart at each document -----------------------------------------------------
@@ -78,13 +80,14 @@ def test_rope_takes_one_row_of_positions_per_batch_row():
 @pytest.mark.parametrize("pos", ["rope", "sinusoidal", "learned"])
 @pytest.mark.parametrize("sinks", [False, True])
 def test_packed_lm_equals_each_document_alone(pos, sinks):
-    """Logits and the gradient of one weight, float64: each document as its own sequence."""
+    """Logits and the gradients of a weight and the sink, float64: each document as its own
+    sequence."""
     model = tiny_lm(pos=pos, sinks=sinks).double()
     ids, sequence = packed_ids(LENGTHS), tokens((2, 17))
     weights = torch.randn(2, 17, VOCAB, dtype=torch.float64)
     packed = model(sequence, document_ids=ids)
     (packed * weights).sum().backward()
-    packed_grad = first_weight(model).grad.clone()
+    packed_grads = [parameter.grad.clone() for parameter in watched(model)]
     model.zero_grad()
     alone = torch.zeros_like(packed)
     for row, start, end in documents(LENGTHS):
@@ -92,7 +95,8 @@ def test_packed_lm_equals_each_document_alone(pos, sinks):
         alone[row, start:end] = logits[0].detach()
         (logits[0] * weights[row, start:end]).sum().backward()
     torch.testing.assert_close(packed.detach(), alone, atol=1e-12, rtol=1e-12)
-    torch.testing.assert_close(packed_grad, first_weight(model).grad, atol=1e-12, rtol=1e-12)
+    for packed_grad, parameter in zip(packed_grads, watched(model), strict=True):
+        torch.testing.assert_close(packed_grad, parameter.grad, atol=1e-12, rtol=1e-12)
     # Not what the whole rows give: the documents do matter.
     assert not torch.allclose(packed, model(sequence), atol=1e-3)
 
@@ -111,7 +115,7 @@ def test_packed_encoder_equals_each_document_alone(pos):
     weights = torch.randn(2, 17, 16, dtype=torch.float64)
     packed = encoder(x, real, document_ids=ids)
     (packed * weights)[real].sum().backward()
-    packed_grad = encoder.stack.blocks[0].attn.q_proj.weight.grad.clone()
+    packed_grads = [parameter.grad.clone() for parameter in watched(encoder)]
     encoder.zero_grad()
     for row, start, end in documents(LENGTHS):
         alone = encoder(x[row:row + 1, start:end], real[row:row + 1, start:end])[0]
@@ -119,8 +123,8 @@ def test_packed_encoder_equals_each_document_alone(pos):
         torch.testing.assert_close(packed[row, start:end][keep].detach(), alone[keep].detach(),
                                    atol=1e-12, rtol=1e-12)
         (alone * weights[row, start:end])[keep].sum().backward()
-    torch.testing.assert_close(packed_grad, encoder.stack.blocks[0].attn.q_proj.weight.grad,
-                               atol=1e-12, rtol=1e-12)
+    for packed_grad, parameter in zip(packed_grads, watched(encoder), strict=True):
+        torch.testing.assert_close(packed_grad, parameter.grad, atol=1e-12, rtol=1e-12)
 
 
 def test_learned_positions_bound_each_document_not_the_row():
