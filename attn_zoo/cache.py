@@ -104,12 +104,10 @@ def attend(q: Tensor, k: Tensor, v: Tensor, bias: Bias, scale: float) -> tuple[T
             scores += extra.masked_fill(~allowed, 0.0).to(scores.dtype)
         # The maximum over allowed keys. Keys not allowed are zeroed after exp rather than set
         # to -inf before it (exp of -inf is a slow path on CPUs); the clamp keeps exp from
-        # overflowing on them.
-        hidden = torch.zeros_like(allowed, dtype=scores.dtype).masked_fill_(~allowed,
-                                                                            float("-inf"))
-        top = (scores + hidden).amax(-1, keepdim=True)
+        # overflowing on them, and the fill drops them whatever they hold (inf, NaN).
+        top = scores.masked_fill(~allowed, float("-inf")).amax(-1, keepdim=True)
         top = top.masked_fill(top == float("-inf"), 0.0)
-        probs = scores.sub_(top).clamp_max_(0.0).exp_() * allowed
+        probs = scores.sub_(top).clamp_max_(0.0).exp_().masked_fill_(~allowed, 0.0)
         total = probs.sum(-1, keepdim=True)
         out = (probs.view(batch, kv_heads, -1, probs.shape[-1]) @ v).view(
             batch, q_heads, t1 - t0, dim)
