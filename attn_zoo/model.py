@@ -51,8 +51,8 @@ class MultiheadAttention(nn.Module):
     self-attention through the variant `attention`; with it, cross-attention (keys from
     `context`), which needs a variant that `supports_cross`. `dropout` drops the output (the
     residual branch): the variants' contract does not expose attention probabilities.
-    `sinks=True` (or `attention_params` holding sinks=heads) builds the variant with one
-    learnable sink logit per query head (`attention.sink`, shape (heads,)).
+    `sinks=True` builds the variant with one learnable sink logit per query head
+    (`attention.sink`, shape (heads,)).
     """
 
     def __init__(
@@ -73,13 +73,10 @@ class MultiheadAttention(nn.Module):
         if not isinstance(sinks, bool):
             raise TypeError(f"sinks must be a bool, got {sinks!r}")
         params = dict(attention_params or {})
-        # A config's attention node carries the variant's `sinks` (0 by default): it may ask
-        # for them too, with the only count that fits, one per query head.
-        asked = params.pop("sinks", 0)
-        if asked not in (0, heads):
-            raise ValueError(f"attention_params sinks must be 0 or heads ({heads}), one sink per "
-                             f"query head, got {asked!r}")
-        self.attention = build(attention, sinks=heads if sinks or asked else 0, **params)
+        if "sinks" in params:
+            raise ValueError(f"attention_params must not set sinks (got {params['sinks']!r}): "
+                             "sinks=True gives one per query head")
+        self.attention = build(attention, sinks=heads if sinks else 0, **params)
         self.q_proj = nn.Linear(dim, dim, bias=bias)
         self.k_proj = nn.Linear(dim, self.kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(dim, self.kv_heads * self.head_dim, bias=bias)

@@ -147,10 +147,6 @@ def test_multihead_attention_with_sinks_has_one_learned_sink_per_query_head():
     layer(torch.randn(2, 9, 32), causal=True).square().sum().backward()
     assert layer.attention.sink.grad is not None and (layer.attention.sink.grad != 0).all()
     assert MultiheadAttention(32, heads=4).attention.sink is None
-    # A config's attention node carries the variant's own `sinks`: 0, or one per query head.
-    assert MultiheadAttention(32, heads=4, attention_params={"sinks": 0}).attention.sink is None
-    asked = MultiheadAttention(32, heads=4, attention_params={"sinks": 4})
-    assert asked.attention.sink.shape == (4,)
 
 
 def test_sinks_reach_every_attention_of_the_models():
@@ -165,8 +161,8 @@ def test_sinks_reach_every_attention_of_the_models():
 
 @pytest.mark.parametrize("kwargs,error,message", [
     ({"sinks": 1}, TypeError, "sinks must be a bool, got 1"),
-    ({"attention_params": {"sinks": 3}}, ValueError,
-     "attention_params sinks must be 0 or heads \\(4\\), one sink per query head, got 3"),
+    ({"attention_params": {"sinks": 4}}, ValueError,
+     "attention_params must not set sinks \\(got 4\\): sinks=True gives one per query head"),
 ])
 def test_bad_sinks_name_the_parameter(kwargs, error, message):
     with pytest.raises(error, match=message):
