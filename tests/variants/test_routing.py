@@ -198,3 +198,23 @@ def test_training_gradients_reach_queries_and_values(name):
     attn(q, k, v, causal=True).square().sum().backward()
     assert q.grad.abs().sum() > 0 and v.grad.abs().sum() > 0
     assert torch.equal(k.grad, torch.zeros_like(k))
+
+
+def test_routing_window_follows_each_document():
+    """window=None is ceil(L / n_clusters) for a document of length L, a given window is
+    capped at L: a packed call equals the documents alone, each clustered on its own."""
+    torch.manual_seed(0)
+    for window in (None, 6):
+        attn = attn_zoo.build("routing", n_clusters=3, window=window).double().eval()
+        q, k, v = qkv(batch=1, n=40, dim=16, dtype=torch.float64, seed=7)
+        ids = torch.tensor([[0] * 4 + [1] * 29 + [2] * 7])
+        packed = attn(q, k, v, causal=True, document_ids=ids)
+        start = 0
+        for length in (4, 29, 7):
+            part = slice(start, start + length)
+            members = attn.clusters(q[:, :, part])
+            assert members.shape[-1] == (min(window, length) if window else -(-length // 3))
+            torch.testing.assert_close(packed[:, :, part],
+                                       attn(q[:, :, part], k[:, :, part], v[:, :, part],
+                                            causal=True), atol=0, rtol=0)
+            start += length
