@@ -46,10 +46,21 @@ def documents_alone(attn, q, k, v, causal, real, lengths):
     return torch.cat(rows)
 
 
-@pytest.mark.parametrize("case", VARIANT_MODES, ids=variant_id)
+# Every variant at its tiny parameters, and longformer without dilation, which runs packed
+# rows in place (relative_parts) rather than regrouped.
+PACKED_CASES = [(name, causal, {}) for name, causal in VARIANT_MODES] + [
+    ("longformer", causal, {"dilation": 1}) for causal in (False, True)]
+
+
+def packed_id(case) -> str:
+    name, causal, params = case
+    return variant_id((name, causal)) + "".join(f"-{k}{v}" for k, v in params.items())
+
+
+@pytest.mark.parametrize("case", PACKED_CASES, ids=packed_id)
 def test_a_packed_call_equals_each_document_alone(case):
-    name, causal = case
-    attn = tiny(name)
+    name, causal, params = case
+    attn = tiny(name, **params)
     q, k, v = qkv(batch=3, q_heads=4, kv_heads=2, n=N, dim=16, dtype=torch.float64, seed=1,
                   requires_grad=True)
     real = torch.rand(3, N, generator=torch.Generator().manual_seed(2)) > 0.2
@@ -84,8 +95,8 @@ def test_one_document_per_row_is_the_plain_call():
     torch.testing.assert_close(attn(q, k, v, document_ids=ids), attn(q, k, v), atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["local", "hierarchical", "lsh"])
-def test_the_backend_sees_whole_documents_only(name, monkeypatch):
+@pytest.mark.parametrize("name", ["hierarchical", "lsh", "bigbird"])
+def test_documents_run_as_sequences_of_their_own_length(name, monkeypatch):
     """Packing costs what the documents cost alone: the engine runs one call per document
     length, each on sequences of that length, never on the packed row."""
     attn = tiny(name, backend="torch")
@@ -102,18 +113,56 @@ def test_the_backend_sees_whole_documents_only(name, monkeypatch):
     assert sorted(seen) == [(1, 3), (1, 7), (1, 9), (1, 16), (1, 20), (1, 45), (2, 1), (3, 11)]
 
 
+@pytest.mark.parametrize("name", [name for name in attn_zoo.available()
+                                  if getattr(get(name), "relative_parts", False)])
+def test_relative_patterns_run_packed_rows_in_one_call(name, monkeypatch):
+    """Rows laid end to end, one call, every part kept inside its document (a dilated
+    longformer folds its band by residue, which documents would shift: it regroups)."""
+    if name == "longformer":
+        assert not tiny(name).runs_documents_in_place("torch", N, True)
+    attn = tiny(name, backend="torch", **({"dilation": 1} if name == "longformer" else {}))
+    seen = []
+    run = attn._forward_torch
+
+    def spy(q, k, v, *args, documents):
+        seen.append((q.shape[0], q.shape[3], documents.key))
+        return run(q, k, v, *args, documents=documents)
+
+    monkeypatch.setattr(attn, "_forward_torch", spy)
+    q, k, v = qkv(batch=3, n=N, dtype=torch.float64)
+    attn(q, k, v, causal=True, document_ids=document_ids(LENGTHS))
+    assert seen == [(1, 3 * N, (3 * N, 0, 1, 8, 24, 25, 45, 90, 101, 112, 115, 126))]
+
+
+def test_packed_tiles_stay_inside_documents():
+    """16 documents of 64 packed into 1024: the torch engine and the kernel visit the tiles
+    of 16 separate calls (16 diagonal tiles, causal), not those of a 1024 call (136)."""
+    from attn_zoo.blocksparse import part_key_blocks
+    from attn_zoo.documents import DocumentSpans
+    from attn_zoo.kernels.layout import build_layout
+    from attn_zoo.patterns import union, union_reach
+
+    attn = attn_zoo.build("full")
+    spans = DocumentSpans(torch.arange(16).repeat_interleave(64)[None])
+    parts = attn.engine_parts(1024, 1024, True, spans)
+    assert int((part_key_blocks(parts[0], 1024, 1024, "cpu") >= 0).sum()) == 16
+    layout = build_layout(union(parts), 1024, 1024, 64, 64, reach=union_reach(parts))
+    assert layout.visited_tiles == 16 and layout.pairs == 16 * 64 * 65 // 2
+    plain = attn.engine_parts(1024, 1024, True)
+    assert int((part_key_blocks(plain[0], 1024, 1024, "cpu") >= 0).sum()) == 136
+
+
 # The interpreter runs a kernel's programs one by one: fewer, longer buckets for lsh.
-KERNEL_CASES = [(name, causal, dtype) for name, causal in VARIANT_MODES
-                if "triton" in get(name).backends
-                for dtype in ([torch.float32, torch.bfloat16] if causal else [torch.float32])]
+KERNEL_CASES = [(*case, dtype) for case in PACKED_CASES if "triton" in get(case[0]).backends
+                for dtype in ([torch.float32, torch.bfloat16] if case[1] else [torch.float32])]
 
 
 @pytest.mark.parametrize("case", KERNEL_CASES,
-                         ids=lambda case: f"{variant_id(case[:2])}-{str(case[2])[6:]}")
+                         ids=lambda case: f"{packed_id(case[:3])}-{str(case[3])[6:]}")
 def test_packed_kernels_match_the_torch_engine(case):
     """Odd document lengths, GQA, padding, sinks; float32 and bfloat16 inputs."""
-    name, causal, dtype = case
-    params = {"bucket_size": 8} if name == "lsh" else {}
+    name, causal, params, dtype = case
+    params = params | ({"bucket_size": 8} if name == "lsh" else {})
     kernel, engine = (tiny(name, backend=backend, **params).to(torch.float32)
                       for backend in ("triton", "torch"))
     engine.load_state_dict(kernel.state_dict())
