@@ -241,12 +241,13 @@ class Attention(nn.Module, metaclass=ABCMeta):
         from attn_zoo.kernels.layout import cached_layout
 
         tiles = tile_config(q.dtype, q.shape[-1], q.device)
-        layout = cached_layout(self._part_key(part, causal, documents), pattern, q.shape[3], k.shape[2],
-                               tiles.block_m, tiles.block_n, q.device, reach)
+        layout = cached_layout(self._part_key(part, causal, documents), pattern, q.shape[3],
+                               k.shape[2], tiles.block_m, tiles.block_n, q.device, reach)
         return layout_attention(q, k, v, layout, scale=scale, key_padding_mask=key_padding_mask,
                                 key_bias=key_bias)
 
-    def _part_key(self, part: str, causal: bool, documents: DocumentSpans | None = None) -> tuple:
+    def _part_key(self, part: str, causal: bool,
+                  documents: DocumentSpans | None = None) -> tuple:
         """Identifies one of the variant's patterns (inside `documents` when given) for the
         layout and table caches."""
         where = () if documents is None else documents.key

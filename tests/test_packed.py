@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from attn_zoo.kernels.layout import build_layout
 from conftest import VARIANT_MODES, qkv, variant_id
 
 import attn_zoo
+from attn_zoo.blocksparse import part_key_blocks
+from attn_zoo.documents import DocumentSpans
+from attn_zoo.patterns import union, union_reach
 from attn_zoo.registry import get
 
 # Documents of random lengths: of length 1, one filling its row, none aligned to blocks.
@@ -137,11 +141,6 @@ def test_relative_patterns_run_packed_rows_in_one_call(name, monkeypatch):
 def test_packed_tiles_stay_inside_documents():
     """16 documents of 64 packed into 1024: the torch engine and the kernel visit the tiles
     of 16 separate calls (16 diagonal tiles, causal), not those of a 1024 call (136)."""
-    from attn_zoo.blocksparse import part_key_blocks
-    from attn_zoo.documents import DocumentSpans
-    from attn_zoo.kernels.layout import build_layout
-    from attn_zoo.patterns import union, union_reach
-
     attn = attn_zoo.build("full")
     spans = DocumentSpans(torch.arange(16).repeat_interleave(64)[None])
     parts = attn.engine_parts(1024, 1024, True, spans)
