@@ -38,7 +38,7 @@ from attn_zoo.blocksparse import merge_partial_attentions, part_attention
 from attn_zoo.documents import DocumentGroups, DocumentSpans, check_documents
 from attn_zoo.flex import flex_block_mask, flex_forward
 from attn_zoo.params import Params
-from attn_zoo.patterns import Part, Pattern, Reach, union, union_reach
+from attn_zoo.patterns import Part, Pattern, Reach, every_key, union, union_reach
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _TRITON_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
@@ -191,12 +191,17 @@ class Attention(nn.Module, metaclass=ABCMeta):
 
     # -- what a variant provides ----------------------------------------------------------
 
-    def _forward_flex(self, q, k, v, causal, key_padding_mask, scale):
-        """FlexAttention over `self.pattern(n, causal)`, for variants listing "flex". A sink
-        is a null key prepended to k and v (key 0: value 0, score `sink_h`, seen by every
-        row), so the backend applies it itself and returns no lse."""
+    def _forward_flex(self, q, k, v, causal, key_padding_mask, scale, documents=None):
+        """FlexAttention over `self.pattern(n, causal)`, for variants listing "flex"; with
+        `documents` (a variant that runs them in place), the pattern kept inside each document
+        with document-relative positions, FlexAttention's document mask. A sink is a null key
+        prepended to k and v (key 0: value 0, score `sink_h`, seen by every row), so the
+        backend applies it itself and returns no lse."""
         n = q.shape[3]
         pattern = self.pattern(n, causal)
+        if documents is not None:
+            pattern = Part("pattern", pattern, every_key, n).within(documents.starts,
+                                                                    documents.ends).pattern
         score_mod = None
         if self.sink is not None:
             k, v = (torch.nn.functional.pad(x, (0, 0, 1, 0)) for x in (k, v))
@@ -208,7 +213,7 @@ class Attention(nn.Module, metaclass=ABCMeta):
         if key_padding_mask is not None:
             mask = flex_block_mask(pattern, q.shape[0], n, m, q.device, key_padding_mask)
         else:
-            key = (n, m, causal, q.device)
+            key = (n, m, causal, q.device, () if documents is None else documents.key)
             if key not in self._flex_masks:
                 self._flex_masks[key] = flex_block_mask(pattern, None, n, m, q.device)
             mask = self._flex_masks[key]
@@ -343,7 +348,7 @@ class PatternAttention(Attention, metaclass=ABCMeta):
         return parts
 
     def runs_documents_in_place(self, backend: str, n: int, causal: bool) -> bool:
-        return (self.relative_parts and backend in ("torch", "triton")
+        return (self.relative_parts and backend in ("torch", "triton", "flex")
                 and all(part.pool is None and part.fold == 1 and part.blocks is None
                         for part in self.parts(n, n, causal)))
 

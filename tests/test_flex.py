@@ -56,3 +56,22 @@ def test_sinks_are_a_null_key(name):
     expected = reference_attention(q, k, v, allowed, key_padding_mask=real, sink=attn.sink)
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
     assert torch.equal(out[-1], torch.zeros_like(out[-1]))
+
+
+@pytest.mark.parametrize("name", ["local", "longformer"])
+def test_packed_rows_run_in_place_as_a_document_mask(name):
+    """Rows end to end, the pattern kept inside each document: one compiled mask, equal to
+    the torch engine's packed call."""
+    params = get(name).Params.tiny() | ({"dilation": 1} if name == "longformer" else {})
+    attn, engine = (attn_zoo.build(name, **params, backend=backend) for backend in ("flex",
+                                                                                    "torch"))
+    assert attn.runs_documents_in_place("flex", 45, True)
+    q, k, v = qkv(n=45, seed=3)
+    ids = torch.tensor([[0] * 7 + [1] * 30 + [2] * 8, [4] * 45])
+    real = torch.rand(2, 45, generator=torch.Generator().manual_seed(4)) > 0.2
+    with torch.no_grad():  # FlexAttention has no backward on CPU
+        for causal in (False, True):
+            torch.testing.assert_close(
+                attn(q, k, v, causal=causal, key_padding_mask=real, document_ids=ids),
+                engine(q, k, v, causal=causal, key_padding_mask=real, document_ids=ids),
+                atol=1e-5, rtol=1e-5)
