@@ -121,9 +121,14 @@ def test_documents_run_as_sequences_of_their_own_length(name, monkeypatch):
                                   if getattr(get(name), "relative_parts", False)])
 def test_relative_patterns_run_packed_rows_in_one_call(name, monkeypatch):
     """Rows laid end to end, one call, every part kept inside its document (a dilated
-    longformer folds its band by residue, which documents would shift: it regroups)."""
+    longformer folds its band by residue, which documents would shift: it regroups; full on
+    torch runs SDPA per document length)."""
     if name == "longformer":
         assert not tiny(name).runs_documents_in_place("torch", N, True)
+    if name == "full":  # SDPA per document length on torch, in place on the kernel
+        assert not tiny(name).runs_documents_in_place("torch", N, True)
+        assert tiny(name).runs_documents_in_place("triton", N, True)
+        return
     attn = tiny(name, backend="torch", **({"dilation": 1} if name == "longformer" else {}))
     seen = []
     run = attn._forward_torch

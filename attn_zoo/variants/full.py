@@ -35,6 +35,11 @@ class FullAttention(PatternAttention):
     def pattern(self, n: int, causal: bool) -> Pattern:
         return self.exact_pattern(n, causal)
 
+    def runs_documents_in_place(self, backend: str, n: int, causal: bool) -> bool:
+        # On torch, SDPA over the documents of each length beats the engine over packed rows
+        # (16 documents in 16K on a CPU: 0.7 s against 1.8 s).
+        return backend != "torch" and super().runs_documents_in_place(backend, n, causal)
+
     def _forward_torch(self, q, k, v, causal, key_padding_mask, scale, documents=None):
         batch, kv_heads, groups, n, dim = q.shape
         # SDPA's causal mask lets inf or NaN in a later key reach earlier rows (0 * NaN).
