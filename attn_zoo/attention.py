@@ -18,8 +18,8 @@ A variant subclasses `Attention`, sets `Params` (its typed parameters) and its c
 key_padding_mask, scale) -> (out, lse)` for each backend in `backends` (q arrives grouped as
 (B, Hkv, G, N, D) in the backend's working dtype, see `working_dtype`; out has that shape, lse
 (B, Hkv, G, N) is each row's log-sum-exp, -inf for a row with no key, or None where the
-variant applies the sink itself: routing, a mean over clusters), plus `scored_pairs(n,
-causal)` for `flops`. The sink is applied here, once, from the lse.
+backend applies the sink itself: routing's mean over clusters, FlexAttention's null key),
+plus `scored_pairs(n, causal)` for `flops`. The sink is applied here, once, from the lse.
 
 The triton backend runs on CUDA tensors, or on CPU tensors under Triton's interpreter
 (`TRITON_INTERPRET=1`, set before the first triton call: kernels are imported on first use).
@@ -35,10 +35,10 @@ import torch
 from torch import Tensor, nn
 
 from attn_zoo.blocksparse import merge_partial_attentions, part_attention
-from attn_zoo.documents import DocumentGroups, check_documents
+from attn_zoo.documents import DocumentGroups, DocumentSpans, check_documents
 from attn_zoo.flex import flex_block_mask, flex_forward
 from attn_zoo.params import Params
-from attn_zoo.patterns import Part, Pattern, Reach, union, union_reach
+from attn_zoo.patterns import Part, Pattern, Reach, every_key, union, union_reach
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _TRITON_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
@@ -88,6 +88,7 @@ class Attention(nn.Module, metaclass=ABCMeta):
         sinks = self.params.sinks
         self.register_parameter("sink", nn.Parameter(torch.zeros(sinks)) if sinks else None)
         self._flex_masks: dict[tuple, object] = {}  # block masks of the flex backend, by shape
+        self._sink_score = None  # the flex backend's score_mod of a sink
         backend = self.params.backend
         if backend != "auto" and backend not in self.backends:
             raise ValueError(
@@ -127,6 +128,12 @@ class Attention(nn.Module, metaclass=ABCMeta):
             return empty if self.sink is None else empty + self.sink.sum().to(q.dtype) * 0
         if documents is None:
             return self._attend(backend, q, k, v, causal, key_padding_mask)
+        if self.runs_documents_in_place(backend, n, causal):
+            spans = DocumentSpans(documents)
+            mask = None if key_padding_mask is None else spans.flatten(key_padding_mask)
+            out = self._attend(backend, spans.flatten(q), spans.flatten(k), spans.flatten(v),
+                               causal, mask, spans)
+            return spans.unflatten(out)
         # Documents of one length run together, each as a sequence of its own.
         groups = DocumentGroups(documents)
         masks = (groups.gather(key_padding_mask[:, None])
@@ -136,9 +143,16 @@ class Attention(nn.Module, metaclass=ABCMeta):
                                          masks, strict=True)]
         return groups.scatter(outs)
 
+    def runs_documents_in_place(self, backend: str, n: int, causal: bool) -> bool:
+        """Whether `backend` runs packed rows of length n in one call over document-relative
+        positions (`DocumentSpans`); otherwise documents are regrouped by length."""
+        return False
+
     def _attend(self, backend: str, q: Tensor, k: Tensor, v: Tensor, causal: bool,
-                key_padding_mask: Tensor | None) -> Tensor:
-        """The call on one batch of whole sequences (checked; no documents)."""
+                key_padding_mask: Tensor | None,
+                documents: DocumentSpans | None = None) -> Tensor:
+        """The call on one batch of whole sequences (checked), or on rows laid end to end
+        with their `documents` (for a backend that `runs_documents_in_place`)."""
         batch, q_heads, n, dim = q.shape
         kv_heads = k.shape[1]
         if key_padding_mask is not None:
@@ -150,7 +164,9 @@ class Attention(nn.Module, metaclass=ABCMeta):
         grouped = q.to(work).reshape(batch, kv_heads, q_heads // kv_heads, n, dim)
         scale = self.params.scale if self.params.scale is not None else dim**-0.5
         run = getattr(self, f"_forward_{backend}")
-        out, lse = run(grouped, k.to(work), v.to(work), causal, key_padding_mask, scale)
+        in_place = {} if documents is None else {"documents": documents}
+        out, lse = run(grouped, k.to(work), v.to(work), causal, key_padding_mask, scale,
+                       **in_place)
         if self.sink is not None and lse is not None:
             out = with_sink(out, lse, self.sink.view(kv_heads, -1, 1))
         return out.reshape(batch, q_heads, n, dim).to(q.dtype)
@@ -175,43 +191,72 @@ class Attention(nn.Module, metaclass=ABCMeta):
 
     # -- what a variant provides ----------------------------------------------------------
 
-    def _forward_flex(self, q, k, v, causal, key_padding_mask, scale):
-        """FlexAttention over `self.pattern(n, causal)`, for variants listing "flex"."""
-        n, m = q.shape[3], k.shape[2]
+    def _forward_flex(self, q, k, v, causal, key_padding_mask, scale, documents=None):
+        """FlexAttention over `self.pattern(n, causal)`, for variants listing "flex"; with
+        `documents` (a variant that runs them in place), the pattern kept inside each document
+        with document-relative positions, FlexAttention's document mask. A sink is a null key
+        prepended to k and v (key 0: value 0, score `sink_h`, seen by every row), so the
+        backend applies it itself and returns no lse."""
+        n = q.shape[3]
+        pattern = self.pattern(n, causal)
+        if documents is not None:
+            pattern = Part("pattern", pattern, every_key, n).within(documents.starts,
+                                                                    documents.ends).pattern
+        score_mod = None
+        if self.sink is not None:
+            k, v = (torch.nn.functional.pad(x, (0, 0, 1, 0)) for x in (k, v))
+            if key_padding_mask is not None:
+                key_padding_mask = torch.nn.functional.pad(key_padding_mask, (1, 0), value=True)
+            pattern = _behind_null_key(pattern)
+            score_mod = self._null_key_score()
+        m = k.shape[2]
         if key_padding_mask is not None:
-            mask = flex_block_mask(self.pattern(n, causal), q.shape[0], n, m, q.device,
-                                   key_padding_mask)
+            mask = flex_block_mask(pattern, q.shape[0], n, m, q.device, key_padding_mask)
         else:
-            key = (n, m, causal, q.device)
+            key = (n, m, causal, q.device, () if documents is None else documents.key)
             if key not in self._flex_masks:
-                self._flex_masks[key] = flex_block_mask(self.pattern(n, causal), None, n, m,
-                                                        q.device)
+                self._flex_masks[key] = flex_block_mask(pattern, None, n, m, q.device)
             mask = self._flex_masks[key]
-        return flex_forward(q, k, v, mask, scale, with_lse=self.sink is not None)
+        return flex_forward(q, k, v, mask, scale, score_mod), None
+
+    def _null_key_score(self):
+        """The score_mod giving key 0 the score sink_h: one function per module, so compiled
+        FlexAttention is not recompiled from call to call."""
+        if self._sink_score is None:
+            sink = self.sink
+
+            def score_mod(score, b, h, i, j):
+                return torch.where(j == 0, sink[h].to(score.dtype), score)
+
+            self._sink_score = score_mod
+        return self._sink_score
 
     def triton_attention(self, q: Tensor, k: Tensor, v: Tensor, part: str, pattern,
                          causal: bool, key_padding_mask: Tensor | None, scale: float,
-                         key_bias: Tensor | None = None,
-                         reach: Reach | None = None) -> tuple[Tensor, Tensor]:
+                         key_bias: Tensor | None = None, reach: Reach | None = None,
+                         documents: DocumentSpans | None = None) -> tuple[Tensor, Tensor]:
         """(out, lse) of the block-sparse kernel over the pairs `pattern(i, j)` of q against k.
 
         q: (B, Hkv, G, N, D); k, v: (B, Hkv, M, D); key_bias: float broadcastable to (B, M).
         The tile layout is built once per (variant, parameters, `part`, causal, N, M, tiles,
-        device): `part` names which of the variant's patterns this is; `reach` bounds the keys
-        each query may reach, so only those tiles are evaluated.
+        device, document boundaries): `part` names which of the variant's patterns this is;
+        `reach` bounds the keys each query may reach, so only those tiles are evaluated.
         """
         from attn_zoo.kernels.block_sparse import layout_attention, tile_config
         from attn_zoo.kernels.layout import cached_layout
 
         tiles = tile_config(q.dtype, q.shape[-1], q.device)
-        layout = cached_layout(self._part_key(part, causal), pattern, q.shape[3], k.shape[2],
-                               tiles.block_m, tiles.block_n, q.device, reach)
+        layout = cached_layout(self._part_key(part, causal, documents), pattern, q.shape[3],
+                               k.shape[2], tiles.block_m, tiles.block_n, q.device, reach)
         return layout_attention(q, k, v, layout, scale=scale, key_padding_mask=key_padding_mask,
                                 key_bias=key_bias)
 
-    def _part_key(self, part: str, causal: bool) -> tuple:
-        """Identifies one of the variant's patterns for the layout and table caches."""
-        return (self.name, tuple(self.params.to_dict().items()), part, causal)
+    def _part_key(self, part: str, causal: bool,
+                  documents: DocumentSpans | None = None) -> tuple:
+        """Identifies one of the variant's patterns (inside `documents` when given) for the
+        layout and table caches."""
+        where = () if documents is None else documents.key
+        return (self.name, tuple(self.params.to_dict().items()), part, causal, where)
 
     @abstractmethod
     def scored_pairs(self, n: int, causal: bool) -> int:
@@ -280,32 +325,50 @@ class PatternAttention(Attention, metaclass=ABCMeta):
     part as one more; causality is intersected here, once, for every part.
     """
 
+    relative_parts: ClassVar[bool] = False
+    """True when no part depends on n: each speaks of positions relative to the sequence
+    start (a band, the first tokens). Packed rows whose parts are plain (no pooled keys,
+    folding or block layout) then run in one call, every part kept inside each document
+    (`Part.within`): tiles only inside documents, layouts cached by document boundaries."""
+
     @abstractmethod
     def parts(self, n: int, m: int, causal: bool) -> list[Part]:
         """The variant's parts for n queries and m keys, written without causality (`causal`
         only where it changes more than the pairs, e.g. BigBird's random draws)."""
 
-    def engine_parts(self, n: int, m: int, causal: bool) -> list[Part]:
-        """`parts` with causality intersected (key j at most i + m - n)."""
+    def engine_parts(self, n: int, m: int, causal: bool,
+                     documents: DocumentSpans | None = None) -> list[Part]:
+        """`parts` with causality intersected (key j at most i + m - n), inside `documents`
+        when given."""
         parts = self.parts(n, m, causal)
-        return [part.causal(m - n) for part in parts] if causal else parts
+        if causal:
+            parts = [part.causal(m - n) for part in parts]
+        if documents is not None:
+            parts = [part.within(documents.starts, documents.ends) for part in parts]
+        return parts
+
+    def runs_documents_in_place(self, backend: str, n: int, causal: bool) -> bool:
+        return (self.relative_parts and backend in ("torch", "triton", "flex")
+                and all(part.pool is None and part.fold == 1 and part.blocks is None
+                        for part in self.parts(n, n, causal)))
 
     def exact_pattern(self, n: int, causal: bool) -> Pattern:
         """The pairs scored exactly, over the call's own keys (pooled keys come on top)."""
         return union(self.engine_parts(n, n, causal))
 
-    def _forward_torch(self, q, k, v, causal, key_padding_mask, scale):
+    def _forward_torch(self, q, k, v, causal, key_padding_mask, scale, documents=None):
         n, m = q.shape[3], k.shape[2]
         results = [part_attention(part, q, k, v, key_padding_mask, scale,
-                                  self._part_key(part.name, causal))
-                   for part in self.engine_parts(n, m, causal)]
+                                  self._part_key(part.name, causal, documents))
+                   for part in self.engine_parts(n, m, causal, documents)]
         return results[0] if len(results) == 1 else merge_partial_attentions(results)
 
-    def _forward_triton(self, q, k, v, causal, key_padding_mask, scale):
+    def _forward_triton(self, q, k, v, causal, key_padding_mask, scale, documents=None):
         n, m = q.shape[3], k.shape[2]
-        parts = self.engine_parts(n, m, causal)
+        parts = self.engine_parts(n, m, causal, documents)
         results = [self.triton_attention(q, k, v, "pattern", union(parts), causal,
-                                         key_padding_mask, scale, reach=union_reach(parts))]
+                                         key_padding_mask, scale, reach=union_reach(parts),
+                                         documents=documents)]
         for part in parts:
             if part.pool is None:
                 continue
@@ -317,6 +380,11 @@ class PatternAttention(Attention, metaclass=ABCMeta):
         if len(results) == 1:
             return results[0]
         return merge_partial_attentions([(out.float(), lse) for out, lse in results])
+
+
+def _behind_null_key(pattern: Pattern) -> Pattern:
+    """`pattern` over keys shifted by one behind a null key 0 that every query sees."""
+    return lambda i, j: (j == 0) | pattern(i, j - 1)
 
 
 def with_sink(out: Tensor, lse: Tensor, sink: Tensor) -> Tensor:

@@ -8,12 +8,13 @@ A self-attention layer's cache lives through one generation:
     out = cache.step(q1, k1, v1)        # extend with T = 1; `prefill` is extend on an empty cache
 
 Keys arrive as the attention sees them (after RoPE). Extending by T positions gives what T
-single steps give. A cache class declares `bounded = True` when its memory stops growing past
-the variant's window. A cache whose class has `exact = True` reproduces the variant's
-teacher-forced forward: the output of position i equals row i of `attention(q, k, v,
-causal=True)` over any longer sequence. The others state their decode rule in their docstring
-(bigbird: each row follows the layout of the prefix that ends at it; lsh, routing: the new query
-selects cached keys by content).
+single steps give. A cache class computes each row's output and log-sum-exp (`_extend`);
+`extend` applies the attention's learnable sink from them, once, as the forward does. A cache
+class declares `bounded = True` when its memory stops growing past the variant's window. A
+cache whose class has `exact = True` reproduces the variant's teacher-forced forward: the output
+of position i equals row i of `attention(q, k, v, causal=True)` over any longer sequence. The
+others state their decode rule in their docstring (bigbird: each row follows the layout of the
+prefix that ends at it; lsh, routing: the new query selects cached keys by content).
 
 A variant gets its cache by registering a `KVCache` subclass in its own file:
 
@@ -35,10 +36,9 @@ from collections.abc import Callable
 from typing import ClassVar, TypeVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from attn_zoo.attention import Attention
+from attn_zoo.attention import Attention, with_sink
 from attn_zoo.blocksparse import CHUNK_ELEMENTS, Pattern
 
 _CACHES: dict[str, type[KVCache]] = {}
@@ -81,40 +81,52 @@ def cache_for(attention: Attention) -> KVCache:
     return _CACHES[name](attention)
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, bias: Bias, scale: float) -> Tensor:
+def attend(q: Tensor, k: Tensor, v: Tensor, bias: Bias, scale: float) -> tuple[Tensor, Tensor]:
     """Softmax attention of T queries over M keys under a per-row mask or bias, row-chunked.
 
     q: (B, Hq, T, D); k, v: (B, Hkv, M, D). Scores `scale * q·k` plus `bias(t0, t1)` (see
-    `Bias`), through `scaled_dot_product_attention` in chunks of rows that hold about
-    `CHUNK_ELEMENTS` scores. Returns (B, Hq, T, D); a row with no allowed key gives zeros.
+    `Bias`), in chunks of rows that hold about `CHUNK_ELEMENTS` scores. Returns out
+    (B, Hq, T, D) and lse (B, Hq, T); a row with no allowed key has out 0 and lse -inf.
     """
-    batch, q_heads, rows, _ = q.shape
+    batch, q_heads, rows, dim = q.shape
+    kv_heads = k.shape[1]
     step = max(1, CHUNK_ELEMENTS // max(1, batch * q_heads * k.shape[2]))
-    outs = []
+    queries, keys = q.unflatten(1, (kv_heads, -1)), k.transpose(-1, -2)  # (B, Hkv, G, T, D)
+    outs, lses = [], []
     for t0 in range(0, rows, step):
         t1 = min(rows, t0 + step)
+        # One matmul per kv head for its G query heads: (B, Hkv, G * t, M) -> (B, Hq, t, M).
+        scores = (queries[:, :, :, t0:t1].flatten(2, 3) @ keys).view(
+            batch, q_heads, t1 - t0, -1).mul_(scale)
         extra = bias(t0, t1)
         allowed = extra if extra.dtype == torch.bool else extra > float("-inf")
-        has_key = allowed.any(-1, keepdim=True)
-        # SDPA gives NaN on rows with no key: let them see everything, then zero them.
-        if extra.dtype == torch.bool:
-            mask = extra | ~has_key
-        else:
-            mask = extra.to(q.dtype).masked_fill(~has_key, 0.0)
-        out = F.scaled_dot_product_attention(q[:, :, t0:t1], k, v, attn_mask=mask, scale=scale,
-                                             enable_gqa=k.shape[1] != q_heads)
-        outs.append(out.masked_fill(~has_key, 0.0))
-    return torch.cat(outs, dim=2)
+        if extra.dtype != torch.bool:
+            scores += extra.masked_fill(~allowed, 0.0).to(scores.dtype)
+        # The maximum over allowed keys. Keys not allowed are zeroed after exp rather than set
+        # to -inf before it (exp of -inf is a slow path on CPUs); the clamp keeps exp from
+        # overflowing on them, and the fill drops them whatever they hold (inf, NaN).
+        top = scores.masked_fill(~allowed, float("-inf")).amax(-1, keepdim=True)
+        top = top.masked_fill(top == float("-inf"), 0.0)
+        probs = scores.sub_(top).clamp_max_(0.0).exp_().masked_fill_(~allowed, 0.0)
+        total = probs.sum(-1, keepdim=True)
+        out = (probs.view(batch, kv_heads, -1, probs.shape[-1]) @ v).view(
+            batch, q_heads, t1 - t0, dim)
+        outs.append(out / total.clamp_min(torch.finfo(total.dtype).tiny))
+        lses.append((top + total.log())[..., 0])
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
 
 
-def merge_rounds(parts: list[tuple[Tensor, Tensor]]) -> Tensor:
-    """o = sum_r softmax_r(lse_r) o_r over partial attentions (out (..., T, D), lse (..., T));
-    rows empty in every part stay zero."""
+def merge_rounds(parts: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """Partial attentions (out (..., T, D), lse (..., T)) merged into one: out = sum_r
+    softmax_r(lse_r) o_r and lse = logsumexp_r lse_r; rows empty in every part stay zero
+    (lse -inf)."""
     lse = torch.stack([part[1] for part in parts])
     top = lse.amax(0).masked_fill(lse.amax(0) == float("-inf"), 0.0)
     weights = torch.exp(lse - top)
-    weights = weights / weights.sum(0).clamp_min(torch.finfo(weights.dtype).tiny)
-    return sum(w[..., None] * part[0] for w, part in zip(weights, parts, strict=True))
+    total = weights.sum(0)
+    weights = weights / total.clamp_min(torch.finfo(weights.dtype).tiny)
+    out = sum(w[..., None] * part[0] for w, part in zip(weights, parts, strict=True))
+    return out, top + total.log()
 
 
 def recent_in_group(groups: Tensor, rows: Tensor, width: int,
@@ -200,9 +212,11 @@ class KVCache(ABC):
         return scale if scale is not None else dim**-0.5
 
     @abstractmethod
-    def _extend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """Output (B, Hq, T, D) of positions seen .. seen + T - 1 (inputs in the work dtype);
-        stores what later positions need. `seen` is advanced by the caller."""
+    def _extend(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Output (B, Hq, T, D) of positions seen .. seen + T - 1 (inputs in the work dtype),
+        without the sink, and its log-sum-exp (B, Hq, T) (-inf for a row with no key; routing:
+        of the one cluster a row reads); stores what later positions need. `seen` is advanced
+        by the caller."""
 
     @abstractmethod
     def __len__(self) -> int:
@@ -221,7 +235,10 @@ class KVCache(ABC):
                              f"Hq % Hkv == 0 and T >= 1, got q {tuple(q.shape)}, "
                              f"k {tuple(k.shape)}, v {tuple(v.shape)}")
         work = work_dtype(q)
-        out = self._extend(q.to(work), k.to(work), v.to(work))
+        out, lse = self._extend(q.to(work), k.to(work), v.to(work))
+        sink = self.attention.sink
+        if sink is not None:  # a null key with score sink_h in every row's softmax
+            out = with_sink(out, lse, sink[:, None])
         self.seen += q.shape[2]
         return out.to(q.dtype)
 
@@ -285,7 +302,7 @@ class PatternCache(GrowingCache):
     def pattern(self) -> Pattern:
         """The causal pattern allowed(i, j) of query position i and key position j."""
 
-    def _extend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def _extend(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         self._append(k=k, v=v)
         end = self.seen + q.shape[2]
         rows = torch.arange(self.seen, end, device=q.device)
@@ -348,10 +365,10 @@ class RingCache(KVCache):
         self.buffers, self.position = grown, position
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor,
-                pooled: tuple[Tensor, Tensor, float] | None = None) -> Tensor:
+                pooled: tuple[Tensor, Tensor, float] | None = None) -> tuple[Tensor, Tensor]:
         """Rows seen .. seen + T - 1 over the held and new keys, and over `pooled` keys and
-        values (B, Hkv, P, D) with their score bias, allowed for every row; then stores the
-        new keys (the sinks, and the last `ring` of the others)."""
+        values (B, Hkv, P, D) with their score bias, allowed for every row: (out, lse) as
+        `attend`; then stores the new keys (the sinks, and the last `ring` of the others)."""
         batch, heads, rows, dim = k.shape
         self._reserve(self.seen + rows, k, v)
         new = torch.arange(self.seen, self.seen + rows, device=k.device)
@@ -373,15 +390,15 @@ class RingCache(KVCache):
             def bias(t0: int, t1: int) -> Tensor:
                 return scores[t0:t1]
 
-        out = attend(q, keys, values, bias, self.scale(dim))
+        result = attend(q, keys, values, bias, self.scale(dim))
         keep = (new < self.sinks) | (new > new[-1] - self.ring)
         slots = self._slots(new[keep])
         self.buffers["k"][:, :, slots] = k[:, :, keep]
         self.buffers["v"][:, :, slots] = v[:, :, keep]
         self.position[slots] = new[keep]
-        return out
+        return result
 
-    def _extend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def _extend(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         return self._attend(q, k, v)
 
 

@@ -4,12 +4,15 @@
     out = attn(q, k, v, causal=True, cu_seqlens=offsets)    # B = 1, offsets (n_docs + 1,) int32
 
 A packed call equals running each document alone, as its own sequence with positions from 0.
-`check_documents` validates either form and returns the (B, N) ids; `DocumentGroups` regroups
-a packed row's documents into batches of equal length, so every variant, engine and kernel
-runs each document exactly as a sequence of its own length (no N x N tensor, work
-proportional to the pairs inside documents); `positions_in_document` and `last_documents`
-serve the backbone (positions that restart at each document, generation that continues the
-last document of a row).
+`check_documents` validates either form and returns the (B, N) ids. Two ways run them, both
+without an N x N tensor and with work proportional to the pairs inside documents:
+`DocumentGroups` regroups the documents into batches of equal length, so any variant, engine
+and kernel runs each document exactly as a sequence of its own length; `DocumentSpans` lays the
+rows end to end as one sequence and gives each position its document's bounds, for patterns
+that speak of positions relative to the sequence start (`PatternAttention.relative_parts`),
+which then run every document in one call with document-relative positions.
+`positions_in_document` and `last_documents` serve the backbone (positions that restart at
+each document, generation that continues the last document of a row).
 """
 
 from __future__ import annotations
@@ -143,3 +146,34 @@ class DocumentGroups:
         """One (G, H, L, ...) tensor per length -> (B, H, N, ...), each row back in place."""
         flat = torch.cat([part.movedim(2, 1).flatten(0, 1) for part in parts])
         return flat[self._inverse].unflatten(0, (self.batch, self.n)).movedim(1, 2)
+
+
+class DocumentSpans:
+    """The rows of packed (B, N) document ids laid end to end as one sequence of B * N
+    positions: `starts`, `ends` (B * N,) long, the first position and one past the last of
+    each position's document; `key`, the document boundaries (for caches of layouts).
+    `flatten` and `unflatten` move (B, H, N, ...) tensors to (1, H, B * N, ...) and back.
+    """
+
+    def __init__(self, document_ids: Tensor) -> None:
+        self.batch, self.n = document_ids.shape
+        flat = document_ids.reshape(-1)
+        begins = torch.ones_like(flat, dtype=torch.bool)
+        begins[1:] = flat[1:] != flat[:-1]
+        begins[::self.n] = True  # every row starts a document
+        positions = torch.arange(flat.numel(), device=flat.device)
+        self.starts = torch.where(begins, positions, 0).cummax(0).values
+        first = positions[begins]
+        last = torch.cat([first[1:], first.new_tensor([flat.numel()])])
+        self.ends = torch.repeat_interleave(last, last - first)
+        self.key = (flat.numel(), *first.tolist())
+
+    def flatten(self, x: Tensor) -> Tensor:
+        """(B, H, N, ...) -> (1, H, B * N, ...); (B, N) -> (1, B * N)."""
+        if x.dim() == 2:
+            return x.reshape(1, -1)
+        return x.transpose(0, 1).flatten(1, 2)[None]
+
+    def unflatten(self, x: Tensor) -> Tensor:
+        """(1, H, B * N, ...) -> (B, H, N, ...)."""
+        return x[0].unflatten(1, (self.batch, self.n)).transpose(0, 1)

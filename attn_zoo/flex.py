@@ -36,17 +36,15 @@ def flex_block_mask(pattern: Pattern, batch: int | None, n: int, m: int, device:
 
 
 def flex_forward(q: Tensor, k: Tensor, v: Tensor, block_mask, scale: float,
-                 with_lse: bool = False) -> tuple[Tensor, Tensor | None]:
-    """q (B, Hkv, G, N, D), k, v (B, Hkv, M, D) -> out (B, Hkv, G, N, D) through
-    FlexAttention, and with `with_lse` the rows' log-sum-exps (B, Hkv, G, N) (else None).
+                 score_mod: Callable | None = None) -> Tensor:
+    """q (B, Hkv, G, N, D), k, v (B, Hkv, M, D) -> (B, Hkv, G, N, D) through FlexAttention,
+    with `score_mod(score, b, h, i, j)` (h: the query head) when given.
 
-    Rows with no allowed key come back as zeros (lse -inf).
+    Rows with no allowed key come back as zeros.
     """
     batch, kv_heads, groups, n, dim = q.shape
     _, flex_attention = _compiled()
-    result = flex_attention(q.reshape(batch, kv_heads * groups, n, dim), k, v,
-                            block_mask=block_mask, scale=scale, enable_gqa=groups > 1,
-                            return_lse=with_lse)
-    out, lse = result if with_lse else (result, None)
-    out = out.view(batch, kv_heads, groups, n, dim)
-    return out, None if lse is None else lse.view(batch, kv_heads, groups, n)
+    out = flex_attention(q.reshape(batch, kv_heads * groups, n, dim), k, v,
+                         score_mod=score_mod, block_mask=block_mask, scale=scale,
+                         enable_gqa=groups > 1)
+    return out.view(batch, kv_heads, groups, n, dim)

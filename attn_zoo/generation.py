@@ -5,18 +5,21 @@ Models call `generate` from their own `generate` method with their forward funct
     forward(tokens (B, n), cache=cache, **context) -> logits (B, n, vocab)
 
 Every variant has a cache (`attn_zoo.cache`): the prompt is one prefill call through the
-`DecodeCache`, and every later call feeds one new token.
+`DecodeCache`, and every later call feeds one new token. Packed prompts (several documents per
+row) go through `generate_last_documents`, which continues the last document of each row.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from attn_zoo.cache import DecodeCache
+from attn_zoo.documents import check_documents, last_documents
 from attn_zoo.layers import check_choice
 from attn_zoo.params import require
 
@@ -137,16 +140,7 @@ def generate(
     check_options(max_new_tokens=max_new_tokens, strategy=strategy, temperature=temperature,
                   top_k=top_k, top_p=top_p, num_beams=num_beams, eos_token_id=eos_token_id,
                   vocab_size=vocab_size)
-    if not isinstance(prompt, Tensor):
-        raise TypeError(f"prompt must be a (B, P) integer tensor, got {type(prompt).__name__}")
-    require(prompt.dim() == 2 and prompt.shape[1] >= 1 and not prompt.is_floating_point()
-            and not prompt.is_complex() and prompt.dtype != torch.bool, "prompt",
-            f"{prompt.dtype} of shape {tuple(prompt.shape)}", "a (B, P) integer tensor, P >= 1")
-    if prompt.numel():
-        low, high = int(prompt.min()), int(prompt.max())
-        require(low >= 0 and (vocab_size is None or high < vocab_size), "prompt",
-                f"ids in [{low}, {high}]", "token ids >= 0" if vocab_size is None
-                else f"token ids in [0, vocab_size={vocab_size})")
+    check_prompt(prompt, vocab_size)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {generator!r}")
     if context is not None and not isinstance(context, dict):
@@ -174,6 +168,61 @@ def generate(
         if done.all():
             break
     return sequences.tokens
+
+
+def check_prompt(prompt: object, vocab_size: int | None) -> None:
+    """TypeError or ValueError unless `prompt` is a (B, P) integer tensor, P >= 1, of token ids
+    >= 0 (and < vocab_size when that is given)."""
+    if not isinstance(prompt, Tensor):
+        raise TypeError(f"prompt must be a (B, P) integer tensor, got {type(prompt).__name__}")
+    require(prompt.dim() == 2 and prompt.shape[1] >= 1 and not prompt.is_floating_point()
+            and not prompt.is_complex() and prompt.dtype != torch.bool, "prompt",
+            f"{prompt.dtype} of shape {tuple(prompt.shape)}", "a (B, P) integer tensor, P >= 1")
+    if prompt.numel():
+        low, high = int(prompt.min()), int(prompt.max())
+        require(low >= 0 and (vocab_size is None or high < vocab_size), "prompt",
+                f"ids in [{low}, {high}]", "token ids >= 0" if vocab_size is None
+                else f"token ids in [0, vocab_size={vocab_size})")
+
+
+def generate_last_documents(
+    forward: Forward,
+    prompt: Tensor,
+    max_new_tokens: int,
+    document_ids: Tensor,
+    *,
+    new_cache: Callable[[], DecodeCache],
+    vocab_size: int | None = None,
+    **options: Any,
+) -> Tensor:
+    """`generate` for packed prompts: the prompt (B, P) followed by new tokens that continue
+    the last document of each row, (B, P + new).
+
+    document_ids: (B, P) integer, equal ids = one contiguous document. Attention never crosses
+    documents, so a row's continuation depends only on its last document (positions from 0):
+    the rows are grouped by the length of their last document, and each group is one `generate`
+    call (through a fresh cache from `new_cache`) on those last documents. options: those of
+    `generate` (not `context`); with `eos_token_id`, a group that stops early is padded with it,
+    as `generate` pads finished rows. Every argument is checked before `forward` runs.
+    """
+    checked = {key: value for key, value in options.items() if key in CHECKED_OPTIONS}
+    check_options(max_new_tokens=max_new_tokens, vocab_size=vocab_size, **checked)
+    check_prompt(prompt, vocab_size)
+    ids = check_documents(document_ids, None, *prompt.shape, prompt.device)
+    length = prompt.shape[1] - last_documents(ids)  # (B,): each row's last document
+    parts = []
+    for size in length.unique().tolist():
+        rows = (length == size).nonzero()[:, 0]
+        out = generate(forward, prompt[rows, -size:], max_new_tokens, cache=new_cache(),
+                       vocab_size=vocab_size, **options)
+        parts.append((rows, out[:, size:]))
+    longest = max((new.shape[1] for _, new in parts), default=0)
+    # Only eos stops a group early: every group makes max_new_tokens without it.
+    pad = options.get("eos_token_id")
+    new = prompt.new_full((prompt.shape[0], longest), 0 if pad is None else pad)
+    for rows, tokens in parts:
+        new[rows, :tokens.shape[1]] = tokens
+    return torch.cat([prompt, new], dim=1)
 
 
 def _sample(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None,

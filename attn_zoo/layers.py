@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from attn_zoo.documents import positions_in_document
 from attn_zoo.params import require
 
 NORMS = ("rms", "layer")
@@ -63,45 +64,57 @@ def make_mlp(kind: str, dim: int, bias: bool = False) -> nn.Module:
 
 
 def sinusoidal(positions: Tensor, dim: int) -> Tensor:
-    """Fixed sin/cos encodings (Vaswani et al.): positions (N,) long -> (N, dim) float32.
+    """Fixed sin/cos encodings (Vaswani et al.): positions (...) long -> (..., dim) float32.
 
     Frequencies `10000 ** (-2 f / dim)`; the first half of the features are sines, the
     second half cosines (an odd `dim` drops the last cosine).
     """
     half = (dim + 1) // 2
     freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=positions.device) * 2 / dim)
-    angles = positions.float()[:, None] * freqs
-    return torch.cat([angles.sin(), angles.cos()], dim=-1)[:, :dim]
+    angles = positions.float()[..., None] * freqs
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)[..., :dim]
+
+
+def token_positions(n: int, device: torch.device, start: int = 0,
+                    document_ids: Tensor | None = None) -> Tensor:
+    """The position of each of n tokens: (N,) long, start .. start + N - 1 for every row, or
+    with `document_ids` (B, N) (see `attn_zoo.documents.check_documents`) their (B, N)
+    positions inside their documents, 0 at every document start."""
+    if document_ids is None:
+        return torch.arange(start, start + n, device=device)
+    return positions_in_document(document_ids)
 
 
 class SinusoidalPositions(nn.Module):
-    """Adds `sinusoidal` encodings. forward(x (B, N, dim), start) -> (B, N, dim)."""
+    """Adds `sinusoidal` encodings. forward(x (B, N, dim), positions (N,) or (B, N) long)
+    -> (B, N, dim)."""
 
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.dim = dim
 
-    def forward(self, x: Tensor, start: int = 0) -> Tensor:
-        positions = torch.arange(start, start + x.shape[1], device=x.device)
+    def forward(self, x: Tensor, positions: Tensor) -> Tensor:
         return x + sinusoidal(positions, self.dim).to(x.dtype)
 
 
 class LearnedPositions(nn.Module):
     """Adds a learned embedding per position < `max_seq_len`.
 
-    forward(x (B, N, dim), start) -> (B, N, dim); positions start .. start + N - 1.
+    forward(x (B, N, dim), positions (N,) or (B, N) long) -> (B, N, dim).
     """
 
     def __init__(self, max_seq_len: int, dim: int) -> None:
         super().__init__()
         self.embedding = nn.Embedding(max_seq_len, dim)
 
-    def forward(self, x: Tensor, start: int = 0) -> Tensor:
-        end, limit = start + x.shape[1], self.embedding.num_embeddings
-        if end > limit:
-            raise ValueError(f"sequence length must be <= max_seq_len ({limit}) with learned "
-                             f"positions, got {end}")
-        return x + self.embedding(torch.arange(start, end, device=x.device))
+    def forward(self, x: Tensor, positions: Tensor) -> Tensor:
+        limit = self.embedding.num_embeddings
+        last = int(positions.max()) if positions.numel() else 0
+        if last >= limit:
+            raise ValueError(f"positions must be < max_seq_len ({limit}) with learned positions "
+                             f"(a sequence or document of at most {limit} tokens), got "
+                             f"position {last}")
+        return x + self.embedding(positions)
 
 
 def make_positions(kind: str, dim: int, max_seq_len: int) -> nn.Module | None:
@@ -119,7 +132,7 @@ class RotaryEmbedding(nn.Module):
 
     Feature pairs `(f, f + D/2)` of a head are rotated by `position * base ** (-2 f / D)`, so
     the score of a rotated query and key depends only on their relative position.
-    forward(x (B, H, N, D), start) -> (B, H, N, D), positions start .. start + N - 1.
+    forward(x (B, H, N, D), positions (N,) or (B, N) long) -> (B, H, N, D).
     """
 
     def __init__(self, head_dim: int, base: float = 10000.0) -> None:
@@ -128,9 +141,10 @@ class RotaryEmbedding(nn.Module):
         inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def forward(self, x: Tensor, start: int = 0) -> Tensor:
-        positions = torch.arange(start, start + x.shape[2], device=x.device, dtype=torch.float32)
-        angles = positions[:, None] * self.inv_freq  # (N, D / 2)
+    def forward(self, x: Tensor, positions: Tensor) -> Tensor:
+        angles = positions.float()[..., None] * self.inv_freq  # (N, D / 2) or (B, N, D / 2)
+        if positions.dim() == 2:
+            angles = angles[:, None]  # one row of positions per batch row, for every head
         cos, sin = angles.cos(), angles.sin()
         # Rotate in float32 at least: low-precision angles lose the position at long range.
         work = torch.promote_types(x.dtype, torch.float32)

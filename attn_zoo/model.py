@@ -4,10 +4,14 @@
                        attention_params={"window": 64})
     logits = lm(tokens)                       # (B, N) -> (B, N, vocab_size)
     tokens = lm.generate(prompt, 32)          # (B, P) -> (B, P + 32), through KV caches
+    logits = lm(tokens, document_ids=ids)     # packed rows: ids (B, N), equal ids = one document
+    tokens = lm.generate(prompt, 32, document_ids=ids)  # continues each row's last document
 
 `TransformerEncoder` (bidirectional), `TransformerLM` (decoder-only) and `Seq2SeqTransformer`
 (encoder-decoder) share `Block`. Positions: "rope" rotates q and k inside every self-attention;
-"sinusoidal" and "learned" are added to the embeddings; "none" uses no positions.
+"sinusoidal" and "learned" are added to the embeddings; "none" uses no positions. On packed
+rows every position restarts at each document. `sinks=True` gives every attention layer a
+learnable sink logit per query head.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ from torch import Tensor, nn
 
 from attn_zoo import generation
 from attn_zoo.cache import CrossKV, DecodeCache, KVCache
-from attn_zoo.layers import RotaryEmbedding, make_mlp, make_norm, make_positions
+from attn_zoo.documents import check_documents
+from attn_zoo.layers import RotaryEmbedding, make_mlp, make_norm, make_positions, token_positions
 from attn_zoo.params import require
 from attn_zoo.registry import build, get
 
@@ -46,6 +51,8 @@ class MultiheadAttention(nn.Module):
     self-attention through the variant `attention`; with it, cross-attention (keys from
     `context`), which needs a variant that `supports_cross`. `dropout` drops the output (the
     residual branch): the variants' contract does not expose attention probabilities.
+    `sinks=True` builds the variant with one learnable sink logit per query head
+    (`attention.sink`, shape (heads,)).
     """
 
     def __init__(
@@ -58,11 +65,18 @@ class MultiheadAttention(nn.Module):
         dropout: float = 0.0,
         bias: bool = False,
         rope: bool = False,
+        sinks: bool = False,
     ) -> None:
         super().__init__()
         self.kv_heads = _check_sizes(dim, heads, kv_heads, dropout)
         self.heads, self.head_dim = heads, dim // heads
-        self.attention = build(attention, **(attention_params or {}))
+        if not isinstance(sinks, bool):
+            raise TypeError(f"sinks must be a bool, got {sinks!r}")
+        params = dict(attention_params or {})
+        if "sinks" in params:
+            raise ValueError(f"attention_params must not set sinks (got {params['sinks']!r}): "
+                             "sinks=True gives one per query head")
+        self.attention = build(attention, sinks=heads if sinks else 0, **params)
         self.q_proj = nn.Linear(dim, dim, bias=bias)
         self.k_proj = nn.Linear(dim, self.kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(dim, self.kv_heads * self.head_dim, bias=bias)
@@ -78,17 +92,21 @@ class MultiheadAttention(nn.Module):
         causal: bool = False,
         key_padding_mask: Tensor | None = None,
         cache: KVCache | CrossKV | None = None,
+        document_ids: Tensor | None = None,
     ) -> Tensor:
         """key_padding_mask: (B, M) bool, True = real key (M = N without context).
 
         cache: for self-attention a `KVCache` (causal only, no padding mask): x holds the
         positions cache.seen .. cache.seen + N - 1 (a prompt, a chunk of one, or one new
         token); for cross-attention a `CrossKV` that keeps the context's keys/values after one
-        call.
+        call. document_ids: (B, N) integer, self-attention of packed rows (equal ids = one
+        document; attention and RoPE positions restart at each document); not with a cache.
         """
         q = self._heads(self.q_proj(x), self.heads)
         if context is None:
-            out = self._self_attention(q, x, causal, key_padding_mask, cache)
+            out = self._self_attention(q, x, causal, key_padding_mask, cache, document_ids)
+        elif document_ids is not None:
+            raise ValueError("document_ids applies to self-attention, got a context too")
         else:
             if cache is not None and cache.k is not None:
                 k, v = cache.k, cache.v
@@ -104,14 +122,23 @@ class MultiheadAttention(nn.Module):
         return rearrange(x, "b n (h d) -> b h n d", h=heads or self.kv_heads)
 
     def _self_attention(self, q: Tensor, x: Tensor, causal: bool,
-                        key_padding_mask: Tensor | None, cache: KVCache | None) -> Tensor:
+                        key_padding_mask: Tensor | None, cache: KVCache | None,
+                        document_ids: Tensor | None) -> Tensor:
         """q (B, Hq, N, D), x (B, N, dim) -> (B, Hq, N, D)."""
+        if document_ids is not None:
+            if cache is not None:
+                raise ValueError("document_ids cannot be used with a KV cache: decode packed "
+                                 "prompts with TransformerLM.generate(prompt, max_new_tokens, "
+                                 "document_ids=...)")
+            document_ids = check_documents(document_ids, None, *x.shape[:2], x.device)
         k, v = self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
-        start = 0 if cache is None else cache.seen
         if self.rope is not None:
-            q, k = self.rope(q, start), self.rope(k, start)
+            positions = token_positions(x.shape[1], x.device, 0 if cache is None else cache.seen,
+                                        document_ids)
+            q, k = self.rope(q, positions), self.rope(k, positions)
         if cache is None:
-            return self.attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask)
+            return self.attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask,
+                                  document_ids=document_ids)
         require(causal, "causal", causal, "True with a KV cache")
         if key_padding_mask is not None:
             raise ValueError("key_padding_mask must be None with a KV cache, got one of shape "
@@ -123,7 +150,8 @@ class Block(nn.Module):
     """Pre-norm block: x + attn(norm(x)) [+ cross_attn(norm(x), context)] + mlp(norm(x)).
 
     forward(x (B, N, dim), ...) -> (B, N, dim). Cross-attention (`cross=True`, encoder-decoder)
-    always uses `full`. `dropout` drops each residual branch.
+    always uses `full`. `dropout` drops each residual branch. `sinks=True` gives every
+    attention of the block (self and cross) a learnable sink per query head.
     """
 
     def __init__(
@@ -140,14 +168,15 @@ class Block(nn.Module):
         rope: bool = False,
         cross: bool = False,
         bias: bool = False,
+        sinks: bool = False,
     ) -> None:
         super().__init__()
         self.attn_norm = make_norm(norm, dim)
         self.attn = MultiheadAttention(dim, heads, kv_heads, attention, attention_params,
-                                       dropout, bias, rope)
+                                       dropout, bias, rope, sinks)
         self.cross_norm = make_norm(norm, dim) if cross else None
-        self.cross_attn = (MultiheadAttention(dim, heads, kv_heads, "full", None, dropout, bias)
-                           if cross else None)
+        self.cross_attn = (MultiheadAttention(dim, heads, kv_heads, "full", None, dropout, bias,
+                                              sinks=sinks) if cross else None)
         self.mlp_norm = make_norm(norm, dim)
         self.mlp = make_mlp(mlp, dim, bias)
         self.mlp_dropout = nn.Dropout(dropout)
@@ -162,11 +191,13 @@ class Block(nn.Module):
         context_mask: Tensor | None = None,
         cache: KVCache | None = None,
         cross_cache: CrossKV | None = None,
+        document_ids: Tensor | None = None,
     ) -> Tensor:
         """key_padding_mask: (B, N) for self-attention; context (B, M, dim) and context_mask
-        (B, M) for cross-attention; True = real token."""
+        (B, M) for cross-attention; True = real token. document_ids: (B, N), packed rows
+        (self-attention only)."""
         x = x + self.attn(self.attn_norm(x), causal=causal, key_padding_mask=key_padding_mask,
-                          cache=cache)
+                          cache=cache, document_ids=document_ids)
         if self.cross_attn is not None:
             x = x + self.cross_attn(self.cross_norm(x), context, key_padding_mask=context_mask,
                                     cache=cross_cache)
@@ -174,11 +205,14 @@ class Block(nn.Module):
 
 
 class _Stack(nn.Module):
-    """Positions (added to the input), `depth` blocks, final norm: (B, N, dim) -> (B, N, dim)."""
+    """Positions (added to the input), `depth` blocks, final norm: (B, N, dim) -> (B, N, dim).
+
+    With document_ids (B, N), every position (additive or RoPE) restarts at each document.
+    """
 
     def __init__(self, dim: int, depth: int, heads: int, kv_heads: int | None, attention: str,
                  attention_params: dict[str, Any] | None, max_seq_len: int, pos: str, norm: str,
-                 mlp: str, dropout: float, cross: bool = False) -> None:
+                 mlp: str, dropout: float, sinks: bool, cross: bool = False) -> None:
         super().__init__()
         require(isinstance(depth, int) and depth >= 1, "depth", depth, "a positive int")
         require(isinstance(max_seq_len, int) and max_seq_len >= 1, "max_seq_len", max_seq_len,
@@ -187,22 +221,26 @@ class _Stack(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(
             Block(dim, heads, kv_heads, attention, attention_params, norm=norm, mlp=mlp,
-                  dropout=dropout, rope=pos == "rope", cross=cross)
+                  dropout=dropout, rope=pos == "rope", cross=cross, sinks=sinks)
             for _ in range(depth)
         )
         self.norm = make_norm(norm, dim)
 
     def forward(self, x: Tensor, *, causal: bool, key_padding_mask: Tensor | None = None,
                 context: Tensor | None = None, context_mask: Tensor | None = None,
-                cache: DecodeCache | None = None) -> Tensor:
+                cache: DecodeCache | None = None, document_ids: Tensor | None = None) -> Tensor:
+        if document_ids is not None:
+            document_ids = check_documents(document_ids, None, *x.shape[:2], x.device)
         if self.positions is not None:
-            x = self.positions(x, 0 if cache is None else cache.seen)
+            x = self.positions(x, token_positions(x.shape[1], x.device,
+                                                  0 if cache is None else cache.seen, document_ids))
         x = self.dropout(x)
         for i, block in enumerate(self.blocks):
             x = block(x, causal=causal, key_padding_mask=key_padding_mask, context=context,
                       context_mask=context_mask,
                       cache=None if cache is None else cache.layers[i],
-                      cross_cache=None if cache is None or cache.cross is None else cache.cross[i])
+                      cross_cache=None if cache is None or cache.cross is None else cache.cross[i],
+                      document_ids=document_ids)
         return self.norm(x)
 
     def init_cache(self) -> DecodeCache:
@@ -236,7 +274,8 @@ def _check_bidirectional(attention: str) -> None:
 
 
 class TransformerEncoder(nn.Module):
-    """Bidirectional encoder: (B, N, dim) features -> (B, N, dim), with a key padding mask."""
+    """Bidirectional encoder: (B, N, dim) features -> (B, N, dim), with a key padding mask
+    and/or packed rows (document_ids). `sinks=True`: a learnable sink per head and layer."""
 
     def __init__(
         self,
@@ -251,16 +290,20 @@ class TransformerEncoder(nn.Module):
         norm: str = "rms",
         mlp: str = "swiglu",
         dropout: float = 0.0,
+        sinks: bool = False,
     ) -> None:
         super().__init__()
         _check_bidirectional(attention)
         self.stack = _Stack(dim, depth, heads, kv_heads, attention, attention_params,
-                            max_seq_len, pos, norm, mlp, dropout)
+                            max_seq_len, pos, norm, mlp, dropout, sinks)
         self.apply(_init_weights)
 
-    def forward(self, x: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
-        """x: (B, N, dim); key_padding_mask: (B, N) bool, True = real token. -> (B, N, dim)."""
-        return self.stack(x, causal=False, key_padding_mask=key_padding_mask)
+    def forward(self, x: Tensor, key_padding_mask: Tensor | None = None,
+                document_ids: Tensor | None = None) -> Tensor:
+        """x: (B, N, dim); key_padding_mask: (B, N) bool, True = real token; document_ids:
+        (B, N) integer, equal ids = one document (each encoded as if alone). -> (B, N, dim)."""
+        return self.stack(x, causal=False, key_padding_mask=key_padding_mask,
+                          document_ids=document_ids)
 
 
 def _check_vocab(vocab_size: int) -> None:
@@ -270,7 +313,8 @@ def _check_vocab(vocab_size: int) -> None:
 
 class TransformerLM(nn.Module):
     """Decoder-only causal LM with tied input/output embeddings: tokens (B, N) -> logits
-    (B, N, vocab_size)."""
+    (B, N, vocab_size), on packed rows with `document_ids`. `sinks=True`: a learnable sink
+    per head and layer."""
 
     def __init__(
         self,
@@ -286,35 +330,48 @@ class TransformerLM(nn.Module):
         norm: str = "rms",
         mlp: str = "swiglu",
         dropout: float = 0.0,
+        sinks: bool = False,
     ) -> None:
         super().__init__()
         _check_vocab(vocab_size)
         self.embedding = nn.Embedding(vocab_size, dim)
         self.stack = _Stack(dim, depth, heads, kv_heads, attention, attention_params,
-                            max_seq_len, pos, norm, mlp, dropout)
+                            max_seq_len, pos, norm, mlp, dropout, sinks)
         self.apply(_init_weights)
 
-    def forward(self, tokens: Tensor, cache: DecodeCache | None = None) -> Tensor:
+    def forward(self, tokens: Tensor, cache: DecodeCache | None = None,
+                document_ids: Tensor | None = None) -> Tensor:
         """tokens: (B, N) long -> logits (B, N, vocab_size).
 
         With `cache` (from `init_cache`), tokens are positions `cache.seen ..`: a prompt, a
-        chunk of one, or a single new token.
+        chunk of one, or a single new token. document_ids: (B, N) integer, equal ids = one
+        document; each document is modelled as if alone (positions from 0); not with a cache
+        (`generate` takes packed prompts).
         """
-        x = self.stack(self.embedding(tokens), causal=True, cache=cache)
+        x = self.stack(self.embedding(tokens), causal=True, cache=cache,
+                       document_ids=document_ids)
         return x @ self.embedding.weight.T
 
     def init_cache(self) -> DecodeCache:
         """An empty KV cache for `forward` (every variant has one)."""
         return self.stack.init_cache()
 
-    def generate(self, prompt: Tensor, max_new_tokens: int, **options: Any) -> Tensor:
+    def generate(self, prompt: Tensor, max_new_tokens: int, document_ids: Tensor | None = None,
+                 **options: Any) -> Tensor:
         """prompt (B, P) long -> (B, P + new) long, new <= max_new_tokens, through KV caches.
 
+        document_ids: (B, P) integer for packed prompts: the new tokens continue the last
+        document of each row (see `attn_zoo.generation.generate_last_documents`).
         options: see `attn_zoo.generation.generate`.
         """
+        vocab_size = self.embedding.num_embeddings
         with _generating(self):
-            return generation.generate(self, prompt, max_new_tokens, cache=self.init_cache(),
-                                       vocab_size=self.embedding.num_embeddings, **options)
+            if document_ids is None:
+                return generation.generate(self, prompt, max_new_tokens, cache=self.init_cache(),
+                                           vocab_size=vocab_size, **options)
+            return generation.generate_last_documents(
+                self, prompt, max_new_tokens, document_ids, new_cache=self.init_cache,
+                vocab_size=vocab_size, **options)
 
 
 class Seq2SeqTransformer(nn.Module):
@@ -322,7 +379,8 @@ class Seq2SeqTransformer(nn.Module):
 
     forward(source (B, S), target (B, T), source_mask, target_mask) -> logits (B, T, vocab).
     The encoder and the decoder's causal self-attention use `attention`; cross-attention uses
-    `full`. Masks are (B, S) / (B, T) bool, True = real token.
+    `full`. Masks are (B, S) / (B, T) bool, True = real token. `sinks=True`: a learnable sink
+    per head in every attention (self and cross).
     """
 
     def __init__(
@@ -339,15 +397,16 @@ class Seq2SeqTransformer(nn.Module):
         norm: str = "rms",
         mlp: str = "swiglu",
         dropout: float = 0.0,
+        sinks: bool = False,
     ) -> None:
         super().__init__()
         _check_vocab(vocab_size)
         _check_bidirectional(attention)
         self.embedding = nn.Embedding(vocab_size, dim)
         self.encoder = _Stack(dim, depth, heads, kv_heads, attention, attention_params,
-                              max_seq_len, pos, norm, mlp, dropout)
+                              max_seq_len, pos, norm, mlp, dropout, sinks)
         self.decoder = _Stack(dim, depth, heads, kv_heads, attention, attention_params,
-                              max_seq_len, pos, norm, mlp, dropout, cross=True)
+                              max_seq_len, pos, norm, mlp, dropout, sinks, cross=True)
         self.apply(_init_weights)
 
     def encode(self, source: Tensor, source_mask: Tensor | None = None) -> Tensor:

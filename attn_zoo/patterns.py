@@ -220,6 +220,31 @@ class Part:
             blocks = blocks & (torch.arange(blocks.shape[1], device=blocks.device) <= rows)
         return Part(self.name, pattern, reach, self.extent, blocks, self.pool, self.fold)
 
+    def within(self, starts: Tensor, ends: Tensor) -> Part:
+        """This part inside documents, with positions counted from each document's start.
+
+        starts, ends: (L,) long, the first position and one past the last of the document of
+        each of L positions. Pair (i, j) is allowed when i and j share a document and the part
+        allows (i - start, j - start); reach is clamped to the document. For parts over the
+        call's own keys, without folding or a block layout.
+        """
+        last_position = starts.shape[0] - 1
+        pattern, inner = self.pattern, self.reach
+
+        def allowed(i: Tensor, j: Tensor) -> Tensor:
+            # Engines evaluate padded query rows past L too: they read the last document.
+            i, j = i.clamp(0, last_position), j.clamp(0, last_position)
+            start_i, start_j = starts[i], starts[j]
+            return (start_i == start_j) & pattern(i - start_i, j - start_j)
+
+        def reach(i: Tensor) -> tuple[Tensor, Tensor]:
+            inside = i.clamp(0, last_position)
+            start, end = starts[inside], ends[inside]
+            first, last = inner(i - start)
+            return (first + start).maximum(start), (last + start).minimum(end - 1)
+
+        return Part(self.name, allowed, reach, self.extent)
+
 
 def union(parts: list[Part]) -> Pattern:
     """The pairs of the parts over the call's own keys (without folding), as one pattern."""

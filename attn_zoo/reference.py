@@ -42,12 +42,14 @@ def reference_attention(
     scale: float | None = None,
     key_padding_mask: Tensor | None = None,
     pooled: PooledKeys | None = None,
+    sink: Tensor | None = None,
 ) -> Tensor:
     """Softmax attention over the allowed pairs, in float64.
 
     q: (B, Hq, N, D); k, v: (B, Hkv, M, D); allowed: bool broadcastable to (B, Hq, N, M);
-    key_padding_mask: (B, M) bool, True = real key. Returns (B, Hq, N, D) float64; a row with
-    no allowed key is zero.
+    key_padding_mask: (B, M) bool, True = real key; sink: (Hq,), one more key in every row's
+    softmax with score sink[h] and value 0. Returns (B, Hq, N, D) float64; a row with no
+    allowed key is zero.
     """
     groups = q.shape[1] // k.shape[1]
     q, k, v = q.double(), k.double(), v.double()
@@ -66,5 +68,12 @@ def reference_attention(
         scores = torch.cat([scores, pooled_scores], dim=-1)
         v = torch.cat([v, pooled_v], dim=2)
     has_key = (scores > float("-inf")).any(-1, keepdim=True)
-    probs = torch.softmax(scores.masked_fill(~has_key, 0.0), dim=-1) * has_key
+    scores = scores.masked_fill(~has_key, 0.0)
+    if sink is not None:  # the null key: a column of scores with a zero value
+        null = sink.double()[:, None, None].expand(*scores.shape[:-1], 1)
+        scores = torch.cat([scores, null], dim=-1)
+        v = torch.cat([v, v.new_zeros(*v.shape[:2], 1, v.shape[3])], dim=2)
+        has_key = has_key.expand(*has_key.shape[:-1], scores.shape[-1]).clone()
+        has_key[..., -1] = True
+    probs = torch.softmax(scores, dim=-1) * has_key
     return probs @ v

@@ -8,7 +8,8 @@ the wrong type fails when Hydra composes the config, before anything runs:
 * `schema/logger`: the `logger` group (`conf/logger/{wandb,none}.yaml`).
 * `schema/attention/<name>`: one per registered variant, generated from its `Params`
   dataclass: a `name` field plus every parameter but `backend`, which is the top-level
-  `backend` key (one axis for all variants). `conf/attention/<name>.yaml` lists the values.
+  `backend` key (one axis for all variants), and `sinks`, set by `model.sinks`.
+  `conf/attention/<name>.yaml` lists the values.
 * `schema/train`, `schema/model`, `schema/task/<name>`: the train app's top-level keys, its
   backbone sizes (`conf/model/`) and one per task of `experiments.tasks` (`conf/task/`),
   the latter generated from the task's dataclass like the attention schemas.
@@ -114,6 +115,7 @@ class ModelConfig:
     norm: str = "rms"
     mlp: str = "swiglu"
     dropout: float = 0.0
+    sinks: bool = False
 
 
 @dataclasses.dataclass
@@ -186,12 +188,13 @@ def _omegaconf_type(hint: Any, field: str) -> Any:
 
 
 def attention_schema(name: str) -> type:
-    """A dataclass with `name` plus the variant's parameters (but `backend`), same defaults."""
+    """A dataclass with `name` plus the variant's parameters (but `backend`, and `sinks`, which
+    the model sets from its head count: `model.sinks=true`), same defaults."""
     params = get(name).Params
     hints = get_type_hints(params)
     fields: list[tuple[str, Any, Any]] = [("name", str, dataclasses.field(default=name))]
     for field in dataclasses.fields(params):
-        if field.name == "backend":
+        if field.name in ("backend", "sinks"):
             continue
         kind = _omegaconf_type(hints[field.name], field.name)
         default = field.default

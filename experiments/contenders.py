@@ -334,7 +334,8 @@ def sdpa(name: str, setting: Setting) -> Contender:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     attn = attn_zoo.build("full", **(setting.params if setting.attention == "full" else {}))
-    full_params = {k: v for k, v in attn.params.to_dict().items() if k != "backend"}
+    full_params = {k: v for k, v in attn.params.to_dict().items()
+                   if k not in ("backend", "sinks")}
     kernel = SDPA_KERNELS[name]
     scale, gqa = attn.params.scale, setting.heads != setting.kv_heads
 

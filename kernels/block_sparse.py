@@ -209,10 +209,10 @@ def _grad_kv_kernel(
 
     REPAIR (a second launch after the first): only the key tiles flagged in `Repair` (per kv
     head and key tile) run, and rewrite their gradients with keys holding inf or NaN
-    (`BadKeys`) read as zeros and NaN deltas as zeros (`Delta` is such a copy), so a row that sees such a key (NaN
-    lse and delta) reaches only the keys it sees through its NaN probabilities (in the first
-    launch, 0 * NaN reaches the whole tile). The others exit at once; the first launch keeps
-    its registers.
+    (`BadKeys`) read as zeros and NaN deltas as zeros (`Delta` is such a copy), so a row that
+    sees such a key (NaN lse and delta) reaches only the keys it sees through its NaN
+    probabilities (in the first launch, 0 * NaN reaches the whole tile). The others exit at
+    once; the first launch keeps its registers.
     """
     tl.static_assert(BLOCK_M % SUB_M == 0)
     key_tile = tl.program_id(0)

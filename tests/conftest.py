@@ -91,17 +91,6 @@ def padding(batch: int, n: int, seed: int) -> torch.Tensor:
     return real
 
 
-def attention_and_lse(q, keys, v, allowed, real, scale):
-    """Dense float64 attention of q (B, H, N, D) over keys, v (B, H, N, D): out and lse; a row
-    with no allowed key has out 0 and lse -inf (with finite gradients)."""
-    out = reference_attention(q, keys, v, allowed, scale=scale, key_padding_mask=real)
-    allowed = allowed & real[:, None, None, :]
-    has_key = allowed.any(-1)
-    scores = (q @ keys.transpose(-1, -2) * scale).masked_fill(~allowed, float("-inf"))
-    lse = torch.logsumexp(scores.masked_fill(~has_key[..., None], 0.0), dim=-1)
-    return out, lse.masked_fill(~has_key, float("-inf"))
-
-
 def check_shared_qk_gradients(out, expected, q, k, v):
     """Shared-QK variants (lsh, routing): gradients of out and expected for a random output
     gradient agree for q and v; k, which they ignore, gets zero."""

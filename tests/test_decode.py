@@ -85,9 +85,11 @@ def test_every_variant_has_a_cache(name):
 
 
 @pytest.mark.parametrize("name", attn_zoo.available())
-def test_decoding_equals_the_teacher_forced_forward(name):
-    """Prefill a prompt, step the rest: the logits of `model(tokens)`, for every exact cache."""
-    model = tiny_lm(name)
+@pytest.mark.parametrize("sinks", [False, True])
+def test_decoding_equals_the_teacher_forced_forward(name, sinks):
+    """Prefill a prompt, step the rest: the logits of `model(tokens)`, for every exact cache
+    (with sinks: random nonzero sink logits, applied in every row's softmax)."""
+    model = tiny_lm(name, sinks=sinks)
     if not cache_for(model.stack.blocks[0].attn.attention).exact:
         pytest.skip(f"{name} decodes by its own rule: tested against it below")
     sequence = tokens((2, LENGTH))
@@ -185,10 +187,11 @@ def test_seq2seq_cached_generation_equals_recomputing_the_prefix(strategy):
 # -- bigbird: the layout of the prefix ------------------------------------------------------
 
 
-def test_bigbird_decodes_with_the_layout_of_the_prefix():
+@pytest.mark.parametrize("sinks", [False, True])
+def test_bigbird_decodes_with_the_layout_of_the_prefix(sinks):
     """Row I's random blocks change with the length, so decoding follows the layout of the
     prefix that ends at each position: with one layer, the last logits of `model(prefix)`."""
-    model = tiny_lm("bigbird", depth=1)
+    model = tiny_lm("bigbird", depth=1, sinks=sinks)
     sequence = tokens((2, LENGTH), seed=4)
     decoded = decode_logits(model, sequence, stepwise(LENGTH))
     with torch.no_grad():
@@ -204,9 +207,10 @@ def test_bigbird_decodes_with_the_layout_of_the_prefix():
     assert not torch.allclose(decoded, teacher_forced, atol=1e-3)
 
 
-def test_bigbird_without_random_blocks_decodes_the_teacher_forced_forward():
+@pytest.mark.parametrize("sinks", [False, True])
+def test_bigbird_without_random_blocks_decodes_the_teacher_forced_forward(sinks):
     params = params_of("bigbird") | {"n_random": 0}
-    model = tiny_lm("bigbird", params)
+    model = tiny_lm("bigbird", params, sinks=sinks)
     sequence = tokens((2, LENGTH), seed=5)
     with torch.no_grad():
         expected = model(sequence)
@@ -235,6 +239,23 @@ def cached_outputs(attention, q, k, v, sizes) -> torch.Tensor:
     return torch.cat(outs, dim=2)
 
 
+def with_null_key(out: torch.Tensor, lse: torch.Tensor, sink) -> torch.Tensor:
+    """out and lse of a softmax, with one more key of score `sink` and value 0 (None: none)."""
+    if sink is None:
+        return out
+    return out * lse.exp() / (lse.exp() + torch.exp(torch.as_tensor(sink).to(lse)))
+
+
+def random_sinks(attention) -> torch.Tensor | None:
+    """Random nonzero sink logits for an attention built with sinks, else None."""
+    if attention.sink is None:
+        return None
+    with torch.no_grad():
+        attention.sink.copy_(torch.randn(attention.sink.shape,
+                                         generator=torch.Generator().manual_seed(9)))
+    return attention.sink.detach().double()
+
+
 def rule_attention(q_row, keys, values, chosen, scale) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain softmax of one query over the chosen key positions: (out (D,), lse ())."""
     scores = torch.stack([scale * q_row @ keys[j] for j in chosen])
@@ -242,8 +263,10 @@ def rule_attention(q_row, keys, values, chosen, scale) -> tuple[torch.Tensor, to
     return sum(w * values[j] for w, j in zip(weights, chosen, strict=True)), scores.logsumexp(0)
 
 
-def lsh_reference(q, v, bucket_size, n_hashes, seed, groups) -> tuple[torch.Tensor, bool]:
-    """The LSH decode rule, position by position; also whether the cap ever bound."""
+def lsh_reference(q, v, bucket_size, n_hashes, seed, groups,
+                  sink=None) -> tuple[torch.Tensor, bool]:
+    """The LSH decode rule, position by position, the sink (Hq,) once on the merged rounds;
+    also whether the cap ever bound."""
     batch, heads, n, dim = q.shape
     half = n_buckets(DECODE_BUCKETS_PER_CHUNK * bucket_size, bucket_size) // 2
     rotations = torch.randn((n_hashes, dim, half),
@@ -265,11 +288,14 @@ def lsh_reference(q, v, bucket_size, n_hashes, seed, groups) -> tuple[torch.Tens
                                                 chosen, dim**-0.5))
                 lse = torch.stack([p[1] for p in parts])
                 weights = (lse - lse.logsumexp(0)).exp()
-                out[b, h, i] = sum(w * p[0] for w, p in zip(weights, parts, strict=True))
+                merged = sum(w * p[0] for w, p in zip(weights, parts, strict=True))
+                out[b, h, i] = with_null_key(merged, lse.logsumexp(0),
+                                             None if sink is None else sink[h])
     return out, capped
 
 
-def routing_reference(q, v, centroids, n_clusters, window, groups) -> tuple[torch.Tensor, bool]:
+def routing_reference(q, v, centroids, n_clusters, window, groups,
+                      sink=None) -> tuple[torch.Tensor, bool]:
     batch, heads, n, dim = q.shape
     keys = F.normalize(q, dim=-1)
     out = torch.zeros_like(q)
@@ -281,18 +307,21 @@ def routing_reference(q, v, centroids, n_clusters, window, groups) -> tuple[torc
                 cap = window or math.ceil((i + 1) / n_clusters)
                 same = [j for j in range(i + 1) if cluster[j] == cluster[i]]
                 capped |= len(same) > cap
-                out[b, h, i] = rule_attention(q[b, h, i], keys[b, h], v[b, h // groups],
-                                              same[-cap:], dim**-0.5)[0]
+                row, lse = rule_attention(q[b, h, i], keys[b, h], v[b, h // groups],
+                                          same[-cap:], dim**-0.5)
+                out[b, h, i] = with_null_key(row, lse, None if sink is None else sink[h])
     return out, capped
 
 
-def test_lsh_decode_rule_against_its_dense_reference():
+@pytest.mark.parametrize("sinks", [0, 4])
+def test_lsh_decode_rule_against_its_dense_reference(sinks):
     params = params_of("lsh")
-    attention = attn_zoo.build("lsh", **params).eval()
+    attention = attn_zoo.build("lsh", **params, sinks=sinks).eval()
+    sink = random_sinks(attention)
     q = crowded_queries(2, 4, LENGTH, 8)
     k, v = (torch.randn(2, 2, LENGTH, 8, dtype=torch.float64) for _ in range(2))
     expected, capped = lsh_reference(q, v, params["bucket_size"], params["n_hashes"],
-                                     params["seed"], groups=2)
+                                     params["seed"], groups=2, sink=sink)
     assert capped, "the test must reach buckets with more keys than the cap"
     for sizes in (stepwise(LENGTH), [LENGTH], [5, 20, 15]):
         torch.testing.assert_close(cached_outputs(attention, q, k, v, sizes), expected,
@@ -300,17 +329,48 @@ def test_lsh_decode_rule_against_its_dense_reference():
 
 
 @pytest.mark.parametrize("window", [4, None])
-def test_routing_decode_rule_against_its_dense_reference(window):
-    attention = attn_zoo.build("routing", n_clusters=3, window=window).eval()
+@pytest.mark.parametrize("sinks", [0, 4])
+def test_routing_decode_rule_against_its_dense_reference(window, sinks):
+    attention = attn_zoo.build("routing", n_clusters=3, window=window, sinks=sinks).eval()
+    sink = random_sinks(attention)
     q = crowded_queries(2, 4, LENGTH, 8, seed=1)
     k, v = (torch.randn(2, 2, LENGTH, 8, dtype=torch.float64) for _ in range(2))
     torch.manual_seed(0)
     attention.clusters(q[:, :, :1])  # draws the centroids, as a first forward would
-    expected, capped = routing_reference(q, v, attention.centroids.to(q), 3, window, groups=2)
+    expected, capped = routing_reference(q, v, attention.centroids.to(q), 3, window, groups=2,
+                                         sink=sink)
     assert capped, "the test must reach clusters with more keys than the cap"
     for sizes in (stepwise(LENGTH), [LENGTH], [5, 20, 15]):
         torch.testing.assert_close(cached_outputs(attention, q, k, v, sizes), expected,
                                    atol=1e-10, rtol=1e-10)
+
+
+# -- the shared softmax of the caches -------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["mask", "bias"])
+def test_attend_against_a_dense_softmax(kind, monkeypatch):
+    """GQA, chunked rows, a row with no allowed key (out 0, lse -inf), keys not allowed whose
+    scores exceed every allowed one: out and lse of a float64 softmax."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 9, 8, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(2, 2, 13, 8, generator=gen, dtype=torch.float64) for _ in range(2))
+    k[:, :, 5] = 50 * q[:, ::2, 0].mean(1)  # a huge score, for a key row 0 may not see
+    allowed = torch.rand(9, 13, generator=gen) > 0.4
+    allowed[0, 5] = False
+    allowed[3] = False
+    extra = torch.randn(9, 13, generator=gen, dtype=torch.float64)
+    bias = allowed if kind == "mask" else extra.masked_fill(~allowed, float("-inf"))
+    scores = torch.einsum("bhtd,bhmd->bhtm", q, k.repeat_interleave(2, 1)) * 0.3
+    scores = scores + (0.0 if kind == "mask" else extra)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    lse = scores.logsumexp(-1)
+    expected = torch.nan_to_num(scores.softmax(-1)) @ v.repeat_interleave(2, 1)
+    monkeypatch.setattr(cache_module, "CHUNK_ELEMENTS", 2 * 4 * 13 * 2)  # two rows a chunk
+    out, got_lse = cache_module.attend(q, k, v, lambda t0, t1: bias[t0:t1], 0.3)
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(got_lse, lse, atol=1e-12, rtol=1e-12)
+    assert (out[:, :, 3] == 0).all() and (got_lse[:, :, 3] == float("-inf")).all()
 
 
 # -- sizes ----------------------------------------------------------------------------------

@@ -217,7 +217,8 @@ def test_rope_scores_depend_only_on_relative_position():
     q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
 
     def score(query_position, key_position):
-        return (rope(q, query_position) * rope(k, key_position)).sum()
+        return (rope(q, torch.tensor([query_position]))
+                * rope(k, torch.tensor([key_position]))).sum()
 
     torch.testing.assert_close(score(5, 2), score(13, 10))
     assert not torch.allclose(score(5, 2), score(5, 4))

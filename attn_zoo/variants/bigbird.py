@@ -179,7 +179,7 @@ class BigBirdCache(GrowingCache):
             table[index, :row.shape[0]] = row
         return table.to(device)
 
-    def _extend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def _extend(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         self._append(k=k, v=v)
         block, end = self.attention.params.block, self.seen + q.shape[2]
         rows = torch.arange(self.seen, end, device=q.device)

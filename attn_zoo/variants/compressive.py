@@ -217,7 +217,7 @@ class CompressiveCache(RingCache):
             merged = pooled if old is None else torch.cat([old, pooled], dim=2)
             self.buffers[name] = merged[:, :, -p.cmem_len:]
 
-    def _extend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def _extend(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         segment, outs = self.attention.params.segment, []
         start = self.seen
         for a, b in split_at_multiples(start, q.shape[2], segment):
@@ -229,4 +229,4 @@ class CompressiveCache(RingCache):
                 pooled = (self.buffers["pooled_k"], self.buffers["pooled_v"], 0.0)
             outs.append(self._attend(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], pooled))
         self.seen = start
-        return torch.cat(outs, dim=2)
+        return torch.cat([out for out, _ in outs], dim=2), torch.cat([lse for _, lse in outs], 2)

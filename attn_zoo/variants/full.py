@@ -24,6 +24,7 @@ class FullAttention(PatternAttention):
 
     supports_cross = True
     static_pattern = True
+    relative_parts = True
     backends = ("torch", "triton")
     # On CUDA, SDPA (FlashAttention) is the dense fast path; backend="triton" runs the kernel.
     auto_backends = ("torch",)
@@ -34,13 +35,19 @@ class FullAttention(PatternAttention):
     def pattern(self, n: int, causal: bool) -> Pattern:
         return self.exact_pattern(n, causal)
 
-    def _forward_torch(self, q, k, v, causal, key_padding_mask, scale):
+    def runs_documents_in_place(self, backend: str, n: int, causal: bool) -> bool:
+        # On torch, SDPA over the documents of each length beats the engine over packed rows
+        # (16 documents in 16K on a CPU: 0.7 s against 1.8 s).
+        return backend != "torch" and super().runs_documents_in_place(backend, n, causal)
+
+    def _forward_torch(self, q, k, v, causal, key_padding_mask, scale, documents=None):
         batch, kv_heads, groups, n, dim = q.shape
         # SDPA's causal mask lets inf or NaN in a later key reach earlier rows (0 * NaN).
         exact_causal = causal and (k.shape[2] != n or not (finite(k) and finite(v)))
-        # SDPA gives no log-sum-exp, which a sink needs.
-        if key_padding_mask is not None or exact_causal or self.sink is not None:
-            return super()._forward_torch(q, k, v, causal, key_padding_mask, scale)
+        # SDPA gives no log-sum-exp, which a sink needs, and knows no documents.
+        if (key_padding_mask is not None or exact_causal or self.sink is not None
+                or documents is not None):
+            return super()._forward_torch(q, k, v, causal, key_padding_mask, scale, documents)
         out = F.scaled_dot_product_attention(q.reshape(batch, kv_heads * groups, n, dim), k, v,
                                              is_causal=causal, scale=scale,
                                              enable_gqa=groups > 1)

@@ -166,7 +166,7 @@ class HierarchicalCache(RingCache):
             old = self.buffers.get(name)
             self.buffers[name] = mean if old is None else torch.cat([old, mean], dim=2)
 
-    def _extend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def _extend(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         block, outs = self.attention.params.block, []
         start = self.seen
         for a, b in split_at_multiples(start, q.shape[2], block):
@@ -178,4 +178,4 @@ class HierarchicalCache(RingCache):
                 pooled = (self.buffers["pooled_k"], self.buffers["pooled_v"], math.log(block))
             outs.append(self._attend(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], pooled))
         self.seen = start
-        return torch.cat(outs, dim=2)
+        return torch.cat([out for out, _ in outs], dim=2), torch.cat([lse for _, lse in outs], 2)

@@ -36,6 +36,7 @@ class LocalAttention(PatternAttention):
     Params = LocalParams
     backends = ("torch", "flex", "triton")
     static_pattern = True
+    relative_parts = True
 
     def parts(self, n: int, m: int, causal: bool) -> list[Part]:
         window = self.params.window

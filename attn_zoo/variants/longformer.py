@@ -86,6 +86,7 @@ class LongformerAttention(PatternAttention):
     Params = LongformerParams
     backends = ("torch", "flex", "triton")
     static_pattern = True
+    relative_parts = True
 
     def parts(self, n: int, m: int, causal: bool) -> list[Part]:
         window, dilation = self.params.window, self.params.dilation

@@ -357,7 +357,7 @@ class LSHCache(GrowingCache):
         rotated = (keys @ self.rotations.to(keys)).unflatten(-1, (p.n_hashes, half))
         return torch.cat([rotated, -rotated], dim=-1).argmax(-1)
 
-    def _extend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def _extend(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         keys = F.normalize(q, dim=-1)
         self._append(k=keys, v=v, buckets=self._buckets(keys))
         end = self.seen + q.shape[2]

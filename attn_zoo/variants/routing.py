@@ -214,7 +214,7 @@ class RoutingCache(GrowingCache):
         affinity = einsum(keys, self.attention.centroids.to(keys), "b h n d, h c d -> b h n c")
         return affinity.argmax(-1, keepdim=True)
 
-    def _extend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def _extend(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         keys = F.normalize(q, dim=-1)
         self._append(k=keys, v=v, clusters=self._clusters(keys))
         end = self.seen + q.shape[2]
@@ -226,6 +226,5 @@ class RoutingCache(GrowingCache):
         if window is None:  # row i keeps its ceil((i + 1) / n_clusters) newest
             cap = (rows + n_clusters) // n_clusters
             valid &= torch.arange(width - 1, -1, -1, device=q.device) < cap[:, None]
-        out, _ = attend_selected(q, self.held("k", end), self.held("v", end), index, valid,
-                                 self.scale(q.shape[3]))
-        return out
+        return attend_selected(q, self.held("k", end), self.held("v", end), index, valid,
+                               self.scale(q.shape[3]))

@@ -13,7 +13,7 @@ from attn_zoo.reference import PooledKeys, dense_mask, reference_attention
 from experiments.measure import peak_memory
 
 
-def compressive_reference(q, k, v, real, attn):
+def compressive_reference(q, k, v, real, attn, sink=None):
     """Dense float64 compressive attention; group members gathered as strided slices."""
     segment, mem_len = attn.params.segment, attn.params.mem_len
     cmem_len, rate, mode = attn.params.cmem_len, attn.params.rate, attn.params.compress
@@ -45,7 +45,7 @@ def compressive_reference(q, k, v, real, attn):
     pooled = PooledKeys(pool(k, attn.key_conv if conv else None),
                         pool(v, attn.value_conv if conv else None),
                         recent[None, None] & has_real[:, :, :, 0][:, :, None, :], torch.zeros(()))
-    return reference_attention(q, k, v, exact, key_padding_mask=real, pooled=pooled)
+    return reference_attention(q, k, v, exact, key_padding_mask=real, pooled=pooled, sink=sink)
 
 
 COMPRESSIVE_CASES = [

@@ -13,7 +13,7 @@ from attn_zoo.reference import PooledKeys, dense_mask, reference_attention
 from experiments.measure import peak_memory
 
 
-def hierarchical_reference(q, k, v, real, block, window_blocks, causal, scale=None):
+def hierarchical_reference(q, k, v, real, block, window_blocks, causal, scale=None, sink=None):
     """Dense float64 hierarchical attention: exact window plus one mean key per far block."""
     n = q.shape[2]
     positions = torch.arange(n)
@@ -31,7 +31,8 @@ def hierarchical_reference(q, k, v, real, block, window_blocks, causal, scale=No
         far[None, None] & (counts > 0)[:, None, None, :],
         counts.clamp_min(1).log()[:, None, None, :],
     )
-    return reference_attention(q, k, v, exact, scale=scale, key_padding_mask=real, pooled=pooled)
+    return reference_attention(q, k, v, exact, scale=scale, key_padding_mask=real, pooled=pooled,
+                               sink=sink)
 
 
 HIERARCHICAL_CASES = [

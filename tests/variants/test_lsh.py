@@ -8,9 +8,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import attention_and_lse, check_shared_qk_gradients, padding, params_id, qkv
+from conftest import check_shared_qk_gradients, padding, params_id, qkv
 
 import attn_zoo
+from attn_zoo.reference import reference_attention
 from experiments.measure import peak_memory
 
 
@@ -30,28 +31,25 @@ def lsh_candidates(buckets: torch.Tensor, bucket_size: int) -> torch.Tensor:
     return candidates
 
 
-def lsh_reference(attn, q, v, causal, real):
-    """Float64 LSH attention from `attn.buckets(q)`: per round the allowed keys, rounds merged
-    by their log-sum-exps."""
+def lsh_reference(attn, q, v, causal, real, sink=None):
+    """Float64 LSH attention from `attn.buckets(q)`: one softmax over the allowed keys of
+    every round (a key allowed in r rounds counts r times), and the null key of `sink`."""
     n = q.shape[2]
     buckets = attn.buckets(q)
     keys = F.normalize(q, dim=-1)
     v = v.repeat_interleave(q.shape[1] // v.shape[1], 1)
     itself = torch.eye(n, dtype=torch.bool)
-    outs, lses = [], []
+    rounds = []
     for candidates in lsh_candidates(buckets, attn.params.bucket_size):
         others = candidates & ~itself & real[:, None, None, :]
         if causal:
             others &= torch.ones(n, n, dtype=torch.bool).tril()
         alone = ~others.any(-1, keepdim=True)
-        allowed = others | (itself & alone)
-        out, lse = attention_and_lse(q, keys, v, allowed, real, q.shape[-1] ** -0.5)
-        outs.append(out)
-        lses.append(lse)
-    lses = torch.stack(lses)
-    reached = (lses > float("-inf")).any(0)
-    weights = torch.softmax(lses.masked_fill(~reached, 0.0), dim=0)
-    return sum(w[..., None] * o for w, o in zip(weights, outs, strict=True))
+        rounds.append(others | (itself & alone))
+    copies = len(rounds)
+    return reference_attention(q, keys.repeat(1, 1, copies, 1), v.repeat(1, 1, copies, 1),
+                               torch.cat(rounds, dim=-1), key_padding_mask=real.repeat(1, copies),
+                               sink=sink)
 
 
 LSH_CASES = [

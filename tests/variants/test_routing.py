@@ -10,14 +10,16 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import attention_and_lse, check_shared_qk_gradients, padding, params_id, qkv
+from conftest import check_shared_qk_gradients, padding, params_id, qkv
 
 import attn_zoo
+from attn_zoo.reference import reference_attention
 
 
-def routing_reference(attn, q, v, causal, real):
+def routing_reference(attn, q, v, causal, real, sink=None):
     """Float64 routing attention from `attn.clusters(q)`: members of a cluster attend to each
-    other; the mean over a token's clusters."""
+    other (with the null key of `sink` in each cluster's softmax); the mean over a token's
+    clusters."""
     n = q.shape[2]
     clusters = attn.clusters(q)  # (B, H, C, W)
     keys = F.normalize(q, dim=-1)
@@ -28,7 +30,8 @@ def routing_reference(attn, q, v, causal, real):
         allowed = member[..., :, None] & member[..., None, :]
         if causal:
             allowed &= torch.ones(n, n, dtype=torch.bool).tril()
-        total = total + attention_and_lse(q, keys, v, allowed, real, q.shape[-1] ** -0.5)[0]
+        total = total + reference_attention(q, keys, v, allowed, key_padding_mask=real,
+                                            sink=sink)
         count = count + member
     return total / count.clamp_min(1)[..., None]
 
@@ -195,3 +198,23 @@ def test_training_gradients_reach_queries_and_values(name):
     attn(q, k, v, causal=True).square().sum().backward()
     assert q.grad.abs().sum() > 0 and v.grad.abs().sum() > 0
     assert torch.equal(k.grad, torch.zeros_like(k))
+
+
+def test_routing_window_follows_each_document():
+    """window=None is ceil(L / n_clusters) for a document of length L, a given window is
+    capped at L: a packed call equals the documents alone, each clustered on its own."""
+    torch.manual_seed(0)
+    for window in (None, 6):
+        attn = attn_zoo.build("routing", n_clusters=3, window=window).double().eval()
+        q, k, v = qkv(batch=1, n=40, dim=16, dtype=torch.float64, seed=7)
+        ids = torch.tensor([[0] * 4 + [1] * 29 + [2] * 7])
+        packed = attn(q, k, v, causal=True, document_ids=ids)
+        start = 0
+        for length in (4, 29, 7):
+            part = slice(start, start + length)
+            members = attn.clusters(q[:, :, part])
+            assert members.shape[-1] == (min(window, length) if window else -(-length // 3))
+            torch.testing.assert_close(packed[:, :, part],
+                                       attn(q[:, :, part], k[:, :, part], v[:, :, part],
+                                            causal=True), atol=0, rtol=0)
+            start += length
