@@ -52,7 +52,7 @@ def test_a_job_is_a_checked_row_per_length_in_increasing_order(tmp_path):
     for row in written:
         assert (row["contender"], row["attention"], row["heads"], row["kv_heads"],
                 row["window"], row["mode"]) == ("attn_zoo", "local", 2, 1, 8, "both")
-        assert json.loads(row["params"]) == {"window": 8, "scale": None, "sinks": 0}
+        assert json.loads(row["params"]) == {"window": 8, "scale": None}
         assert 0 <= row["check_error"] < 1e-5 and row["check_n"] == 40
         assert row["check_against"] == "float64 dense pattern"
         for metric in ("fwd_ms", "fwd_bwd_ms", "peak_mem_mib", "useful_tflops",
@@ -170,7 +170,7 @@ def test_sdpa_rows_are_full_attention_checked_against_the_reference(tmp_path):
     (row,) = result["rows"]
     assert (row["contender"], row["attention"], row["status"]) == ("sdpa", "full", "ok")
     assert row["check_error"] < 1e-5 and row["backend"] == ""
-    assert json.loads(row["params"]) == {"scale": None, "sinks": 0}
+    assert json.loads(row["params"]) == {"scale": None}
 
 
 @pytest.mark.parametrize("contender, backend", [("flex_attention", "auto"),

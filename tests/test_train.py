@@ -44,7 +44,7 @@ def test_a_point_writes_rows_logs_wandb_and_a_checkpoint_that_rebuilds_the_model
     assert rows["eval_len"].tolist() == [32, 64]  # 64 > the training length: extrapolation
     assert (rows["status"] == "ok").all() and (rows["seq_len"] == 32).all()
     assert rows["accuracy"].between(0, 1).all() and rows["n_params"].iloc[0] > 0
-    assert rows["params"].iloc[0] == '{"scale": null, "sinks": 0, "window": 8}'
+    assert rows["params"].iloc[0] == '{"scale": null, "window": 8}'
     # The checkpoint alone rebuilds the trained model: its evaluation repeats the rows'.
     model, task, state = train.load_checkpoint(cfg.checkpoint)
     assert state["config"]["attention"]["name"] == "local"
