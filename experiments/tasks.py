@@ -24,8 +24,9 @@ Every task makes batches of next-token prediction at any sequence length `N`:
   by newlines. Its metric is bits per byte.
 
 Packed rows (`packed_batches`, tasks made of documents: `stdlib_lm`, whose documents are its
-files): an epoch shuffles the split's documents (with `generator`) and concatenates them into
-rows of `seq_len` inputs (`pack_documents`); `batch.document_ids` tells the documents apart and
+files): an epoch shuffles the split's documents (with `generator`), concatenates them into
+rows of `seq_len` inputs (`pack_documents`) and deals the rows out in a shuffled order, so a
+batch holds rows from all over the split; `batch.document_ids` tells the documents apart and
 a target that starts another document is masked out, so nothing is predicted across a
 boundary. A document that does not fit in what remains of a row continues at the start of the
 next row, as a new document there; every byte is an input once per epoch.
@@ -112,8 +113,9 @@ class Task(ABC):
     def packed_batches(self, batch_size: int, seq_len: int, generator: torch.Generator,
                        split: str = "train") -> Iterator[Batch]:
         """Endless (batch_size, seq_len) batches of packed rows: each epoch packs the split's
-        documents, in an order drawn from `generator`, into rows (`pack_documents`); an epoch's
-        last rows that do not fill a batch are left out."""
+        documents, in an order drawn from `generator`, into rows (`pack_documents`) and deals
+        them out in another drawn order (neighbouring rows hold the same files: batches of
+        them would be alike); the rows that do not fill a last batch are left out."""
         _positive_int("batch_size", batch_size)
         _positive_int("seq_len", seq_len)
         _require(split in SPLITS, "split", split, f"one of {SPLITS}")
@@ -126,8 +128,9 @@ class Task(ABC):
             order = torch.randperm(len(documents), generator=generator)
             stream = torch.cat([documents[index] for index in order.tolist()])
             ends = lengths[order].cumsum(0)
+            dealt = torch.randperm(rows, generator=generator)
             for first in range(0, rows - batch_size + 1, batch_size):
-                yield _packed_rows(stream, ends, first, batch_size, seq_len)
+                yield _packed_rows(stream, ends, dealt[first:first + batch_size], seq_len)
 
     def config(self) -> dict[str, Any]:
         """The parameters that rebuild this task with `make_task`."""
@@ -135,14 +138,13 @@ class Task(ABC):
                                       for f in dataclasses.fields(self)}  # type: ignore[arg-type]
 
 
-def _packed_rows(stream: Tensor, ends: Tensor, first: int, rows: int, seq_len: int) -> Batch:
-    """Rows first .. first + rows - 1 of `stream` (documents back to back; document d ends
-    before `ends[d]`) cut into rows of seq_len inputs, the targets one token further."""
-    positions = first * seq_len + torch.arange(rows * seq_len + 1)
+def _packed_rows(stream: Tensor, ends: Tensor, rows: Tensor, seq_len: int) -> Batch:
+    """Rows `rows` ((R,) long) of `stream` (documents back to back; document d ends before
+    `ends[d]`) cut into rows of seq_len inputs, the targets one token further."""
+    positions = rows[:, None] * seq_len + torch.arange(seq_len + 1)
     tokens = stream[positions].long()
     ids = torch.searchsorted(ends, positions, right=True)  # empty documents take no place
-    return Batch(tokens[:-1].view(rows, seq_len), tokens[1:].view(rows, seq_len),
-                 (ids[1:] == ids[:-1]).view(rows, seq_len), ids[:-1].view(rows, seq_len))
+    return Batch(tokens[:, :-1], tokens[:, 1:], ids[:, 1:] == ids[:, :-1], ids[:, :-1])
 
 
 def pack_documents(documents: Sequence[Tensor], seq_len: int) -> Batch:
@@ -160,7 +162,8 @@ def pack_documents(documents: Sequence[Tensor], seq_len: int) -> Batch:
     rows = (int(lengths.sum()) - 1) // seq_len
     _require(rows >= 1, "seq_len", seq_len,
              f"< {int(lengths.sum())}, the documents' tokens (one row and its last target)")
-    return _packed_rows(torch.cat(list(documents)), lengths.cumsum(0), 0, rows, seq_len)
+    return _packed_rows(torch.cat(list(documents)), lengths.cumsum(0), torch.arange(rows),
+                        seq_len)
 
 
 def _random_slots(batch_size: int, n_slots: int, k: int, generator: torch.Generator) -> Tensor:

@@ -194,26 +194,34 @@ def test_packing_needs_one_full_row():
 
 def test_an_epoch_of_packed_stdlib_rows_uses_every_byte_of_its_files_once(corpus):
     task = make_task("stdlib_lm", root=str(corpus), val_fraction=0.25)
-    files = {path: (corpus / path).read_bytes() for path in task.split_files("train")}
-    total = sum(map(len, files.values()))
-    batches = task.packed_batches(4, 64, gen(0))
-    epoch = [next(batches) for _ in range((total - 1) // 64 // 4)]
-    again = task.packed_batches(4, 64, gen(0))
+    files = [(corpus / path).read_bytes() for path in task.split_files("train")]
+    rows = (sum(map(len, files)) - 1) // 64
+    batches = task.packed_batches(1, 64, gen(0))
+    epoch = [next(batches) for _ in range(rows)]
+    again = task.packed_batches(1, 64, gen(0))
     assert all(torch.equal(b.inputs, next(again).inputs) for b in epoch)  # seeded
-    pieces: dict[int, bytes] = {}
+    pieces: dict[int, list[bytes]] = {}
     for batch in epoch:
-        for row in range(4):
-            ids = batch.document_ids[row]
-            for doc in ids.unique().tolist():
-                pieces[doc] = pieces.get(doc, b"") + bytes(batch.inputs[row][ids == doc].tolist())
-    # Documents in a shuffled order: whole files, each once; only the epoch's tail is left.
-    assert sum(map(len, pieces.values())) > total - 4 * 64 - 1
-    order = sorted(pieces)
-    assert all(pieces[doc] in files.values() for doc in order[:-1])
-    assert any(files[path].startswith(pieces[order[-1]]) for path in files)
-    assert [pieces[doc] for doc in order[:3]] != [files[p] for p in sorted(files)[:3]]
-    next_epoch = next(batches)
-    assert next_epoch.document_ids[0, 0] == 0 and next_epoch.mask.float().mean() > 0.9
+        ids = batch.document_ids[0]
+        for doc in ids.unique().tolist():
+            pieces.setdefault(doc, []).append(bytes(batch.inputs[0][ids == doc].tolist()))
+    # Every file is a document whose bytes are each an input once (but the tail of fewer
+    # than 64 bytes of the epoch's last one): its pieces are cut from it and hold it all.
+    assert sorted(pieces) == list(range(len(files)))
+    source = {}
+    for doc, cut in sorted(pieces.items()):
+        held = b"".join(cut)
+        matches = [index for index, f in enumerate(files) if all(piece in f for piece in cut)
+                   and (sorted(held) == sorted(f) or doc == len(files) - 1
+                        and len(f) - 64 <= len(held) < len(f))]
+        assert len(matches) == 1
+        source[doc] = matches[0]
+    # Files are packed in a drawn order, each once; the rows are dealt out in another one.
+    assert sorted(source.values()) == list(range(len(files)))
+    assert list(source.values()) != sorted(source.values())
+    firsts = [int(batch.document_ids[0, 0]) for batch in epoch]
+    assert firsts != sorted(firsts)
+    assert next(batches).inputs.shape == (1, 64)  # the next epoch
 
 
 def test_packing_a_task_without_documents_or_too_many_rows_is_an_error(corpus):
