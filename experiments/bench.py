@@ -37,6 +37,8 @@ increasing order, for (B, heads, N, D) queries and (B, kv_heads, N, D) keys and 
   with `key_padding_mask` (batch `docs`). Useful FLOPs and tokens count the documents' own
   (padding does no useful work); the check runs the layout at N = `check_n`, a packed call
   against per-document calls of the reference, padded rows compared at their real tokens.
+* `sinks`: the library's variant built with a learnable sink per query head (`sinks=heads`),
+  checked against the reference with the null key; `sinks=false,true` measures what they cost.
 
 Each length is one row appended to `<out_dir>/bench.csv` (`experiments.results.Table`: typed
 columns, locked appends, so parallel and SLURM jobs share it) with the variant's parameters as
@@ -102,7 +104,7 @@ os.environ.setdefault("KINETO_LOG_LEVEL", "6")
 
 CSV_NAME = "bench.csv"
 KEY = ("contender", "attention", "params", "seq_len", *BENCH_AXES)
-DEFAULTS = {"layout": "plain"}
+DEFAULTS = {"layout": "plain", "sinks": False}
 """What rows written before a column existed meant (so that they stay done)."""
 METRICS = ("fwd_ms", "fwd_bwd_ms", "peak_mem_mib", "fwd_peak_mib", "fwd_bwd_peak_mib",
            "useful_tflops", "fwd_tflops", "fwd_bwd_tflops", "tokens_per_s",
@@ -112,7 +114,7 @@ LAYOUT_COLUMNS = {"block_m": int, "block_n": int, "visited_tiles": int, "dense_t
 COLUMNS: dict[str, type] = {
     "contender": str, "attention": str, "params": str, "seq_len": int, "batch": int,
     "heads": int, "kv_heads": int, "head_dim": int, "dtype": str, "device": str, "causal": bool,
-    "backend": str, "mode": str, "layout": str, "docs": int, "doc_lens": str,
+    "backend": str, "mode": str, "layout": str, "docs": int, "doc_lens": str, "sinks": bool,
     **STATUS_COLUMNS, **dict.fromkeys(METRICS, float),
     "check_error": float, "check_n": int, "check_against": str, "resolved_backend": str,
     **LAYOUT_COLUMNS, **ENVIRONMENT_COLUMNS,
@@ -448,7 +450,7 @@ def prepare(cfg: DictConfig) -> tuple[dict[str, Any], Contender | None, torch.de
         device = check_device(cfg.device)
         setting = Setting(cfg.attention.name, params, cfg.backend.name, cfg.heads, cfg.kv_heads,
                           cfg.head_dim, DTYPES[cfg.dtype.name], device, bool(cfg.causal),
-                          cfg.layout.name)
+                          cfg.layout.name, bool(cfg.sinks))
         contender = build_contender(cfg.contender, setting)
     except NotApplicable:
         raise
@@ -482,7 +484,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "heads": cfg.heads, "kv_heads": cfg.kv_heads, "head_dim": cfg.head_dim,
             "dtype": cfg.dtype.name, "device": cfg.device, "causal": bool(cfg.causal),
             "mode": cfg.mode.name, "layout": cfg.layout.name,
-            "docs": None if cfg.layout.name == "plain" else cfg.docs}
+            "docs": None if cfg.layout.name == "plain" else cfg.docs, "sinks": bool(cfg.sinks)}
     done, todo = [], []
     for n in seq_lens(cfg):
         point = base | {"seq_len": n, "batch": batch_at(cfg, n)}

@@ -47,7 +47,7 @@ Layout = enum.Enum("Layout", ["plain", "packed", "padded"])
 WandbMode = enum.Enum("WandbMode", ["offline", "online", "disabled"])
 
 BENCH_AXES = ("batch", "heads", "kv_heads", "head_dim", "dtype", "device", "causal", "backend",
-              "mode", "layout", "docs")
+              "mode", "layout", "docs", "sinks")
 """Top-level keys that, with the variant, its parameters and `seq_len`, identify a point."""
 
 
@@ -88,6 +88,7 @@ class BenchConfig:
     mode: Mode = MISSING
     layout: Layout = MISSING
     docs: int = MISSING
+    sinks: bool = MISSING
     warmup: int = MISSING
     repeats: int = MISSING
     budget_s: float | None = MISSING

@@ -6,7 +6,8 @@ outside the timing, the variant whose `flops` count its useful work, and the ref
 output is checked against before timing. Each registers itself with `register_contender`.
 The layouts (`experiments.bench`): `plain` rows of N tokens, every contender; `packed` (one row
 of documents, `masks` = `document_ids`) and `padded` (a row per document, padded to the
-longest, `masks` = `key_padding_mask`), the `attn_zoo` contender only: a packed call is checked
+longest, `masks` = `key_padding_mask`), the `attn_zoo` contender only (as `sinks`, a
+learnable sink per query head): a packed call is checked
 against per-document calls of its reference (dense float64 pattern for static variants, the
 float64 torch backend for the others), except for content-based variants (lsh, routing), whose
 random draws per call only the same packed call in float64 repeats.
@@ -97,6 +98,7 @@ class Setting:
     device: torch.device
     causal: bool
     layout: str = "plain"
+    sinks: bool = False
 
 
 @dataclass
@@ -116,6 +118,7 @@ class Contender:
     layout: n -> the statistics of the kernel's tile layout at n (triton backend only).
     module: the library module it runs, put in train mode for the forward+backward.
     layouts: the layouts it runs (`plain` rows, `packed` documents, `padded` documents).
+    sinks: whether it runs with a learnable sink per query head (`Setting.sinks`).
     """
 
     name: str
@@ -132,6 +135,7 @@ class Contender:
     layout: Callable[[int], dict[str, Any]] | None = None
     module: torch.nn.Module | None = None
     layouts: tuple[str, ...] = ("plain",)
+    sinks: bool = False
 
 
 CONTENDERS: dict[str, Builder] = {}
@@ -159,6 +163,8 @@ def build_contender(name: str, setting: Setting) -> Contender:
     if setting.layout not in contender.layouts:
         raise NotApplicable(f"{name} runs the layouts {', '.join(contender.layouts)}, not "
                             f"{setting.layout}")
+    if setting.sinks and not contender.sinks:
+        raise NotApplicable(f"{name} has no sinks")
     return contender
 
 
@@ -174,20 +180,23 @@ def require_package(module: str, package: str) -> Any:
 
 
 def library_module(setting: Setting, backend: str = "torch") -> attn_zoo.Attention:
-    """`attn_zoo.build(variant, backend=backend, **params)` on the device, in eval mode."""
-    return attn_zoo.build(setting.attention, backend=backend, **setting.params).to(
-        setting.device).eval()
+    """`attn_zoo.build(variant, backend=backend, **params)` on the device, in eval mode, with
+    a sink per query head when `setting.sinks`."""
+    sinks = setting.heads if setting.sinks else 0
+    return attn_zoo.build(setting.attention, backend=backend, sinks=sinks,
+                          **setting.params).to(setting.device).eval()
 
 
 def pattern_reference(attn: attn_zoo.Attention, causal: bool) -> Forward:
-    """The float64 dense reference over `attn.pattern(n, causal)` with the variant's scale."""
+    """The float64 dense reference over `attn.pattern(n, causal)` with the variant's scale
+    (and sink)."""
 
     def reference(q: Tensor, k: Tensor, v: Tensor,
                   key_padding_mask: Tensor | None = None) -> Tensor:
         n = q.shape[2]
         allowed = dense_mask(attn.pattern(n, causal), n).to(q.device)
         return reference_attention(q, k, v, allowed, scale=attn.params.scale,
-                                   key_padding_mask=key_padding_mask)
+                                   key_padding_mask=key_padding_mask, sink=attn.sink)
 
     return reference
 
@@ -240,7 +249,7 @@ def layout_stats(attn: attn_zoo.Attention, setting: Setting) -> Callable[[int], 
     from attn_zoo.kernels.layout import cached_layout
 
     tiles = tile_config(setting.dtype, setting.head_dim, setting.device)
-    key = (attn.name, tuple(attn.params.to_dict().items()), "pattern", setting.causal)
+    key = attn._part_key("pattern", setting.causal)
 
     def stats(n: int) -> dict[str, Any]:
         layout = cached_layout(key, attn.pattern(n, setting.causal), n, n, tiles.block_m,
@@ -272,7 +281,7 @@ def library(setting: Setting) -> Contender:
         quantile=CONTENT_QUANTILE if attn.content_based else None, no_backward=no_backward,
         layout=layout_stats(attn, setting) if resolved == "triton" and attn.static_pattern
         and setting.layout == "plain" else None, module=attn,
-        layouts=("plain", "packed", "padded"))
+        layouts=("plain", "packed", "padded"), sinks=True)
 
 
 def allow_recompiles() -> None:

@@ -221,7 +221,8 @@ def test_sdpa_kernels_run_where_torch_offers_them_and_are_unsupported_elsewhere(
 def test_variant_parameters_have_one_column_type_across_variants():
     types: dict[str, set[type]] = {}
     for name in attn_zoo.available():
-        params = {k: v for k, v in get(name).Params().to_dict().items() if k != "backend"}
+        params = {k: v for k, v in get(name).Params().to_dict().items()
+                  if k not in ("backend", "sinks")}  # the bench sets both itself
         for column, kind in bench.param_columns(name, params).items():
             types.setdefault(column, set()).add(kind)
     assert {column: kinds for column, kinds in types.items() if len(kinds) > 1} == {}
@@ -441,3 +442,21 @@ def test_plain_rows_written_before_the_layout_columns_stay_done(tmp_path):
     again = bench.run(config(tmp_path, "attention=full", "mode=fwd"))
     assert again["skipped"] and again["rows"][0]["timestamp"] == first["rows"][0]["timestamp"]
     assert again["rows"][0]["layout"] == "plain"
+
+
+@pytest.mark.parametrize("attention", ["local", "hierarchical"])
+def test_sinks_rows_are_checked_against_the_null_key_reference(tmp_path, monkeypatch, attention):
+    """sinks=true builds the library's variant with a sink per query head; the check holds it
+    to the reference with the null key (a module that drops its sink is wrong); the other
+    contenders have no sinks."""
+    small = {"local": "attention.window=8", "hierarchical": "attention.block=8"}[attention]
+    (row,) = bench.run(config(tmp_path, f"attention={attention}", small, "sinks=true",
+                              "seq_len=[64]"))["rows"]
+    assert row["status"] == "ok" and row["sinks"] is True and row["check_error"] < 1e-5
+    if attention == "local":  # hierarchical's reference is its own float64 torch backend
+        monkeypatch.setattr(attn_zoo.attention, "with_sink", lambda out, lse, sink: out)
+        (wrong,) = bench.run(config(tmp_path / "dropped", f"attention={attention}", small,
+                                    "sinks=true", "seq_len=[64]"))["rows"]
+        assert wrong["status"] == "wrong"
+    assert bench.run(config(tmp_path, "contender=sdpa", "sinks=true"))["status"].startswith(
+        "not applicable")
