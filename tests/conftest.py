@@ -133,3 +133,22 @@ def check_against_reference(attn, n: int, causal: bool, kv_heads: int = 2) -> No
     grads = torch.autograd.grad(out, (q, k, v), grad)
     for got, want in zip(grads, torch.autograd.grad(expected, (q, k, v), grad), strict=True):
         torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+
+
+def check_memory_is_linear(attn, causal: bool = True, backward: bool = False) -> None:
+    """Peak memory of a call (with its backward when `backward`) at N = 1024 and 4096 (B = 1,
+    8 heads, D = 32): 4x the length costs about 4x the memory, never an N x N score matrix."""
+    from experiments.measure import peak_memory
+
+    def peak(n: int) -> tuple[int, int]:
+        q, k, v = (torch.randn(1, 8, n, 32, requires_grad=backward) for _ in range(3))
+        if backward:
+            return (peak_memory(lambda: attn(q, k, v, causal=causal).sum().backward()),
+                    q.numel() * q.element_size())
+        with torch.no_grad():
+            return peak_memory(lambda: attn(q, k, v, causal=causal)), q.numel() * q.element_size()
+
+    small, _ = peak(1024)
+    large, out_bytes = peak(4096)
+    assert large / small < 4.5  # 4x the length: 4x the memory, not 16x
+    assert large < (40 if backward else 20) * out_bytes  # an N x N matrix alone would be 128x
