@@ -88,14 +88,17 @@ def _ids_from_offsets(cu_seqlens: Tensor, batch: int, n: int) -> Tensor:
                                    lengths)[None]
 
 
+def _begins(document_ids: Tensor) -> Tensor:
+    """(B, N) bool: True where a document begins (every row begins one)."""
+    begins = torch.ones_like(document_ids, dtype=torch.bool)
+    begins[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    return begins
+
+
 def document_starts(document_ids: Tensor) -> Tensor:
     """(B, N) long: the position where each token's document starts."""
-    n = document_ids.shape[1]
-    positions = torch.arange(n, device=document_ids.device).expand_as(document_ids)
-    starts = torch.zeros_like(document_ids, dtype=torch.bool)
-    starts[:, 0] = True
-    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
-    return torch.where(starts, positions, 0).cummax(dim=1).values
+    positions = torch.arange(document_ids.shape[1], device=document_ids.device)
+    return torch.where(_begins(document_ids), positions, 0).cummax(dim=1).values
 
 
 def positions_in_document(document_ids: Tensor) -> Tensor:
@@ -120,9 +123,7 @@ class DocumentGroups:
     def __init__(self, document_ids: Tensor) -> None:
         batch, n = document_ids.shape
         device = document_ids.device
-        starts = torch.ones_like(document_ids, dtype=torch.bool)
-        starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
-        rows, begins = starts.nonzero(as_tuple=True)
+        rows, begins = _begins(document_ids).nonzero(as_tuple=True)
         flat_begins = rows * n + begins
         # Every row starts a document, so a row's last one ends where the next row begins.
         ends = torch.cat([flat_begins[1:], flat_begins.new_tensor([batch * n])])
@@ -157,16 +158,13 @@ class DocumentSpans:
 
     def __init__(self, document_ids: Tensor) -> None:
         self.batch, self.n = document_ids.shape
-        flat = document_ids.reshape(-1)
-        begins = torch.ones_like(flat, dtype=torch.bool)
-        begins[1:] = flat[1:] != flat[:-1]
-        begins[::self.n] = True  # every row starts a document
-        positions = torch.arange(flat.numel(), device=flat.device)
-        self.starts = torch.where(begins, positions, 0).cummax(0).values
-        first = positions[begins]
-        last = torch.cat([first[1:], first.new_tensor([flat.numel()])])
+        total = self.batch * self.n
+        rows = torch.arange(self.batch, device=document_ids.device)[:, None] * self.n
+        self.starts = (document_starts(document_ids) + rows).reshape(-1)
+        first = (torch.arange(self.n, device=document_ids.device) + rows)[_begins(document_ids)]
+        last = torch.cat([first[1:], first.new_tensor([total])])
         self.ends = torch.repeat_interleave(last, last - first)
-        self.key = (flat.numel(), *first.tolist())
+        self.key = (total, *first.tolist())
 
     def flatten(self, x: Tensor) -> Tensor:
         """(B, H, N, ...) -> (1, H, B * N, ...); (B, N) -> (1, B * N)."""
