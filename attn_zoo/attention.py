@@ -33,6 +33,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parameter import UninitializedParameter, is_lazy
 
 from attn_zoo.blocksparse import merge_partial_attentions, part_attention
 from attn_zoo.documents import DocumentGroups, DocumentSpans, check_documents
@@ -74,6 +75,9 @@ class Attention(nn.Module, metaclass=ABCMeta):
     pooled_keys: ClassVar[bool] = False
     """True when queries attend to `exact_pattern(n, causal)` plus pooled keys (block means,
     compressed groups), each counted as one key by `flops`."""
+    weight_names: ClassVar[tuple[str, ...]] = ()
+    """The variant's learned weights besides `sink` (gates, projections): parameters whose
+    shapes depend on the heads and head_dim, created by `initialize` (see there)."""
 
     def __init__(self, **params: Any) -> None:
         super().__init__()
@@ -87,6 +91,8 @@ class Attention(nn.Module, metaclass=ABCMeta):
         self.params = self.Params(**params)
         sinks = self.params.sinks
         self.register_parameter("sink", nn.Parameter(torch.zeros(sinks)) if sinks else None)
+        for name in self.weight_names:  # shapes are known at `initialize`
+            self.register_parameter(name, UninitializedParameter())
         self._flex_masks: dict[tuple, object] = {}  # block masks of the flex backend, by shape
         self._sink_score = None  # the flex backend's score_mod of a sink
         backend = self.params.backend
@@ -95,6 +101,57 @@ class Attention(nn.Module, metaclass=ABCMeta):
                 f"backend {backend!r} is not supported by attention {self.name!r}; "
                 f"supported: auto, {', '.join(self.backends)}"
             )
+
+    # -- learned weights ------------------------------------------------------------------
+
+    def initialize(self, q_heads: int, kv_heads: int, head_dim: int) -> None:
+        """Create the learned weights (`weight_names`) for q_heads query heads, kv_heads kv
+        heads and head_dim, once; the backbone calls it at construction, and a standalone
+        module's first call does it from its inputs' shapes (build the optimizer after that).
+        Weights that exist already (created, or loaded from a checkpoint) must have these
+        shapes."""
+        shapes = self.weight_shapes(q_heads, kv_heads, head_dim)
+        created = False
+        for name in self.weight_names:
+            weight = getattr(self, name)
+            if is_lazy(weight):
+                weight.materialize(shapes[name])
+                created = True
+            elif weight.shape != shapes[name]:
+                raise ValueError(
+                    f"attention {self.name!r} holds {name} of shape {tuple(weight.shape)}, made "
+                    f"for other heads or head_dim; q_heads={q_heads}, kv_heads={kv_heads}, "
+                    f"head_dim={head_dim} need {shapes[name]}")
+        if created:
+            with torch.no_grad():
+                self.reset_weights()
+
+    def weight_shapes(self, q_heads: int, kv_heads: int,
+                      head_dim: int) -> dict[str, tuple[int, ...]]:
+        """The shape of each of `weight_names` for these heads and head_dim."""
+        return {}
+
+    def reset_weights(self) -> None:
+        """Give the learned weights their initial values (called once they exist)."""
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        # Weights not created yet are saved as they are (torch cannot detach them).
+        pending = {name: self._parameters[name] for name in self.weight_names
+                   if is_lazy(self._parameters[name])}
+        self._parameters.update(dict.fromkeys(pending))
+        try:
+            super()._save_to_state_dict(destination, prefix, keep_vars)
+        finally:
+            self._parameters.update(pending)
+        destination.update({prefix + name: weight for name, weight in pending.items()})
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # Weights not created yet take their shapes from the checkpoint.
+        for name in self.weight_names:
+            weight, saved = getattr(self, name), state_dict.get(prefix + name)
+            if is_lazy(weight) and saved is not None and not is_lazy(saved):
+                weight.materialize(saved.shape)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{key}={value!r}" for key, value in self.params.to_dict().items())
@@ -118,6 +175,8 @@ class Attention(nn.Module, metaclass=ABCMeta):
         if documents is not None and k.shape[2] != n:
             raise ValueError(f"document_ids need keys as long as queries (N={n}), got key "
                              f"length {k.shape[2]}")
+        if self.weight_names:
+            self.initialize(q_heads, k.shape[1], dim)
         backend = self.resolve_backend(q.device, q.dtype, dim)
         if self.params.backend == "triton":  # "auto" picks triton only where it runs
             refusal = _triton_refusal(q.device, q.dtype, dim)

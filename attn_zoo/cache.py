@@ -234,6 +234,8 @@ class KVCache(ABC):
             raise ValueError(f"extend needs q (B, Hq, T, D) and k, v (B, Hkv, T, D) with "
                              f"Hq % Hkv == 0 and T >= 1, got q {tuple(q.shape)}, "
                              f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+        if self.attention.weight_names:
+            self.attention.initialize(q.shape[1], k.shape[1], q.shape[3])
         work = work_dtype(q)
         out, lse = self._extend(q.to(work), k.to(work), v.to(work))
         sink = self.attention.sink

@@ -77,6 +77,7 @@ class MultiheadAttention(nn.Module):
             raise ValueError(f"attention_params must not set sinks (got {params['sinks']!r}): "
                              "sinks=True gives one per query head")
         self.attention = build(attention, sinks=heads if sinks else 0, **params)
+        self.attention.initialize(heads, self.kv_heads, self.head_dim)
         self.q_proj = nn.Linear(dim, dim, bias=bias)
         self.k_proj = nn.Linear(dim, self.kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(dim, self.kv_heads * self.head_dim, bias=bias)
