@@ -81,7 +81,7 @@ def test_non_finite_keys_reach_only_the_rows_that_attend_to_them(name, causal, v
             bad_k, bad_v = k.clone(), v.clone()
             (bad_k if target == "k" else bad_v)[..., key, :] = value
             out = _out(attn, q, bad_k, bad_v, causal)
-            if target == "k" and attn.content_based:
+            if target == "k" and name in ("lsh", "routing"):
                 reached_k = torch.zeros_like(reached)  # shared-QK variants ignore k
             else:
                 reached_k = reached

@@ -10,6 +10,7 @@ from conftest import VARIANT_MODES, padding, qkv, variant_id
 from test_compressive import compressive_reference
 from test_hierarchical import hierarchical_reference
 from test_lsh import lsh_reference
+from test_nsa import nsa_reference
 from test_routing import routing_reference
 
 import attn_zoo
@@ -33,6 +34,8 @@ REFERENCES = {
                                                              sink=attn.sink),
     "routing": lambda attn, q, k, v, causal, real: routing_reference(attn, q, v, causal, real,
                                                                      sink=attn.sink),
+    "nsa": lambda attn, q, k, v, causal, real: nsa_reference(attn, q, k, v, causal, real,
+                                                             sink=attn.sink),
 }
 
 
