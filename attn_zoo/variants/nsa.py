@@ -2,9 +2,9 @@
 sliding-window branches on the same q, k, v, mixed by learned gates.
 
 Parameters: `cmp_block` l (32), `cmp_stride` d (16), `sel_block` l' (64), `top_n` (16),
-`window` w (512), `compress` ("mean" | "mlp"). Required: 1 <= d <= l, l' a multiple of d
-(the paper's blocking), top_n >= 4 (the three always-selected blocks, a fourth for the short
-last block of a bidirectional row, and at least one chosen by importance), w >= 1.
+`window` w (512), `compress` ("mean" | "mlp"). Required: 1 <= d <= l (blocks cover every
+key), l' a multiple of d (the paper's blocking), top_n >= 4 (up to four blocks are always
+selected, see 2), w >= 1; l and d at most 1024, l' and top_n at most 65536.
 
 1. Compressed. Block c covers keys [c*d, c*d + l); only whole blocks count (c*d + l <= N: a
    tail shorter than l is not pooled). Each is pooled into one key and one value: "mean", the
@@ -18,13 +18,15 @@ last block of a bidirectional row, and at least one chosen by importance), w >= 
    importance(i, b) = the compressed branch's softmax probabilities of query i (without the
    sink), summed over the compressed blocks that overlap block b (c*d < (b+1)*l' and
    c*d + l > b*l') and over the G query heads of i's kv head: all query heads of a kv head
-   share one selection (as in the paper). Always selected: block 0 and the two blocks nearest
-   i, the block holding i and the one before it (bidirectional: the one after it when i is in
-   block 0; and a short last block, so every row reads whole blocks otherwise). The others,
-   up to min(top_n, candidates) blocks in all, are the candidates of highest importance,
-   ties to the lower index. Causal: the candidates are the blocks that start at or before i
-   and the raw keys are causal (j <= i); bidirectional: every block. Query i attends, with one
-   softmax, to the raw real keys of its selected blocks.
+   share one selection (as in the paper). Causal: the candidates are the blocks that start at
+   or before i; block 0 and the two blocks nearest i, the block holding i and the one before
+   it, are always selected; the raw keys are causal (j <= i). Bidirectional: every block is a
+   candidate; always selected are block 0, the block holding i, the one before it (the one
+   after it when i is in block 0) and, when N is not a multiple of l', the short last block
+   (so how many keys a row reads does not depend on the content). A row selects
+   min(top_n, candidates) blocks: those always selected, then the other candidates of highest
+   importance, ties to the lower index. Query i attends, with one softmax, to the raw real
+   keys of its selected blocks.
 3. Sliding window: keys i - w < j <= i (causal), |i - j| < w (bidirectional).
 
 Output `o_i = g_cmp·o_cmp + g_sel·o_sel + g_win·o_win` with per-query-head gates
@@ -34,9 +36,10 @@ here they read the query (the attention contract sees no hidden state). With `si
 branch's softmax gets the null key (score sink_h, value 0). A branch with no key for a row
 gives 0 there. Selection is discrete: no gradient flows through importance.
 
-Cost per row: the pooled keys it sees, min(top_n, candidates) * l' raw keys and w (causal) or
-2w - 1 window keys; memory O(N * (N / d)) for the compressed branch's scores, computed one
-chunk of rows at a time, never N x N (`scored_pairs` counts them exactly).
+Cost per row (`scored_pairs` counts it exactly): the pooled keys it sees (up to N / d), the
+raw keys of min(top_n, candidates) blocks and up to w (causal) or 2w - 1 window keys. Every
+branch, and the importance, runs one chunk of rows at a time: memory is linear in N, never
+N x N. Packed documents run each document alone (the base class regroups them).
 """
 
 from __future__ import annotations
@@ -204,6 +207,7 @@ class NSAAttention(Attention):
         """
         p = self.params
         batch, heads, groups, rows, _ = q.shape
+        q = q.to(pooled.k.dtype)  # half-precision queries score the float32 pooled keys
         count, n_blocks = pooled.k.shape[2], -(-m // p.sel_block)
         width = min(p.top_n, n_blocks)
         device = q.device
