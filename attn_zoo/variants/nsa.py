@@ -383,7 +383,7 @@ class NSACache(GrowingCache):
         end = self.seen + rows
         self._pool_new_blocks(end)
         positions = torch.arange(self.seen, end, device=q.device)
-        grouped = q.view(batch, kv_heads, q_heads // kv_heads, rows, dim)
+        grouped = q.unflatten(1, (kv_heads, -1))
         keys, values = self.held("k", end), self.held("v", end)
         empty = keys.new_zeros(batch, kv_heads, 0, dim)
         pooled = Pooled(self.buffers.get("pooled_k", empty), self.buffers.get("pooled_v", empty),
