@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from conftest import padding, qkv
+from conftest import check_memory_is_linear, padding, qkv
 
 import attn_zoo
 from attn_zoo.cache import cache_for
@@ -313,6 +313,12 @@ def test_decoding_equals_teacher_forcing(compress):
         outs.append(cache.extend(q[:, :, 30:], k[:, :, 30:], v[:, :, 30:]))
     torch.testing.assert_close(torch.cat(outs, 2), expected, atol=1e-12, rtol=1e-12)
     assert len(cache) == 45 + attn.n_pooled(45) and not type(cache).bounded
+
+
+def test_training_memory_is_linear():
+    """Forward and backward at N = 1024 and 4096: no N x N (nor N x N / d) tensor at once."""
+    attn = attn_zoo.build("nsa", cmp_block=16, cmp_stride=16, sel_block=16, top_n=4, window=16)
+    check_memory_is_linear(attn, causal=True, backward=True)
 
 
 @pytest.mark.parametrize(("params", "match"), [
