@@ -287,24 +287,27 @@ INTERPRETER_CONFIG = SelectionConfig(16, 1, 1, 1, 1)
 """Steps of 16 keys: units of 32 keys take two steps, gathers of more than 16 entries several."""
 
 # (family, precision kind) -> padded head dim -> SelectionConfig(block_n, fwd_warps,
-# fwd_stages, bwd_warps, bwd_stages): the first whose kernels compile natively without
-# register spills (sm_100 takes sm_90's). Every entry is compiled by the compile check.
+# fwd_stages, bwd_warps, bwd_stages). Chosen by `python -m attn_zoo.kernels.compile_check
+# --tune --kernels selection` (sm_80 and sm_90; sm_100 takes sm_90's): the first keys per step,
+# warps and stages whose kernels compile natively without register spills at units 64 and 1
+# (within 64 bytes with padding; sm_80 16-bit head dim 128: 8 bytes in the backward, the
+# fewest found). Every entry is compiled by the compile check.
 _S = SelectionConfig
 _SM90 = {
     "16bit": {16: _S(64, 4, 2, 4, 1), 32: _S(64, 4, 2, 4, 1), 64: _S(64, 4, 2, 4, 1),
-              128: _S(64, 4, 2, 8, 1)},
+              128: _S(64, 8, 2, 8, 1)},
     "tf32": {16: _S(64, 4, 2, 4, 1), 32: _S(64, 4, 2, 4, 1), 64: _S(64, 4, 2, 4, 1),
-             128: _S(64, 4, 2, 8, 1)},
-    "ieee": {16: _S(32, 4, 2, 4, 1), 32: _S(32, 4, 2, 4, 1), 64: _S(32, 4, 2, 4, 1),
-             128: _S(32, 4, 2, 8, 1)},
+             128: _S(64, 8, 2, 8, 1)},
+    "ieee": {16: _S(32, 4, 2, 4, 1), 32: _S(32, 4, 2, 4, 1), 64: _S(32, 4, 2, 8, 1),
+             128: _S(32, 8, 2, 8, 1)},
 }
 CONFIGS: dict[tuple[int, str], dict[int, SelectionConfig]] = {
-    (80, "16bit"): {16: _S(64, 4, 2, 4, 1), 32: _S(64, 4, 2, 4, 1), 64: _S(64, 4, 2, 4, 1),
-                    128: _S(64, 4, 2, 8, 1)},
-    (80, "tf32"): {16: _S(64, 4, 2, 4, 1), 32: _S(64, 4, 2, 4, 1), 64: _S(64, 4, 2, 4, 1),
-                   128: _S(32, 4, 2, 8, 1)},
-    (80, "ieee"): {16: _S(32, 4, 2, 4, 1), 32: _S(32, 4, 2, 4, 1), 64: _S(32, 4, 2, 4, 1),
-                   128: _S(32, 4, 2, 8, 1)},
+    (80, "16bit"): {16: _S(64, 4, 2, 4, 1), 32: _S(64, 4, 2, 4, 2), 64: _S(64, 4, 2, 8, 1),
+                    128: _S(64, 8, 2, 8, 2)},
+    (80, "tf32"): {16: _S(64, 4, 2, 4, 1), 32: _S(64, 4, 2, 4, 1), 64: _S(32, 4, 2, 4, 1),
+                   128: _S(32, 8, 2, 8, 1)},
+    (80, "ieee"): {16: _S(32, 4, 2, 4, 2), 32: _S(32, 4, 2, 4, 2), 64: _S(32, 4, 2, 4, 1),
+                   128: _S(32, 8, 2, 8, 1)},
     **{(family, kind): dict(dims) for family in (90, 100) for kind, dims in _SM90.items()},
 }
 

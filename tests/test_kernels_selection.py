@@ -93,11 +93,12 @@ def check(batch, heads, kv_heads, groups, n, m, dim, unit, slots, causal, pad,
                                    msg=lambda text, label=label: f"grad {label}: {text}")
 
 
-# (batch, heads, kv_heads, groups, n, m, dim, unit, slots, causal, pad)
+# (batch, heads, kv_heads, groups, n, m, dim, unit, slots, causal, pad). The interpreter steps
+# through 16 keys at a time: 20 and 18 gathered entries take two steps, a unit of 32 keys two.
 CASES = [
-    pytest.param(1, 2, 2, 1, 21, 21, 16, 1, 7, True, False, id="unit1-G1-causal"),
+    pytest.param(1, 2, 2, 1, 21, 21, 16, 1, 20, True, False, id="unit1-G1-causal"),
     pytest.param(2, 2, 1, 3, 19, 19, 24, 1, 5, False, True, id="unit1-G3-gqa-pad"),
-    pytest.param(1, 2, 1, 2, 20, 14, 16, 3, 3, True, False, id="unit3-cross-causal"),
+    pytest.param(1, 2, 1, 2, 26, 20, 16, 3, 6, True, False, id="unit3-cross-causal"),
     pytest.param(2, 2, 1, 2, 40, 40, 16, 16, 2, True, True, id="unit16-G2-gqa-causal-pad"),
     pytest.param(1, 1, 1, 1, 37, 37, 8, 16, 2, False, False, id="unit16-G1"),
     pytest.param(2, 1, 1, 3, 12, 70, 16, 32, 2, True, True, id="unit32-cross-causal-pad"),
