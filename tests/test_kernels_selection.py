@@ -1,7 +1,8 @@
 """The selection kernel (attn_zoo.kernels.selection) against a dense float64 reference of its
 rule: forward, lse and the gradients of q, k and v, for gathered units (unit 1, unit 3) and
 block units (16, 32), shared selections (G > 1), GQA, causal and not, cross lengths, key
-padding, empty slots, rows without keys, N not a multiple of the unit, three dtypes.
+padding, empty slots, rows without keys, N not a multiple of the unit, three dtypes, int32
+and int64 index; a `torch.compile(fullgraph=True)` trace; bad input.
 
 On a machine without a GPU the kernels run in Triton's interpreter (conftest sets
 TRITON_INTERPRET=1), so the shapes stay small; with a GPU the same tests run natively."""
@@ -137,3 +138,18 @@ def test_kernel_input_errors():
         selection_attention(q, k, k, index, unit=0, scale=0.25, causal=True)
     with pytest.raises(ValueError, match="key_padding_mask must be a"):
         selection_attention(q, k, k, index, key_padding_mask=torch.ones(1, 8), **options)
+
+
+def test_kernel_traces_under_torch_compile():
+    q, k, v = random(1, 2, 2, 9, 16), random(1, 1, 9, 16, seed=1), random(1, 1, 9, 16, seed=2)
+    index = random_index(1, 2, 9, 2, 3)
+
+    def attend(q, k, v):
+        out, lse = selection_attention(q, k, v, index, unit=4, scale=0.25, causal=True)
+        return (out * out).sum() + lse.nan_to_num(neginf=0.0).sum()
+
+    compiled = torch.compile(attend, backend="aot_eager", fullgraph=True)
+    results = [(fn(q, k, v), *torch.autograd.grad(fn(q, k, v), (q, k, v)))
+               for fn in (attend, compiled)]
+    for x, y in zip(*results, strict=True):
+        torch.testing.assert_close(x, y, atol=TOLERANCE[torch.float32], rtol=1e-5)
