@@ -2,7 +2,8 @@
 rule: forward, lse and the gradients of q, k and v, for gathered units (unit 1, unit 3) and
 block units (16, 32), shared selections (G > 1), GQA, causal and not, cross lengths, key
 padding, empty slots, rows without keys, N not a multiple of the unit, three dtypes, int32
-and int64 index; a `torch.compile(fullgraph=True)` trace; bad input.
+and int64 index; against the torch op (attn_zoo.selection); a `torch.compile(fullgraph=True)`
+trace; bad input.
 
 On a machine without a GPU the kernels run in Triton's interpreter (conftest sets
 TRITON_INTERPRET=1), so the shapes stay small; with a GPU the same tests run natively."""
@@ -117,6 +118,22 @@ def test_kernel_matches_dense_reference(batch, heads, kv_heads, groups, n, m, di
 def test_half_precision_matches_dense_reference(dtype, unit):
     check(2, 2, 1, 2, 33, 33, 16, unit, 4 if unit == 1 else 2, True, True, dtype=dtype,
           index_dtype=torch.int32)
+
+
+@pytest.mark.parametrize("unit,slots", [(1, 20), (16, 2)])
+def test_kernel_matches_torch_op(unit, slots):
+    from attn_zoo.selection import selection_attention as torch_selection
+
+    q, k, v = random(2, 2, 2, 40, 16), random(2, 1, 40, 16, seed=1), random(2, 1, 40, 16, seed=2)
+    index = random_index(2, 2, 40, slots, -(-40 // unit))
+    real = (torch.rand(2, 40, generator=torch.Generator().manual_seed(4)) > 0.3).to(DEVICE)
+    options = dict(unit=unit, scale=0.25, causal=True, key_padding_mask=real)
+    got = selection_attention(q, k, v, index, **options)
+    expected = torch_selection(q, k, v, index, **options)
+    tol = dict(atol=TOLERANCE[torch.float32], rtol=TOLERANCE[torch.float32])
+    for x, y in [*zip(got, expected, strict=True),
+                 *zip(grads(got, (q, k, v)), grads(expected, (q, k, v)), strict=True)]:
+        torch.testing.assert_close(x, y, **tol)
 
 
 def test_kernel_input_errors():
