@@ -74,7 +74,7 @@ BLOCK_SPARSE_FLAGS = ("plain", "pad", "bias", "pad+bias+grad")
 BUCKET_FLAGS = ("plain", "pad")
 BUCKET_MODES = ("lsh", "lsh-causal", "routing", "routing-causal")
 SELECTION_UNITS = (64, 16, 1, 4)
-"""Units of the selection kernel's cases: blocks (NSA, MoBA: 64) and gathered (top-k: 1)."""
+"""Units of the selection kernel's cases: blocks (64: MoBA, NSA; 16) and gathered (1: top-k; 4)."""
 CI_SELECTION = (("ieee", "bf16"), (64, 1))
 """Precisions and units of the selection kernel in the CI subset."""
 OUT = Path("results/compile")
@@ -89,8 +89,7 @@ class Case:
     precision: str  # a key of DTYPES
     head_dim: int
     flags: str
-    group: int = 64  # bucket kernels: the bucket or cluster size (sets their block); selection:
-    # the unit
+    group: int = 64  # bucket kernels: the bucket or cluster size (their block); selection: unit
 
 
 @dataclass
@@ -264,13 +263,14 @@ def compile_launch(launch: Launch, case: Case) -> Row:
     tiles = "x".join(str(constants[key]) for key in ("BLOCK_M", "BLOCK_G", "BLOCK_N")
                      if key in constants)
     steps = [f"{key.lower()} {constants[key]}" for key in ("SUB_M", "SUB_N") if key in constants]
-    flags = {"block_sparse": case.flags,
-             "selection": f"selection unit {case.group} {case.flags}"}.get(
-                 case.family, f"{case.family} {case.flags}")
+    flags = f"{case.family} {case.flags}"
+    if case.family == "block_sparse":
+        flags = case.flags
+    elif case.family == "selection":
+        flags = f"selection unit {case.group} {case.flags}"
     row = Row(case.arch, launch.kernel.fn.__name__.strip("_"), case.precision, case.head_dim,
-              flags,
-              " ".join([tiles, *steps]), options.num_warps, options.num_stages, "ok", None,
-              SHARED_LIMITS[case.arch], None, None, None, 0.0)
+              flags, " ".join([tiles, *steps]), options.num_warps, options.num_stages, "ok",
+              None, SHARED_LIMITS[case.arch], None, None, None, 0.0)
     start = time.perf_counter()
     try:
         with _compiling() as (log, diagnostics):
@@ -554,6 +554,8 @@ def tune_selection(arch: int, kind: str, dim: int):
     from attn_zoo.kernels import selection
 
     table = selection.CONFIGS[arch, kind]
+    unit_cases = [Case(arch, "selection", _TUNE_PRECISION[kind], dim, "plain", unit)
+                  for unit in (64, 1)]
     warps = (4, 8) if dim <= 64 else (8, 4)
     best = None
     for block_n in _BUCKET_BLOCKS[kind]:
@@ -566,10 +568,8 @@ def tune_selection(arch: int, kind: str, dim: int):
             tried = []
             for option in options:
                 candidate = replace(config, **option)
-                spills = sum(_try(Case(arch, "selection", _TUNE_PRECISION[kind], dim, "plain",
-                                       unit), kernel,
-                                  lambda c=candidate: table.__setitem__(dim, c))
-                             for unit in (64, 1))
+                spills = sum(_try(case, kernel, lambda c=candidate: table.__setitem__(dim, c))
+                             for case in unit_cases)
                 tried.append((spills, candidate))
                 if spills == 0:
                     break
