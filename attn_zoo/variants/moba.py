@@ -7,7 +7,8 @@ Query i attends, with one softmax, to the keys of `top_k` selected blocks: its o
 J_i = i // block is always selected and counts as one of the `top_k`; the other `top_k - 1`
 are the competing blocks with the highest gate score `q_i · mean(k_J)` (the raw dot product,
 unscaled: a positive factor does not change the order), ties to the lower block index; all of
-them when fewer compete. Causal: only blocks J < J_i compete (complete and entirely in the
+them when fewer compete. A gate score that is not finite (a key holding inf or NaN) ranks
+below every finite one. Causal: only blocks J < J_i compete (complete and entirely in the
 past, so no future key reaches a row through a mean), and the own block is causal inside
 (j <= i). Bidirectional: every other block competes, and the own block is fully visible.
 GQA: each query head selects for itself (gates from its own q) and reads its kv head.
@@ -107,9 +108,9 @@ def select_blocks(q: Tensor, means: Tensor, competes: Tensor | None, n_blocks: i
             if competes is not None:
                 competing = competing & competes[:, None, None, :]
             scores = (q[:, :, :, t0:t1].to(gate) @ keys).flatten(1, 2)  # (B, Hq, t, P)
-            # A non-finite key makes a NaN gate score: ranked last, never first.
-            scores = scores.nan_to_num_(nan=float("-inf")).masked_fill_(~competing,
-                                                                        float("-inf"))
+            # A non-finite gate score (a key holding inf or NaN) ranks below every finite
+            # one, so such a key reaches no row that would not read it anyway.
+            scores = scores.masked_fill_(~(competing & scores.isfinite()), float("-inf"))
             # The `others`-th highest score; above it a block is in, at it the lowest
             # indices fill what is left (topk itself breaks ties in no stated order).
             kth = scores.topk(others, dim=-1, sorted=False).values.amin(-1, keepdim=True)
@@ -156,8 +157,9 @@ class MobaAttention(Attention):
     def _attend_selected(self, op, q, k, v, causal, key_padding_mask, scale):
         batch, kv_heads, groups, n, dim = q.shape
         index = self._index(q, k, causal, key_padding_mask)
+        # A block longer than the keys is one unit of them all (never a longer gather).
         out, lse = op(q.reshape(batch, kv_heads * groups, 1, n, dim), k, v, index,
-                      unit=self.params.block, scale=scale, causal=causal,
+                      unit=min(self.params.block, k.shape[2]), scale=scale, causal=causal,
                       key_padding_mask=key_padding_mask)
         return out.view(q.shape), lse.view(q.shape[:4])
 
@@ -217,5 +219,6 @@ class MobaCache(GrowingCache):
         index = select_blocks(queries, means, None, -(-end // block), self.seen, block, top_k,
                               causal=True)
         out, lse = selection_attention(q[:, :, None], self.held("k", end), self.held("v", end),
-                                       index, unit=block, scale=self.scale(dim), causal=True)
+                                       index, unit=min(block, end), scale=self.scale(dim),
+                                       causal=True)
         return out[:, :, 0], lse[:, :, 0]

@@ -10,6 +10,7 @@ from conftest import VARIANT_MODES, padding, qkv, variant_id
 from test_compressive import compressive_reference
 from test_hierarchical import hierarchical_reference
 from test_lsh import lsh_reference
+from test_moba import moba_reference
 from test_routing import routing_reference
 
 import attn_zoo
@@ -33,6 +34,9 @@ REFERENCES = {
                                                              sink=attn.sink),
     "routing": lambda attn, q, k, v, causal, real: routing_reference(attn, q, v, causal, real,
                                                                      sink=attn.sink),
+    "moba": lambda attn, q, k, v, causal, real: moba_reference(
+        q, k, v, attn.params.block, attn.params.top_k, causal, real, attn.params.scale,
+        sink=attn.sink),
 }
 
 
