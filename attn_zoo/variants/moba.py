@@ -110,7 +110,8 @@ def select_blocks(q: Tensor, means: Tensor, competes: Tensor | None, n_blocks: i
             scores = (q[:, :, :, t0:t1].to(gate) @ keys).flatten(1, 2)  # (B, Hq, t, P)
             # A non-finite gate score (a key holding inf or NaN) ranks below every finite
             # one, so such a key reaches no row that would not read it anyway.
-            scores = scores.masked_fill_(~(competing & scores.isfinite()), float("-inf"))
+            scores = scores.nan_to_num_(nan=float("-inf"), posinf=float("-inf"))
+            scores = scores.masked_fill_(~competing, float("-inf"))
             # The `others`-th highest score; above it a block is in, at it the lowest
             # indices fill what is left (topk itself breaks ties in no stated order).
             kth = scores.topk(others, dim=-1, sorted=False).values.amin(-1, keepdim=True)
@@ -144,14 +145,15 @@ class MobaAttention(Attention):
         """The blocks each query reads: q (B, Hq, N, D), k (B, Hkv, N, D) -> (B, Hq, N, S) long
         block indices, S = min(top_k, ceil(N / block)), the own block first, -1 = empty."""
         batch, q_heads, n, dim = q.shape
-        grouped = q.view(batch, k.shape[1], q_heads // k.shape[1], n, dim)
+        grouped = q.reshape(batch, k.shape[1], q_heads // k.shape[1], n, dim)
         return self._index(grouped, k, causal, key_padding_mask)
 
     def _index(self, q: Tensor, k: Tensor, causal: bool,
                key_padding_mask: Tensor | None) -> Tensor:
         block, top_k = self.params.block, self.params.top_k
-        with torch.no_grad():
-            means, competes = block_means(k, block, key_padding_mask)
+        with torch.no_grad():  # gates in float32 at least, so that every backend selects alike
+            gate = torch.float64 if k.dtype == torch.float64 else torch.float32
+            means, competes = block_means(k.to(gate), block, key_padding_mask)
             return select_blocks(q, means, competes, means.shape[2], 0, block, top_k, causal)
 
     def _attend_selected(self, op, q, k, v, causal, key_padding_mask, scale):
