@@ -30,6 +30,7 @@ from attn_zoo.blocksparse import CHUNK_ELEMENTS
 from attn_zoo.cache import GrowingCache, register_cache
 from attn_zoo.params import Params, require
 from attn_zoo.registry import register
+from attn_zoo.selection import selection_attention
 
 
 @dataclass
@@ -166,8 +167,6 @@ class MobaAttention(Attention):
         return out.view(q.shape), lse.view(q.shape[:4])
 
     def _forward_torch(self, q, k, v, causal, key_padding_mask, scale):
-        from attn_zoo.selection import selection_attention
-
         return self._attend_selected(selection_attention, q, k, v, causal, key_padding_mask,
                                      scale)
 
@@ -205,8 +204,6 @@ class MobaCache(GrowingCache):
     so decoding equals the teacher-forced forward. Memory grows with the sequence."""
 
     def _extend(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        from attn_zoo.selection import selection_attention
-
         block, top_k = self.attention.params.block, self.attention.params.top_k
         self._append(k=k, v=v)
         batch, kv_heads, rows, dim = k.shape
