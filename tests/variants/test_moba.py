@@ -143,6 +143,21 @@ def test_ties_go_to_the_lower_block():
                                    rtol=1e-12)
 
 
+def test_all_blocks_tied_select_the_lowest_indices():
+    """Equal keys everywhere: every gate score ties, and each row takes the lowest competing
+    indices (torch's topk alone returns other ones)."""
+    attn = attn_zoo.build("moba", block=8, top_k=3)
+    q, _, _ = qkv(batch=1, q_heads=2, kv_heads=1, n=48, dtype=torch.float64)
+    k = torch.ones(1, 1, 48, 24, dtype=torch.float64)
+    own = torch.arange(48) // 8
+    lowest = torch.tensor([[1, 2], [0, 2], [0, 1], [0, 1], [0, 1], [0, 1]])
+    expected = torch.cat([own[:, None], lowest[own]], 1).expand(1, 2, 48, 3)
+    assert torch.equal(attn.selection(q, k, causal=False), expected)
+    causal = attn.selection(q, k, causal=True)[0, :, 16:]  # rows with two competitors or more
+    assert torch.equal(causal, torch.cat([own[16:, None], torch.tensor([[0, 1]] * 32)],
+                                         1).expand(2, 32, 3))
+
+
 def test_selection_lists_the_own_block_first_then_distinct_blocks():
     attn = attn_zoo.build("moba", block=8, top_k=4)
     q, k, _ = qkv(n=70, dtype=torch.float64)
