@@ -1,0 +1,126 @@
+"""`selection_attention` (the torch engine of the selection variants) against a dense float64
+reference built from the index: forward, lse, gradients (through lse too), chunking, values
+that are not finite, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attn_zoo.selection as selection
+from attn_zoo.reference import reference_attention
+from attn_zoo.selection import selection_attention
+
+
+def selected_mask(index, unit, m, causal):
+    """(B, H, N, M) bool: key j is in one of query i's listed units (and j <= i + M - N)."""
+    batch, heads, n, _ = index.shape
+    unit_of = torch.arange(m) // unit  # the unit holding key j
+    listed = (index[..., None] == unit_of).any(-2)  # (B, H, N, M)
+    if causal:
+        listed &= torch.arange(m) <= torch.arange(n)[:, None] + m - n
+    return listed
+
+
+def random_index(batch, heads, n, units, slots, seed=0):
+    """Distinct units per row, some slots empty (-1), one row with none."""
+    gen = torch.Generator().manual_seed(seed)
+    index = torch.stack([torch.randperm(units, generator=gen)[:slots]
+                         for _ in range(batch * heads * n)]).view(batch, heads, n, slots)
+    index[..., 1, 0] = -1
+    index[0, 0, 3] = -1
+    return index
+
+
+CASES = [  # unit, causal, (H, Hkv, G), padded
+    (4, True, (2, 1, 3), False),
+    (1, False, (2, 2, 1), True),
+    (3, True, (4, 2, 2), True),
+    (5, False, (1, 1, 1), False),
+    (16, True, (2, 2, 2), False),  # one unit longer than the sequence
+]
+
+
+@pytest.mark.parametrize("chunk", [1 << 22, 40], ids=["one-chunk", "chunked"])
+@pytest.mark.parametrize("case", CASES, ids=[f"unit{c[0]}-{'causal' if c[1] else 'bidir'}-"
+                                                f"H{c[2][0]}x{c[2][2]}" for c in CASES])
+def test_selection_matches_the_dense_reference(case, chunk, monkeypatch):
+    monkeypatch.setattr(selection, "GATHER_ELEMENTS", chunk)
+    unit, causal, (heads, kv_heads, groups), padded = case
+    batch, n, dim = 2, 13, 8
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(batch, heads, groups, n, dim, dtype=torch.float64, generator=gen)
+    k, v = (torch.randn(batch, kv_heads, n, dim, dtype=torch.float64, generator=gen)
+            for _ in range(2))
+    for x in (q, k, v):
+        x.requires_grad_(True)
+    units = -(-n // unit)
+    index = random_index(batch, heads, n, units, min(3, units))
+    real = torch.rand(batch, n, generator=gen) > 0.3 if padded else None
+
+    out, lse = selection_attention(q, k, v, index, unit=unit, scale=0.3, causal=causal,
+                                   key_padding_mask=real)
+    allowed = selected_mask(index, unit, n, causal)[:, :, None].expand(-1, -1, groups, -1, -1)
+    flat = (batch, heads * groups, n)
+    expected = reference_attention(q.reshape(*flat, dim), k, v, allowed.reshape(*flat, n),
+                                   scale=0.3, key_padding_mask=real).view_as(out)
+    scores = torch.einsum("bhgnd,bhmd->bhgnm", q, k.repeat_interleave(heads // kv_heads, 1))
+    mask = allowed if real is None else allowed & real[:, None, None, None]
+    expected_lse = (scores * 0.3).masked_fill(~mask, float("-inf")).logsumexp(-1)
+    torch.testing.assert_close(out, expected)
+    assert torch.equal(lse.isinf(), expected_lse.isinf()) and lse.isinf().any()
+    real_rows = expected_lse.isfinite()
+    torch.testing.assert_close(lse[real_rows], expected_lse[real_rows])
+
+    weights = torch.randn_like(out), torch.randn_like(lse)
+    got = torch.autograd.grad((out * weights[0]).sum() + (lse.where(real_rows, 0.0)
+                                                          * weights[1]).sum(), (q, k, v))
+    want = torch.autograd.grad((expected * weights[0]).sum() + (
+        expected_lse.where(real_rows, 0.0) * weights[1]).sum(), (q, k, v))
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_float32_and_int32_index():
+    gen = torch.Generator().manual_seed(2)
+    q = torch.randn(1, 2, 2, 20, 16, generator=gen)
+    k, v = torch.randn(1, 2, 20, 16, generator=gen), torch.randn(1, 2, 20, 16, generator=gen)
+    index = random_index(1, 2, 20, 5, 2)
+    out, lse = selection_attention(q, k, v, index.int(), unit=4, scale=0.25, causal=True)
+    ref, ref_lse = selection_attention(q.double(), k.double(), v.double(), index, unit=4,
+                                       scale=0.25, causal=True)
+    assert out.dtype == torch.float32 and lse.dtype == torch.float32
+    torch.testing.assert_close(out, ref.float(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, ref_lse.float(), atol=1e-5, rtol=1e-5)
+
+
+def test_keys_outside_the_selection_never_reach_an_output():
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 1, 1, 8, 8, dtype=torch.float64, generator=gen, requires_grad=True)
+    k = torch.randn(1, 1, 8, 8, dtype=torch.float64, generator=gen)
+    v = torch.randn(1, 1, 8, 8, dtype=torch.float64, generator=gen)
+    k[0, 0, 7], v[0, 0, 7] = float("inf"), float("nan")  # unit 3 (keys 6, 7): causal for row 6
+    index = torch.tensor([0, 1, 2, 3]).view(1, 1, 1, 4).expand(1, 1, 8, 4)
+    out, lse = selection_attention(q, k, v, index.contiguous(), unit=2, scale=0.5, causal=True)
+    assert out[..., :7, :].isfinite().all() and lse[..., :7].isfinite().all()
+    assert out[..., 7, :].isnan().any()  # the one row that attends to them
+    grad, = torch.autograd.grad(out[..., :7, :].sum(), q)
+    assert grad[..., :7, :].isfinite().all()
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(index=torch.zeros(1, 2, 5, 1)), "index must be an integer tensor"),
+    (dict(index=torch.zeros(1, 1, 5, 1, dtype=torch.long)), "index must be an integer tensor"),
+    (dict(unit=0), "unit must be an int >= 1, got 0"),
+    (dict(k=torch.zeros(1, 2, 5, 3)), "must match q"),
+    (dict(key_padding_mask=torch.ones(1, 4, dtype=torch.bool)), "key_padding_mask must have"),
+])
+def test_bad_input(bad, message):
+    call = dict(q=torch.zeros(1, 2, 1, 5, 4), k=torch.zeros(1, 1, 5, 4),
+                v=torch.zeros(1, 1, 5, 4), index=torch.zeros(1, 2, 5, 1, dtype=torch.long),
+                unit=2, scale=1.0, causal=False)
+    call.update(bad)
+    if "k" in bad:
+        call["v"] = bad["k"]
+    with pytest.raises(ValueError, match=message):
+        selection_attention(**call)
