@@ -106,34 +106,44 @@ def index_keys(k: Tensor, wk: Tensor) -> Tensor:
 def select_keys(qi: Tensor, w: Tensor, ki: Tensor, top_k: int, first_row: int, causal: bool,
                 real: Tensor | None) -> Tensor:
     """The selected keys of every query: index (B, Hkv, T, S) long, S = min(top_k, M), the
-    keys of highest I(i, j) among the allowed ones in decreasing order (ties to the lower key
-    index), -1 in the slots beyond a row's allowed keys.
+    positions of the S allowed keys of highest I(i, j) (ties to the lower key index) in no
+    particular order, -1 in the slots beyond a row's allowed keys.
 
     qi (B, Hkv, T, Hi, Di), w (B, Hkv, T, Hi): the index queries of rows first_row ..
     first_row + T - 1; ki (B, Hkv, M, Di): the index keys of positions 0 .. M - 1; causal:
     key j allowed only when j <= the row's position; real: (B, M) bool or None. Scores are
-    computed in chunks of rows holding about `CHUNK_ELEMENTS` values (one row at least).
+    computed in chunks of rows holding about `CHUNK_ELEMENTS` values (one row at least); a NaN
+    score (from a non-finite key) counts as the highest, so it reaches the output.
     """
     batch, kv_heads, rows, heads, _ = qi.shape
     keys = ki.shape[2]
     width = min(top_k, keys)
     step = max(1, CHUNK_ELEMENTS // max(1, batch * kv_heads * heads * keys))
-    positions = torch.arange(keys, device=qi.device)
+    # M - j: the lower a key's index, the higher its rank among the selected
+    rank = torch.arange(keys, 0, -1, device=qi.device)
     chunks = []
     with torch.no_grad():
         for t0 in range(0, rows, step):
             t1 = min(rows, t0 + step)
             dots = einsum(qi[:, :, t0:t1], ki, "b g t h e, b g m e -> b g t h m").relu_()
             scores = einsum(w[:, :, t0:t1], dots, "b g t h, b g t h m -> b g t m")
+            scores.masked_fill_(scores.isnan(), float("inf"))
+            allowed = torch.ones_like(scores, dtype=torch.bool)
             if causal:
                 row = torch.arange(first_row + t0, first_row + t1, device=qi.device)
-                scores.masked_fill_(positions > row[:, None], float("-inf"))
+                allowed &= rank > keys - 1 - row[:, None]  # j <= row
             if real is not None:
-                scores.masked_fill_(~real[:, None, None, :], float("-inf"))
-            # A stable sort keeps equal scores in key order: ties go to the lower index.
-            values, index = scores.sort(dim=-1, descending=True, stable=True)
-            values, index = values[..., :width], index[..., :width]
-            chunks.append(index.masked_fill_(values == float("-inf"), -1))
+                allowed &= real[:, None, None, :]
+            scores.masked_fill_(~allowed, float("-inf"))
+            # The S-th highest score; every key above it, and as many keys equal to it as
+            # still fit, lowest indices first.
+            last = scores.topk(width, dim=-1).values[..., -1:]
+            above = scores > last
+            tied = scores == last
+            room = width - above.sum(-1, keepdim=True)
+            take = (above | (tied & (tied.cumsum(-1) <= room))) & allowed
+            chosen = torch.where(take, rank, 0).topk(width, dim=-1)
+            chunks.append(chosen.indices.masked_fill_(chosen.values == 0, -1))
     return torch.cat(chunks, dim=2)
 
 

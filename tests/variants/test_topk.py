@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from conftest import padding, qkv
+from conftest import check_memory_is_linear, padding, qkv
 
 import attn_zoo
 from attn_zoo.reference import reference_attention
@@ -269,6 +269,11 @@ def test_scored_pairs_count_the_selected_keys():
             assert attn.scored_pairs(n, causal) == pairs
             assert attn.flops(n, 64, causal) == 4 * 64 * pairs
     assert build(top_k=256).scored_pairs(4096, True) == 256 * 257 // 2 + (4096 - 256) * 256
+
+
+def test_training_memory_is_linear_in_the_length():
+    """The indexer's scores live one row chunk at a time, the indexer loss's too."""
+    check_memory_is_linear(attn_zoo.build("topk", **TINY).train(), backward=True)
 
 
 def test_weights_are_made_per_kv_head():
