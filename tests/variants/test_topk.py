@@ -158,6 +158,9 @@ def test_ties_go_to_the_lower_key_index(causal):
         k2[:, :, 20] = k2[:, :, 4]
         k2[:, :, 25] = k2[:, :, 4]
     check(attn, q, k2.requires_grad_(), v, causal)
+    # three distinct keys repeated: top_k = 8 always splits a group of equal scores
+    k3 = k.detach()[:, :, torch.arange(30) % 3].clone().requires_grad_()
+    check(attn, q, k3, v, causal)
 
 
 def test_the_selection_is_shared_by_the_query_heads_of_a_kv_head():
