@@ -15,7 +15,8 @@ attention's loss does not reach it, and the indexer loss does not reach q or k. 
 attends, with one softmax, to its `top_k` keys of highest I(i, j) among the allowed keys
 (causal: j <= i; bidirectional: every key, an extension of DSA's causal rule; real keys only
 under padding), all allowed keys when there are fewer than `top_k`; ties go to the lower key
-index. The selection is not differentiable.
+index. The selection is not differentiable. (Inputs outside the rule: an index score that is
+not finite, from a non-finite key, ranks below every finite one.)
 
 `indexer_loss()` is DSA's indexer loss over the selected set (its sparse training stage; the
 dense warm-up's loss is the same with every key selected, top_k >= N): for each query i,
@@ -112,8 +113,8 @@ def select_keys(qi: Tensor, w: Tensor, ki: Tensor, top_k: int, first_row: int, c
     qi (B, Hkv, T, Hi, Di), w (B, Hkv, T, Hi): the index queries of rows first_row ..
     first_row + T - 1; ki (B, Hkv, M, Di): the index keys of positions 0 .. M - 1; causal:
     key j allowed only when j <= the row's position; real: (B, M) bool or None. Scores are
-    computed in chunks of rows holding about `CHUNK_ELEMENTS` values (one row at least); a NaN
-    score (from a non-finite key) counts as the highest, so it reaches the output.
+    computed in chunks of rows holding about `CHUNK_ELEMENTS` values (one row at least); a
+    score that is not finite (from a non-finite key) ranks below every finite one.
     """
     batch, kv_heads, rows, heads, _ = qi.shape
     keys = ki.shape[2]
@@ -127,7 +128,7 @@ def select_keys(qi: Tensor, w: Tensor, ki: Tensor, top_k: int, first_row: int, c
             t1 = min(rows, t0 + step)
             dots = einsum(qi[:, :, t0:t1], ki, "b g t h e, b g m e -> b g t h m").relu_()
             scores = einsum(w[:, :, t0:t1], dots, "b g t h, b g t h m -> b g t m")
-            scores.masked_fill_(scores.isnan(), float("inf"))
+            scores.masked_fill_(~scores.isfinite(), float("-inf"))
             allowed = torch.ones_like(scores, dtype=torch.bool)
             if causal:
                 row = torch.arange(first_row + t0, first_row + t1, device=qi.device)
@@ -139,9 +140,9 @@ def select_keys(qi: Tensor, w: Tensor, ki: Tensor, top_k: int, first_row: int, c
             # still fit, lowest indices first.
             last = scores.topk(width, dim=-1).values[..., -1:]
             above = scores > last
-            tied = scores == last
+            tied = (scores == last) & allowed
             room = width - above.sum(-1, keepdim=True)
-            take = (above | (tied & (tied.cumsum(-1) <= room))) & allowed
+            take = above | (tied & (tied.cumsum(-1) <= room))
             chosen = torch.where(take, rank, 0).topk(width, dim=-1)
             chunks.append(chosen.indices.masked_fill_(chosen.values == 0, -1))
     return torch.cat(chunks, dim=2)

@@ -189,6 +189,23 @@ def test_no_causal_leakage_of_queries_keys_or_values():
                                    atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_a_non_finite_key_ranks_last(value):
+    """Its index score ranks below every finite one: causal rows with top_k = 4 other allowed
+    keys select as if it were padding; rows 2 and 3, with fewer, take it (NaN)."""
+    attn = build(top_k=4)
+    q, k, v = qkv(batch=1, q_heads=4, kv_heads=2, n=20, dim=16, dtype=torch.float64)
+    bad = k.clone()
+    bad[:, :, 2] = value
+    out = attn(q, bad, v, causal=True)
+    assert out[:, :, 2:4].isnan().all()
+    without = (torch.arange(20) != 2)[None]
+    expected = topk_reference(attn, q, k, v, True, without)
+    rows = torch.arange(20) >= 4  # and rows 0, 1, which never see key 2
+    rows[:2] = True
+    torch.testing.assert_close(out[:, :, rows], expected[:, :, rows], atol=1e-10, rtol=1e-10)
+
+
 def test_the_indexer_loss_on_a_hand_computed_case():
     """One query head of dimension 1, q = 1, k = (0, 1, 3), scale 2, identity index weights:
     I(i, j) = relu(k_j), main scores 2 k_j; causal, top_k = 2. Row 0: one key, KL 0. Row 1:
