@@ -181,10 +181,12 @@ def require_package(module: str, package: str) -> Any:
 
 def library_module(setting: Setting, backend: str = "torch") -> attn_zoo.Attention:
     """`attn_zoo.build(variant, backend=backend, **params)` on the device, in eval mode, with
-    a sink per query head when `setting.sinks`."""
+    a sink per query head when `setting.sinks`, its learned weights created for the setting's
+    heads and head dim."""
     sinks = setting.heads if setting.sinks else 0
-    return attn_zoo.build(setting.attention, backend=backend, sinks=sinks,
-                          **setting.params).to(setting.device).eval()
+    attn = attn_zoo.build(setting.attention, backend=backend, sinks=sinks, **setting.params)
+    attn.initialize(setting.heads, setting.kv_heads, setting.head_dim)
+    return attn.to(setting.device).eval()
 
 
 def pattern_reference(attn: attn_zoo.Attention, causal: bool) -> Forward:
