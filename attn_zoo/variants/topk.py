@@ -120,8 +120,7 @@ def select_keys(qi: Tensor, w: Tensor, ki: Tensor, top_k: int, first_row: int, c
     keys = ki.shape[2]
     width = min(top_k, keys)
     step = max(1, CHUNK_ELEMENTS // max(1, batch * kv_heads * heads * keys))
-    # M - j: the lower a key's index, the higher its rank among the selected
-    rank = torch.arange(keys, 0, -1, device=qi.device)
+    positions = torch.arange(keys, device=qi.device)
     chunks = []
     with torch.no_grad():
         for t0 in range(0, rows, step):
@@ -132,34 +131,56 @@ def select_keys(qi: Tensor, w: Tensor, ki: Tensor, top_k: int, first_row: int, c
             allowed = torch.ones_like(scores, dtype=torch.bool)
             if causal:
                 row = torch.arange(first_row + t0, first_row + t1, device=qi.device)
-                allowed &= rank > keys - 1 - row[:, None]  # j <= row
+                allowed &= positions <= row[:, None]
             if real is not None:
                 allowed &= real[:, None, None, :]
             scores.masked_fill_(~allowed, float("-inf"))
-            # The S-th highest score; every key above it, and as many keys equal to it as
-            # still fit, lowest indices first.
-            last = scores.topk(width, dim=-1).values[..., -1:]
-            above = scores > last
-            tied = (scores == last) & allowed
-            room = width - above.sum(-1, keepdim=True)
-            take = above | (tied & (tied.cumsum(-1) <= room))
-            chosen = torch.where(take, rank, 0).topk(width, dim=-1)
-            chunks.append(chosen.indices.masked_fill_(chosen.values == 0, -1))
+            chunks.append(_top_keys(scores, allowed, width, positions))
     return torch.cat(chunks, dim=2)
+
+
+def _top_keys(scores: Tensor, allowed: Tensor, width: int, positions: Tensor) -> Tensor:
+    """index (..., width) of the `width` allowed keys of highest score (ties to the lower
+    index), -1 in the slots beyond a row's allowed keys; scores (..., M) are -inf where not
+    allowed (..., M)."""
+    top = scores.topk(width, dim=-1, sorted=False)
+    last = top.values.amin(-1, keepdim=True)  # the S-th highest score
+    tied = (scores == last) & allowed
+    # A row whose S-th score is finite and whose keys of that score were all taken has no tie
+    # to break: topk's keys are the rule's.
+    settled = (last[..., 0] > float("-inf")) & (tied.sum(-1) == (top.values == last).sum(-1))
+    index = top.indices
+    if not bool(settled.all()):
+        rest = ~settled
+        index[rest] = _break_ties(scores[rest], tied[rest], last[rest], width, positions)
+    return index
+
+
+def _break_ties(scores: Tensor, tied: Tensor, last: Tensor, width: int,
+                positions: Tensor) -> Tensor:
+    """index (R, width) of rows scores (R, M) whose S-th highest score is last (R, 1), tied
+    (R, M) marking the allowed keys of that score: every key above it, and as many tied keys
+    as still fit, lowest indices first, in position order; -1 beyond a row's taken keys."""
+    above = scores > last
+    room = width - above.sum(-1, keepdim=True)
+    take = above | (tied & (tied.cumsum(-1) <= room))
+    # Taken keys into slots 0 .. taken - 1, the others into a spare slot `width`, dropped.
+    slot = torch.where(take, take.cumsum(-1) - 1, width)
+    index = scores.new_full((scores.shape[0], width + 1), -1, dtype=torch.long)
+    index.scatter_(-1, slot, positions.expand_as(slot))
+    return index[:, :width]
 
 
 def _kl_rows(x: Tensor, wq: Tensor, ww: Tensor, ki: Tensor, index: Tensor, p: Tensor,
              heads: int) -> Tensor:
     """KL(p_i || softmax of I over the selected keys) of each row: (B, Hkv, T); rows without
     a selected key give 0. x (B, Hkv, T, G * D), ki (B, Hkv, M, Di), index and p
-    (B, Hkv, T, S) (p detached, 0 on empty slots)."""
+    (B, Hkv, T, S) (p detached, 0 on empty slots). The rows' scores against every key are
+    computed (matrix products, as the selection does) and the selected ones read from them."""
     qi, w = index_queries(x, wq, ww, heads)
     valid = index >= 0
-    batch, kv_heads, rows, width = index.shape
-    chosen = index.clamp_min(0).flatten(2)[..., None].expand(-1, -1, -1, ki.shape[-1])
-    keys = ki.gather(2, chosen).view(batch, kv_heads, rows, width, -1)
-    dots = einsum(qi, keys, "b g t h e, b g t s e -> b g t h s").relu()
-    logits = einsum(w, dots, "b g t h, b g t h s -> b g t s")
+    dots = einsum(qi, ki, "b g t h e, b g m e -> b g t h m").relu()
+    logits = einsum(w, dots, "b g t h, b g t h m -> b g t m").gather(-1, index.clamp_min(0))
     log_q = logits.masked_fill(~valid, float("-inf")).log_softmax(-1)
     terms = torch.xlogy(p, p) - p * log_q.masked_fill(~valid, 0.0)
     return terms.sum(-1)
@@ -248,16 +269,15 @@ class TopkAttention(Attention):
     def _store_loss(self, q: Tensor, k: Tensor, x: Tensor, index: Tensor,
                     key_padding_mask: Tensor | None, scale: float) -> None:
         """Appends (sum of KL over real query rows and kv heads, their number) to this call's
-        loss terms; row chunks are recomputed in the backward (checkpointed), so the graph
-        holds O(N * S) values, never the gathered index keys."""
+        loss terms. Chunks of rows hold about `CHUNK_ELEMENTS` scores and are recomputed in
+        the backward (checkpointed), so the graph holds O(N * S) values."""
         batch, kv_heads, groups, rows, dim = q.shape
-        width = index.shape[-1]
+        keys = k.shape[2]
         wq, ww, wk = (weight.to(x.dtype) for weight in self._weights())
         ki = index_keys(k, wk)
         real = (torch.ones(batch, rows, dtype=torch.bool, device=q.device)
                 if key_padding_mask is None else key_padding_mask)
-        params = self.params
-        per_row = batch * kv_heads * width * (dim + groups + params.index_dim + params.index_heads)
+        per_row = batch * kv_heads * keys * max(groups, self.params.index_heads)
         step = max(1, CHUNK_ELEMENTS // per_row)
         total = x.new_zeros(())
         for t0 in range(0, rows, step):
@@ -272,15 +292,15 @@ class TopkAttention(Attention):
     @staticmethod
     def _main_distribution(q: Tensor, k: Tensor, index: Tensor, scale: float) -> Tensor:
         """p (B, Hkv, T, S): each query head's softmax of scale * q·k over the selected keys,
-        summed over the G heads and L1-normalised, detached; 0 on empty slots."""
-        batch, kv_heads, groups, rows, dim = q.shape
-        width = index.shape[-1]
+        summed over the G heads and L1-normalised, detached; 0 on empty slots. The rows'
+        scores against every key are computed and the selected ones read from them."""
+        groups = q.shape[2]
         with torch.no_grad():
             work = _index_dtype(q.dtype)
             valid = index >= 0
-            chosen = index.clamp_min(0).flatten(2)[..., None].expand(-1, -1, -1, dim)
-            keys = k.to(work).gather(2, chosen).view(batch, kv_heads, rows, width, dim)
-            scores = einsum(q.to(work) * scale, keys, "b g h t d, b g t s d -> b g h t s")
+            scores = einsum(q.to(work) * scale, k.to(work), "b g h t d, b g m d -> b g h t m")
+            chosen = index.clamp_min(0)[:, :, None].expand(-1, -1, groups, -1, -1)
+            scores = scores.gather(-1, chosen)
             probs = scores.masked_fill(~valid[:, :, None], float("-inf")).softmax(-1)
             p = probs.nan_to_num(0.0).sum(2)  # a row without keys: all -inf, NaN -> 0
             return p / p.sum(-1, keepdim=True).clamp_min(torch.finfo(work).tiny)
