@@ -8,12 +8,10 @@
 
 Configs: `conf/train.yaml` (typed by `experiments.config.TrainConfig`), groups `attention/`
 (every registered variant), `model/` (backbone sizes) and `task/` (`experiments.tasks`).
-A point trains `TransformerLM(task.vocab_size, **model, attention=...)` for `steps` AdamW steps
-(linear warm-up, cosine decay to a tenth) of `tokens_per_step` tokens each (`tokens_per_step //
-seq_len` sequences), with the loss read on the task's answer positions (every position for
-language models), plus `aux_loss_weight` times the attention modules' own losses
-(`Attention.auxiliary_loss`: topk's indexer loss, whose graph reaches only the indexer, so the
-weight scales the indexer's gradients alone); the module is in train mode. With `packing=true`
+A point trains `TransformerLM(task.vocab_size, **model, attention=...)` for `steps` AdamW
+steps (linear warm-up, cosine decay to a tenth) of `tokens_per_step` tokens each
+(`tokens_per_step // seq_len` sequences), with the loss read on the task's answer positions
+(every position for language models); the module is in train mode. With `packing=true`
 (tasks made of documents: `stdlib_lm`) the training rows are the task's documents packed into
 rows (`Task.packed_batches`): the model gets their `document_ids`, so attention and positions
 stay inside each document, and no target is predicted across a document boundary; the same
@@ -21,8 +19,12 @@ tokens per step as without. Then, in eval mode under `no_grad`, it evaluates `ev
 held-out sequences at each of `eval_lens` (lengths longer than `seq_len` measure length
 extrapolation): `eval_loss` (nats per answer token), `accuracy` (synthetic tasks) or
 `bits_per_byte` (`stdlib_lm`: its validation files packed into rows, each file its own
-document, whether the point trained packed or not). The evaluation data depend on the seed and
-the length only, so every variant and both layouts see the same.
+document, whether the point trained packed or not). The evaluation data depend on the seed
+and the length only, so every variant and both layouts see the same.
+
+Each step's loss adds `aux_loss_weight` times the attention modules' own losses
+(`Attention.auxiliary_loss`: topk's indexer loss, whose graph reaches only the indexer, so the
+weight scales the indexer's gradients alone).
 
 Each (point, eval length) becomes one row appended to `<out_dir>/train.csv`
 (`experiments.results.Table`: typed columns, whole lines under a lock, so parallel jobs share
