@@ -26,8 +26,8 @@ detached; the indexer distribution is the softmax over the same selected keys of
 loss is the mean over real queries (query positions whose key is real), kv heads and batch of
 KL(p_i || indexer_i). A forward in training mode with gradients enabled stores it, a scalar
 tensor whose graph reaches only the indexer weights; `indexer_loss()` returns the last one,
-None before any such forward. The training app adds it with a weight
-(`indexer_loss_weight`).
+None before any such forward (`auxiliary_loss()` returns the same). The training app adds it
+with a weight (`aux_loss_weight`).
 
 Memory and compute: the indexer scores are computed in chunks of query rows holding about
 `CHUNK_ELEMENTS` values (never N x N at once beyond one chunk), top-k per chunk; the indexer
