@@ -7,29 +7,32 @@ GPU targets by Triton's compiler and its bundled ptxas, on a machine without a G
     python -m attn_zoo.kernels.compile_check --tune            # re-derive the config tables
 
 A case is one call of a public kernel entry point (`layout_attention`, `lsh_attention`,
-`routing_attention`), forward and backward, on small CPU tensors inside `launch.capture(arch)`:
-the launchers choose the configuration a GPU of that architecture gets and record every kernel
-launch with its real arguments. Each distinct launch (kernel, signature, specialization,
-constants, warps, stages) is compiled for `GPUTarget("cuda", arch, 32)` through Triton's own
-argument binder, so what is compiled is what a GPU would compile. Per launch: compiled or the
-compiler's error, shared memory against the per-block limit of the architecture family
-(`SHARED_LIMITS`), and registers and spill bytes from the ptxas log of that very compile.
+`routing_attention`, `selection_attention`), forward and backward, on small CPU tensors inside
+`launch.capture(arch)`: the launchers choose the configuration a GPU of that architecture gets
+and record every kernel launch with its real arguments. Each distinct launch (kernel, signature,
+specialization, constants, warps, stages) is compiled for `GPUTarget("cuda", arch, 32)` through
+Triton's own argument binder, so what is compiled is what a GPU would compile. Per launch:
+compiled or the compiler's error, shared memory against the per-block limit of the architecture
+family (`SHARED_LIMITS`), and registers and spill bytes from the ptxas log of that very compile.
 
 Matrix (`--subset full`): architectures 80, 90 and 100 (where the installed Triton builds for
-it) x precision (float32 IEEE, float32 TF32, bfloat16, float16) x head dim (16, 32, 64, 128)
-x flags: block-sparse plain, key padding, key bias, padding + bias with its gradient; bucket
-kernels lsh and routing, causal and not, with and without padding, at their largest block
-(and, plain, at buckets of 16 and 32); plus head dim 72 (padded to 128, strides not multiples
-of 16: another specialization), plain. The CI subset: every kernel (bucket kernels as lsh
-causal and routing) x float32 (IEEE), bfloat16, float16 x head dims 64 and 128 x plain and
-padded on sm_90; plain on sm_80. Rows go to `<out>/compile_check.csv` and
-`<out>/compile_check.md` (the full matrix adds every static variant's layout statistics); the
-exit code is 1 when a launch fails to compile or overflows shared memory. Compiler processes:
-`--jobs` (default: the CPU count). Kernels defined under TRITON_INTERPRET=1 cannot be
-compiled: run it without.
+it) x precision (float32 IEEE, float32 TF32, bfloat16, float16) x head dim (16, 32, 64, 128) x
+flags: block-sparse plain, key padding, key bias, padding + bias with its gradient; bucket
+kernels lsh and routing, causal and not, with and without padding, at their largest block (and,
+plain, at buckets of 16 and 32); the selection kernel (causal) at units 64 and 16 (blocks) and 1
+and 4 (gathered), with and without padding; plus head dim 72 (padded to 128, strides not
+multiples of 16: another specialization), plain. The CI subset: the block-sparse and bucket
+kernels (bucket kernels as lsh causal and routing) x float32 (IEEE), bfloat16, float16 x head
+dims 64 and 128 x plain and padded on sm_90, plain on sm_80; the selection kernel at units 64
+and 1 x float32 (IEEE), bfloat16 x head dims 64 and 128, plain, on sm_90 and sm_80. Rows go to
+`<out>/compile_check.csv` and `<out>/compile_check.md` (the full matrix adds every static
+variant's layout statistics); the exit code is 1 when a launch fails to compile or overflows
+shared memory. Compiler processes: `--jobs` (default: the CPU count). Kernels defined under
+TRITON_INTERPRET=1 cannot be compiled: run it without.
 
 `--tune` searches the launchers' configuration tables (`block_sparse.CONFIGS`,
-`bucket.CONFIGS`) for each of `--archs` and prints them: see `tune_block_sparse`.
+`bucket.CONFIGS`, `selection.CONFIGS`; `--kernels` picks some) for each of `--archs` and
+prints them: see `tune_block_sparse`.
 """
 
 from __future__ import annotations
@@ -70,6 +73,10 @@ HEAD_DIMS = (16, 32, 64, 128, UNALIGNED_DIM)
 BLOCK_SPARSE_FLAGS = ("plain", "pad", "bias", "pad+bias+grad")
 BUCKET_FLAGS = ("plain", "pad")
 BUCKET_MODES = ("lsh", "lsh-causal", "routing", "routing-causal")
+SELECTION_UNITS = (64, 16, 1, 4)
+"""Units of the selection kernel's cases: blocks (64: MoBA, NSA; 16) and gathered (1: top-k; 4)."""
+CI_SELECTION = (("ieee", "bf16"), (64, 1))
+"""Precisions and units of the selection kernel in the CI subset."""
 OUT = Path("results/compile")
 
 
@@ -78,11 +85,11 @@ class Case:
     """One call of a kernel entry point, forward and backward, as a GPU of `arch` runs it."""
 
     arch: int
-    family: str  # "block_sparse" or the bucket mode, e.g. "lsh-causal"
+    family: str  # "block_sparse", the bucket mode (e.g. "lsh-causal") or "selection"
     precision: str  # a key of DTYPES
     head_dim: int
     flags: str
-    group: int = 64  # bucket kernels: the bucket or cluster size (sets their block)
+    group: int = 64  # bucket kernels: the bucket or cluster size (their block); selection: unit
 
 
 @dataclass
@@ -118,6 +125,9 @@ def cases(subset: str, archs: Sequence[int]) -> list[Case]:
                     found += [Case(arch, "block_sparse", precision, dim, flag) for flag in flags]
                     found += [Case(arch, mode, precision, dim, flag)
                               for mode in ("lsh-causal", "routing") for flag in flags]
+            found += [Case(arch, "selection", precision, dim, "plain", unit)
+                      for precision in CI_SELECTION[0] for dim in (64, 128)
+                      for unit in CI_SELECTION[1]]
         return found
     found = []
     for arch in archs:
@@ -132,6 +142,9 @@ def cases(subset: str, archs: Sequence[int]) -> list[Case]:
                 found += [Case(arch, mode, precision, dim, "plain", group)
                           for mode in ("lsh-causal", "routing") for group in (16, 32)
                           if aligned]
+                found += [Case(arch, "selection", precision, dim, flag, unit)
+                          for unit in (SELECTION_UNITS if aligned else (64, 1))
+                          for flag in (BUCKET_FLAGS if aligned else ("plain",))]
     return found
 
 
@@ -150,6 +163,7 @@ def capture_case(case: Case) -> list[Launch]:
     from attn_zoo.kernels.block_sparse import layout_attention, tile_config
     from attn_zoo.kernels.bucket import lsh_attention, routing_attention
     from attn_zoo.kernels.layout import build_layout
+    from attn_zoo.kernels.selection import selection_attention
 
     dtype, dim, n = DTYPES[case.precision], case.head_dim, 200
     pad = torch.ones(1, n, dtype=torch.bool) if "pad" in case.flags else None
@@ -165,6 +179,13 @@ def capture_case(case: Case) -> list[Launch]:
             out, lse = layout_attention(q, k, v, layout, scale=dim**-0.5,
                                               key_padding_mask=pad, key_bias=bias)
             inputs = [q, k, v] + ([bias] if bias is not None and bias.requires_grad else [])
+        elif case.family == "selection":  # 2 selection heads of 2 query heads, one kv head
+            q = torch.zeros(1, 2, 2, n, dim, dtype=dtype, requires_grad=True)
+            k, v = (torch.zeros(1, 1, n, dim, dtype=dtype, requires_grad=True) for _ in "kv")
+            index = torch.arange(4).expand(1, 2, n, 4)
+            out, lse = selection_attention(q, k, v, index, unit=case.group, scale=dim**-0.5,
+                                           causal=True, key_padding_mask=pad)
+            inputs = [q, k, v]
         else:
             q, k = (torch.zeros(1, 2, n, dim, dtype=dtype, requires_grad=True) for _ in "qk")
             v = torch.zeros(1, 1, n, dim, dtype=dtype, requires_grad=True)
@@ -239,12 +260,17 @@ def compile_launch(launch: Launch, case: Case) -> Row:
     """Compile `launch` natively for `case.arch` and read its resources."""
     source, target, options = _compile_parts(launch, case.arch)
     constants = launch.kwargs
-    tiles = "x".join(str(constants[key]) for key in ("BLOCK_M", "BLOCK_N") if key in constants)
+    tiles = "x".join(str(constants[key]) for key in ("BLOCK_M", "BLOCK_G", "BLOCK_N")
+                     if key in constants)
     steps = [f"{key.lower()} {constants[key]}" for key in ("SUB_M", "SUB_N") if key in constants]
+    flags = f"{case.family} {case.flags}"
+    if case.family == "block_sparse":
+        flags = case.flags
+    elif case.family == "selection":
+        flags = f"selection unit {case.group} {case.flags}"
     row = Row(case.arch, launch.kernel.fn.__name__.strip("_"), case.precision, case.head_dim,
-              case.flags if case.family == "block_sparse" else f"{case.family} {case.flags}",
-              " ".join([tiles, *steps]), options.num_warps, options.num_stages, "ok", None,
-              SHARED_LIMITS[case.arch], None, None, None, 0.0)
+              flags, " ".join([tiles, *steps]), options.num_warps, options.num_stages, "ok",
+              None, SHARED_LIMITS[case.arch], None, None, None, 0.0)
     start = time.perf_counter()
     try:
         with _compiling() as (log, diagnostics):
@@ -519,15 +545,56 @@ def tune_bucket(arch: int, kind: str, dim: int):
     return best[1], best[0]
 
 
+def tune_selection(arch: int, kind: str, dim: int):
+    """The selection kernel's `SelectionConfig`: the first keys per step in `_BUCKET_BLOCKS`
+    order whose forward and backward kernels meet `SPILL_GOAL` at units 64 and 1, each kernel
+    taking the first warps and stages that do; else the fewest spill bytes."""
+    from dataclasses import replace
+
+    from attn_zoo.kernels import selection
+
+    table = selection.CONFIGS[arch, kind]
+    unit_cases = [Case(arch, "selection", _TUNE_PRECISION[kind], dim, "plain", unit)
+                  for unit in (64, 1)]
+    warps = (4, 8) if dim <= 64 else (8, 4)
+    best = None
+    for block_n in _BUCKET_BLOCKS[kind]:
+        config = selection.SelectionConfig(block_n, 4, 2, 4, 1)
+        total = 0.0
+        for kernel, options in (
+            ("fwd", [dict(fwd_warps=w, fwd_stages=s) for w in warps for s in (2, 1)]),
+            ("bwd", [dict(bwd_warps=w, bwd_stages=s) for w in warps for s in (1, 2)]),
+        ):
+            tried = []
+            for option in options:
+                candidate = replace(config, **option)
+                spills = sum(_try(case, kernel, lambda c=candidate: table.__setitem__(dim, c))
+                             for case in unit_cases)
+                tried.append((spills, candidate))
+                if spills == 0:
+                    break
+            spills, config = min(tried, key=lambda item: item[0])
+            total += spills
+        if best is None or total < best[0]:
+            best = (total, config)
+        if total == 0:
+            break
+    table[dim] = best[1]
+    return best[1], best[0]
+
+
+_TUNERS = {"block_sparse": tune_block_sparse, "bucket": tune_bucket,
+           "selection": tune_selection}
+
+
 def _tune_task(task: tuple[str, int, str, int]):
     family, arch, kind, dim = task
-    tune = tune_block_sparse if family == "block_sparse" else tune_bucket
-    return task, *tune(arch, kind, dim)
+    return task, *_TUNERS[family](arch, kind, dim)
 
 
-def tune(archs: Sequence[int], jobs: int) -> str:
+def tune(archs: Sequence[int], jobs: int, families: Sequence[str] = tuple(_TUNERS)) -> str:
     """Tune every (family, arch, precision kind, padded head dim); the tables as Python."""
-    tasks = [(family, arch, kind, dim) for family in ("block_sparse", "bucket")
+    tasks = [(family, arch, kind, dim) for family in families
              for arch in archs for kind in ("16bit", "tf32", "ieee") for dim in (16, 32, 64, 128)]
     with _pool(jobs) as pool:
         results = list(pool.map(_tune_task, tasks))
@@ -546,12 +613,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=OUT, help="default: %(default)s")
     parser.add_argument("--tune", action="store_true",
                         help="search the launchers' configuration tables and print them")
+    parser.add_argument("--kernels", nargs="+", choices=tuple(_TUNERS), default=list(_TUNERS),
+                        help="with --tune: the tables to search; default: all")
     args = parser.parse_args(argv)
     unknown = [arch for arch in args.archs if arch not in SHARED_LIMITS]
     if unknown:
         parser.error(f"--archs must be among {sorted(SHARED_LIMITS)}, got {unknown}")
     if args.tune:
-        print(tune(args.archs, args.jobs))
+        print(tune(args.archs, args.jobs, args.kernels))
         return 0
     start = time.perf_counter()
     rows = run(args.subset, args.archs, args.jobs)

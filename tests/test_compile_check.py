@@ -16,7 +16,7 @@ import sys
 
 import pytest
 import torch
-from attn_zoo.kernels import block_sparse, bucket
+from attn_zoo.kernels import block_sparse, bucket, selection
 from attn_zoo.kernels import compile_check as check
 from attn_zoo.kernels.block_sparse import layout_attention, tile_config
 from attn_zoo.kernels.bucket import lsh_attention
@@ -56,7 +56,7 @@ def test_capture_configures_for_the_arch_and_records_instead_of_running():
 def test_every_configuration_table_entry_is_in_the_check_matrix():
     covered = {(case.arch, check.KINDS[case.precision], padded_dim(case.head_dim))
                for case in check.cases("full", check.ARCHS)}
-    for table in (block_sparse.CONFIGS, bucket.CONFIGS):
+    for table in (block_sparse.CONFIGS, bucket.CONFIGS, selection.CONFIGS):
         assert set(table) == {(family, kind) for family in ARCH_FAMILIES for kind in PRECISIONS}
         entries = {(family, kind, dim) for (family, kind), dims in table.items() for dim in dims}
         assert entries == covered
@@ -151,7 +151,8 @@ def test_every_ci_configuration_compiles_natively_within_shared_memory(ci_rows):
     kernels = {row["kernel"] for row in ci_rows}
     assert kernels == {"forward_kernel", "delta_kernel", "grad_kv_kernel", "grad_q_kernel",
                        "bad_rows_kernel", "bucket_fwd_kernel", "bucket_bwd_dq_kernel",
-                       "bucket_bwd_dkdv_kernel"}
+                       "bucket_bwd_dkdv_kernel", "selection_fwd_kernel",
+                       "selection_bwd_kernel"}
     assert {row["precision"] for row in ci_rows} == {"ieee", "bf16", "fp16"}
     assert {row["status"] for row in ci_rows} == {"ok"}
     assert all(row["shared_bytes"] <= row["shared_limit"] for row in ci_rows)
@@ -177,7 +178,7 @@ def test_no_register_spills_on_sm80_up_to_head_dim_64(ci_rows):
 def test_the_kernels_compile_with_triton_3_6_as_on_the_gpu_machines(tmp_path):
     rows = native_check(tmp_path, (90,), python_path=(COMPAT_DIR,))
     assert "Triton 3.6" in (tmp_path / "compile_check.md").read_text()
-    assert len({row["kernel"] for row in rows}) == 8 and {row["status"] for row in rows} == {"ok"}
+    assert len({row["kernel"] for row in rows}) == 10 and {row["status"] for row in rows} == {"ok"}
 
 
 def test_float32_runs_in_ieee_precision_unless_tf32_is_allowed():
