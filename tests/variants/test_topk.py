@@ -332,7 +332,7 @@ def test_weights_made_for_other_heads_are_an_error():
 KERNEL = importlib.util.find_spec("attn_zoo.kernels.selection") is not None
 
 
-@pytest.mark.skipif(not KERNEL, reason="attn_zoo/kernels/selection.py is absent")
+@pytest.mark.skipif(not KERNEL, reason="kernels/selection.py is absent")
 @pytest.mark.parametrize("causal", [False, True])
 def test_the_kernel_matches_torch(causal):
     """The triton backend (interpreter on CPU) against torch: forward, gradients of q, k, v,
