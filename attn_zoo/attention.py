@@ -317,6 +317,11 @@ class Attention(nn.Module, metaclass=ABCMeta):
         where = () if documents is None else documents.key
         return (self.name, tuple(self.params.to_dict().items()), part, causal, where)
 
+    def auxiliary_loss(self) -> Tensor | None:
+        """The variant's own training loss from its last training forward (`topk`: the
+        indexer loss), which a training loop adds to the model's; None for most variants."""
+        return None
+
     @abstractmethod
     def scored_pairs(self, n: int, causal: bool) -> int:
         """The (query, key) pairs one (batch, head) forward of length n scores, a pooled key

@@ -138,6 +138,7 @@ class TrainConfig:
     weight_decay: float = MISSING
     warmup_steps: int = MISSING
     grad_clip: float | None = MISSING
+    aux_loss_weight: float = MISSING
     eval_sequences: int = MISSING
     log_every: int = MISSING
     checkpoint: str | None = MISSING

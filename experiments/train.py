@@ -22,17 +22,24 @@ extrapolation): `eval_loss` (nats per answer token), `accuracy` (synthetic tasks
 document, whether the point trained packed or not). The evaluation data depend on the seed
 and the length only, so every variant and both layouts see the same.
 
+Each step's loss adds `aux_loss_weight` times the attention modules' own losses
+(`Attention.auxiliary_loss`: topk's indexer loss, whose graph reaches only the indexer, so the
+weight scales the indexer's gradients alone).
+
 Each (point, eval length) becomes one row appended to `<out_dir>/train.csv`
 (`experiments.results.Table`: typed columns, whole lines under a lock, so parallel jobs share
 it; a malformed line is moved aside with a warning): key (attention, params, model, task,
-task_params, packing, seq_len, eval_len and the budget: steps, tokens_per_step, lr, seed), `status`
-(ok, oom, unsupported, error) with the message in `error`, metrics and the environment. A
-point whose rows all exist is skipped (failed ones too, unless `retry_failed=true`); at the
-end of a sweep the report (`experiments.report`, joined with `speed_dir`) is written.
+task_params, packing, seq_len, eval_len and the budget: steps, tokens_per_step, lr, seed,
+aux_loss_weight), `status` (ok, oom, unsupported, error) with the message in `error`, metrics
+and the environment. A point whose rows all exist is skipped (failed ones too, unless
+`retry_failed=true`); at the end of a sweep the report (`experiments.report`, joined with
+`speed_dir`) is written.
 `checkpoint` (a path, or null) receives the model's weights and everything needed to rebuild
 it (`load_checkpoint`).
 Runs are deterministic given `seed` on a given machine and thread count. W&B: one run per
-point (offline by default), `train/loss` every `log_every` steps and `eval/<len>/<metric>`.
+point (offline by default), `train/loss` (and `train/aux_loss` where a variant has one) every
+`log_every` steps and `eval/<len>/<metric>`; the rows' `aux_loss` is the mean auxiliary loss of
+the last tenth of the steps (empty without one).
 """
 
 from __future__ import annotations
@@ -55,6 +62,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
+from attn_zoo.attention import Attention
 from attn_zoo.model import TransformerLM
 from experiments import report
 from experiments.bench import SweepProgress, check_device
@@ -75,16 +83,17 @@ log = logging.getLogger(__name__)
 CSV_NAME = "train.csv"
 CHECKPOINT_FORMAT = "attn_zoo.train/1"
 CHECKPOINT_KEYS = ("model", "model_kwargs", "task", "config")
-BUDGET = {"steps": int, "tokens_per_step": int, "lr": float, "seed": int}
+BUDGET = {"steps": int, "tokens_per_step": int, "lr": float, "seed": int,
+          "aux_loss_weight": float}
 KEY = ("attention", "params", "model", "task", "task_params", "packing", "seq_len", "eval_len",
        *BUDGET)
 METRICS = {"eval_loss": float, "accuracy": float, "bits_per_byte": float, "train_loss": float,
            "train_seconds": float, "train_tokens_per_s": float, "eval_seconds": float,
-           "n_params": int, "train_tokens": int}
+           "n_params": int, "train_tokens": int, "aux_loss": float}
 COLUMNS = ({"attention": str, "params": str, "model": str, "task": str, "task_params": str,
             "packing": bool, "seq_len": int, "eval_len": int} | BUDGET | STATUS_COLUMNS | METRICS
            | ENVIRONMENT_COLUMNS)
-DEFAULTS = {"packing": False}
+DEFAULTS = {"packing": False, "aux_loss_weight": 1.0}
 """What rows written before a column existed meant."""
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 EVAL_SEED_OFFSET = 1_000_003  # evaluation data: a stream apart from the training data
@@ -155,6 +164,14 @@ def answer_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor)
     return F.cross_entropy(logits[mask].float(), targets[mask])
 
 
+def auxiliary_loss(model: TransformerLM) -> torch.Tensor | None:
+    """The sum of the attention modules' own losses from the last forward
+    (`Attention.auxiliary_loss`: topk's indexer loss), or None when no module has one."""
+    losses = [loss for module in model.modules() if isinstance(module, Attention)
+              and (loss := module.auxiliary_loss()) is not None]
+    return sum(losses) if losses else None
+
+
 def learning_rate(step: int, cfg: DictConfig) -> float:
     """Linear warm-up over `warmup_steps`, then cosine decay to `lr / 10` at `steps`."""
     if step < cfg.warmup_steps:
@@ -177,6 +194,8 @@ def train_model(cfg: DictConfig, task: Task, model: TransformerLM, device: torch
     for name in ("steps", "tokens_per_step", "eval_sequences", "log_every"):
         if not isinstance(cfg[name], int) or cfg[name] < 1:
             raise ValueError(f"{name} must be a positive int, got {cfg[name]!r}")
+    if not (math.isfinite(cfg.aux_loss_weight) and cfg.aux_loss_weight >= 0):
+        raise ValueError(f"aux_loss_weight must be finite and >= 0, got {cfg.aux_loss_weight!r}")
     rows = batch_size(cfg.tokens_per_step, cfg.seq_len)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -185,28 +204,35 @@ def train_model(cfg: DictConfig, task: Task, model: TransformerLM, device: torch
                                   lr=cfg.lr, betas=(0.9, 0.98))
     batches = training_batches(task, rows, cfg, torch.Generator().manual_seed(cfg.seed))
     model.train()
-    losses = []
+    losses, aux_losses = [], []
     started = time.perf_counter()
     for step, batch in enumerate(itertools.islice(batches, cfg.steps)):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, cfg)
         loss = answer_loss(logits_of(model, batch, device), batch.targets.to(device),
                            batch.mask.to(device))
+        aux = auxiliary_loss(model)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss if aux is None else loss + cfg.aux_loss_weight * aux).backward()
         if cfg.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         losses.append(loss.item())
         if not math.isfinite(losses[-1]):
             raise FloatingPointError(f"training loss is {losses[-1]} at step {step}")
+        logged = {"train/loss": losses[-1], "train/lr": learning_rate(step, cfg),
+                  "train/step": step}
+        if aux is not None:
+            aux_losses.append(aux.item())
+            logged["train/aux_loss"] = aux_losses[-1]
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
-            wandb_run.log({"train/loss": losses[-1], "train/lr": learning_rate(step, cfg),
-                           "train/step": step})
+            wandb_run.log(logged)
             log.info("step %d/%d loss %.4f", step + 1, cfg.steps, losses[-1])
     seconds = time.perf_counter() - started
     tail = losses[-max(1, len(losses) // 10):]
+    aux_tail = aux_losses[-max(1, len(aux_losses) // 10):]
     return {"train_loss": sum(tail) / len(tail), "train_seconds": seconds,
+            "aux_loss": sum(aux_tail) / len(aux_tail) if aux_tail else None,
             "train_tokens_per_s": cfg.steps * rows * cfg.seq_len / seconds,
             "train_tokens": cfg.steps * rows * cfg.seq_len}
 

@@ -89,8 +89,8 @@ def test_low_precision_matches_float32(variant, dtype):
 @pytest.mark.parametrize("kv_heads", [1, 2])
 def test_grouped_query_attention_equals_repeated_heads(variant, kv_heads):
     name, causal = variant
-    if name == "nsa":  # a group shares one selection (tests/variants/test_nsa.py checks it)
-        pytest.skip("nsa's query heads of one kv head select their blocks together")
+    if name in ("topk", "nsa"):  # a group shares one selection (tests/variants/test_<name>.py)
+        pytest.skip(f"{name}'s query heads of one kv head select their keys together")
     attn = tiny(name)
     q, k, v = qkv(q_heads=4, kv_heads=kv_heads, n=70)
     out = call(attn, q, k, v, causal=causal)

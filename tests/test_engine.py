@@ -81,8 +81,12 @@ def test_non_finite_keys_reach_only_the_rows_that_attend_to_them(name, causal, v
             bad_k, bad_v = k.clone(), v.clone()
             (bad_k if target == "k" else bad_v)[..., key, :] = value
             out = _out(attn, q, bad_k, bad_v, causal)
-            if target == "k" and name in ("lsh", "routing"):
-                reached_k = torch.zeros_like(reached)  # shared-QK variants ignore k
+            if target == "k" and attn.content_based:
+                # Keys chosen by content: the rows a finite change of this key moves (none
+                # for the shared-QK variants, which ignore k).
+                moved = k.clone()
+                moved[..., key, :] += 3.0
+                reached_k = (base - _out(attn, q, moved, v, causal)).abs().amax(-1) > 0
             else:
                 reached_k = reached
             assert out[~reached_k].isfinite().all(), (name, key, target)

@@ -117,6 +117,37 @@ def test_a_model_learns_a_small_mqar(tiny):
     assert row["accuracy"] > 0.5
 
 
+TOPK = ["attention=topk", "attention.top_k=4", "attention.index_heads=2",
+        "attention.index_dim=4", "steps=4"]
+
+
+def test_the_indexer_loss_trains_only_through_its_weight_and_is_a_column(tiny, tmp_path):
+    """topk's indexer learns from `aux_loss_weight` times its loss alone: at weight 0 its
+    weights keep their initial values, at 1 they move; the loss is logged either way."""
+    index = {}
+    for weight in (0.0, 1.0):
+        cfg = tiny(*TOPK, f"aux_loss_weight={weight}", f"checkpoint={tmp_path}/{weight}.pt")
+        row = train.run(cfg)["rows"][0]
+        assert row["status"] == "ok" and row["aux_loss_weight"] == weight
+        assert 0 < row["aux_loss"] < math.inf
+        model, _, state = train.load_checkpoint(cfg.checkpoint)
+        index[weight] = {name: p for name, p in model.named_parameters() if ".index_" in name}
+    torch.manual_seed(0)  # the run's seed: the initial weights
+    initial = dict(train.TransformerLM(**state["model_kwargs"]).named_parameters())
+    assert len(index[0.0]) == 6  # index_q, index_w, index_k in each of the two layers
+    for name, trained in index[0.0].items():
+        assert torch.equal(trained, initial[name])
+        assert not torch.equal(index[1.0][name], initial[name])
+    assert train.table(tmp_path).read()["aux_loss_weight"].tolist() == [0.0, 1.0]
+    local = train.run(tiny("checkpoint=null", "attention=local", "attention.window=8"))
+    assert local["rows"][0]["aux_loss"] is None  # no variant loss: an empty column
+
+
+def test_a_negative_aux_loss_weight_is_an_error_row(tiny):
+    result = train.run(tiny(*TOPK, "checkpoint=null", "aux_loss_weight=-1"))
+    assert "aux_loss_weight must be finite and >= 0, got -1.0" in result["rows"][0]["error"]
+
+
 def test_bad_budget_is_an_error_row(tiny):
     result = train.run(tiny("checkpoint=null", "tokens_per_step=16"))
     assert result["status"] == "unsupported" and "tokens_per_step" in result["rows"][0]["error"]

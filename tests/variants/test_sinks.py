@@ -10,8 +10,10 @@ from conftest import VARIANT_MODES, padding, qkv, variant_id
 from test_compressive import compressive_reference
 from test_hierarchical import hierarchical_reference
 from test_lsh import lsh_reference
+from test_moba import moba_reference
 from test_nsa import nsa_reference
 from test_routing import routing_reference
+from test_topk import topk_reference
 
 import attn_zoo
 from attn_zoo.reference import dense_mask, reference_attention
@@ -34,6 +36,11 @@ REFERENCES = {
                                                              sink=attn.sink),
     "routing": lambda attn, q, k, v, causal, real: routing_reference(attn, q, v, causal, real,
                                                                      sink=attn.sink),
+    "moba": lambda attn, q, k, v, causal, real: moba_reference(
+        q, k, v, attn.params.block, attn.params.top_k, causal, real, attn.params.scale,
+        sink=attn.sink),
+    "topk": lambda attn, q, k, v, causal, real: topk_reference(attn, q, k, v, causal, real,
+                                                               sink=attn.sink),
     "nsa": lambda attn, q, k, v, causal, real: nsa_reference(attn, q, k, v, causal, real,
                                                              sink=attn.sink),
 }
@@ -78,6 +85,8 @@ def check_sinks(attn, causal: bool, dtype: torch.dtype, tolerance: float) -> Non
                                allow_unused=True)
     for label, g, w in zip(["q", "k", "v", *[n for n, _ in attn.named_parameters()]], got, want,
                            strict=True):
+        if g is None and w is None:  # a weight the output never reaches (topk's indexer)
+            continue
         g = torch.zeros_like(w if w is not None else g) if g is None else g
         w = torch.zeros_like(g, dtype=torch.float64) if w is None else w
         torch.testing.assert_close(g.double(), w, atol=tolerance, rtol=tolerance,
