@@ -24,8 +24,9 @@ GATHER_ELEMENTS = 1 << 22
 TILE = 32
 """Consecutive query rows that share one gather of their selected units on the tile path."""
 
-UNION_UNIT = 8
-"""Units of at least this many keys take the tile path."""
+UNION_RATIO = 4.0
+"""The tile path runs when its scores (TILE rows by the union's keys, summed over the tiles)
+are at most this many times the per-query path's (every row by its own selected keys)."""
 
 
 def selection_attention(q: Tensor, k: Tensor, v: Tensor, index: Tensor, *, unit: int,
@@ -126,12 +127,18 @@ class _Tiles:
         chosen = torch.nn.functional.pad(index.long(), (0, 0, 0, tiles * TILE - n), value=-1)
         chosen = chosen.view(batch, heads, tiles, TILE * slots)
         empty = torch.iinfo(torch.int64).max  # sorts after every unit
-        ordered, order = chosen.masked_fill(chosen < 0, empty).sort(-1)
-        first = ordered != empty
+        ordered, order = chosen.masked_fill(chosen < 0, empty).sort(stable=True, dim=-1)
+        first = ordered != empty  # the first slot (lowest row) that lists each unit
         first[..., 1:] &= ordered[..., 1:] != ordered[..., :-1]
-        rank = first.cumsum(-1) - 1
+        # The union lists units in the order rows first select them: a row's own units never
+        # move when a later row of its tile selects another.
+        appearance = order.masked_fill(~first, empty).argsort(dim=-1, stable=True)
+        place = torch.arange(first.shape[-1], device=index.device).expand_as(first)
+        run_first = place.where(first, 0).cummax(-1).values
+        rank = torch.empty_like(order).scatter_(-1, appearance, place).gather(-1, run_first)
         width = first.sum(-1)  # (B, H, tiles)
         self.widths = width.amax((0, 1)).tolist()
+        self.total = int(width.sum())
         widest = max(self.widths)
         self.union = chosen.new_full((batch, heads, tiles, widest + 1), -1).scatter_(
             -1, rank.masked_fill(~first, widest), ordered.masked_fill(~first, -1))[..., :widest]
@@ -225,11 +232,15 @@ def _tile_probabilities(qc: Tensor, keys: Tensor, allowed: Tensor, scale: float,
     return scores.exp_(), lse
 
 
-def _union_wins(index: Tensor, unit: int, k: Tensor, v: Tensor) -> bool:
-    """Whether the tile path runs: keys and values finite (a union key outside a row's own
-    units meets that row with probability 0, and 0 * inf is NaN) and units of UNION_UNIT keys
-    or more (one matmul over the tile's union beats gathering every row's keys)."""
-    return unit >= UNION_UNIT and index.shape[2] > 1 and finite(k) and finite(v)
+def _tiles_if_cheaper(index: Tensor, k: Tensor, v: Tensor) -> _Tiles | None:
+    """The tiles of index when the tile path runs: keys and values finite (a union key outside
+    a row's own units meets that row with probability 0, and 0 * inf is NaN) and the unions
+    narrow enough (see UNION_RATIO); None for the per-query path."""
+    if not (finite(k) and finite(v)):
+        return None
+    tiles = _Tiles(index)
+    selected = int((index >= 0).sum())
+    return tiles if TILE * tiles.total <= UNION_RATIO * selected else None
 
 
 class _Selection(torch.autograd.Function):
@@ -241,9 +252,8 @@ class _Selection(torch.autograd.Function):
         flat_k, flat_v = k.to(work).reshape(-1, dim), v.to(work).reshape(-1, dim)
         out = q.new_empty(q.shape)
         lse = torch.empty(batch, heads, groups, n, dtype=work, device=q.device)
-        union = _union_wins(index, unit, k, v)
-        if union:
-            tiles = _Tiles(index)
+        tiles = _tiles_if_cheaper(index, k, v)
+        if tiles is not None:
             for a, b in _tile_chunks(tiles, q, unit):
                 r0, r1 = a * TILE, min(n, b * TILE)
                 rows = _TileRows(tiles, a, b, unit, kv_heads, m, n, causal, key_padding_mask)
@@ -263,7 +273,7 @@ class _Selection(torch.autograd.Function):
                 out[..., t0:t1, :] = torch.einsum("bhgtw,bhtwd->bhgtd", probs,
                                                   rows.gather(flat_v, clean))
         ctx.save_for_backward(q, k, v, index, out, lse, key_padding_mask)
-        ctx.settings = (unit, scale, causal, union)
+        ctx.settings = (unit, scale, causal, tiles is not None)
         return out, lse
 
     @staticmethod

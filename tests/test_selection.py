@@ -129,7 +129,7 @@ def test_bad_input(bad, message):
 def tile_path(monkeypatch, tile):
     """Every unit size takes the tile path, tiles of `tile` rows; the per-query path fails."""
     monkeypatch.setattr(selection, "TILE", tile)
-    monkeypatch.setattr(selection, "UNION_UNIT", 1)
+    monkeypatch.setattr(selection, "UNION_RATIO", float("inf"))
     monkeypatch.setattr(selection, "_Rows", None)
 
 
@@ -164,18 +164,21 @@ def test_values_that_are_not_finite_take_the_per_query_path(monkeypatch):
     """A union key outside a row's own units would meet it with probability 0 (0 * inf is
     NaN): with keys or values not finite the op gathers per query, with the same guarantee."""
     monkeypatch.setattr(selection, "TILE", 2)
-    monkeypatch.setattr(selection, "UNION_UNIT", 1)
+    monkeypatch.setattr(selection, "UNION_RATIO", float("inf"))
     monkeypatch.setattr(selection, "_Tiles", None)
     test_keys_outside_the_selection_never_reach_an_output()
 
 
-def test_units_of_union_unit_keys_take_the_tile_path(monkeypatch):
+def test_the_path_follows_the_width_of_the_unions(monkeypatch):
+    """Rows of a tile that share their units take the tile path; rows of a tile that select
+    different units (a union TILE times wider than a row's own) gather per query."""
+    monkeypatch.setattr(selection, "TILE", 8)
     gen = torch.Generator().manual_seed(5)
     q, k, v = torch.randn(1, 1, 1, 16, 4, generator=gen), *torch.randn(2, 1, 1, 16, 4,
                                                                        generator=gen)
-    index = torch.zeros(1, 1, 16, 1, dtype=torch.long)
+    shared = torch.zeros(1, 1, 16, 1, dtype=torch.long)
+    distinct = torch.arange(16).view(1, 1, 16, 1)
     monkeypatch.setattr(selection, "_Rows", None)
-    selection_attention(q, k, v, index, unit=selection.UNION_UNIT, scale=1.0, causal=True)
-    monkeypatch.undo()
-    monkeypatch.setattr(selection, "_Tiles", None)
-    selection_attention(q, k, v, index, unit=selection.UNION_UNIT - 1, scale=1.0, causal=True)
+    selection_attention(q, k, v, shared, unit=1, scale=1.0, causal=True)
+    with pytest.raises(TypeError):
+        selection_attention(q, k, v, distinct, unit=1, scale=1.0, causal=True)
