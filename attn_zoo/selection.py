@@ -24,9 +24,15 @@ GATHER_ELEMENTS = 1 << 22
 TILE = 32
 """Consecutive query rows that share one gather of their selected units on the tile path."""
 
-UNION_RATIO = 4.0
-"""The tile path runs when its scores (TILE rows by the union's keys, summed over the tiles)
-are at most this many times the per-query path's (every row by its own selected keys)."""
+FORWARD_RATIO = 4.0
+"""The forward pass takes the tile path when its scores (TILE rows by the widest union their
+tile can have, summed over the tiles) are at most this many times the per-query path's (every
+row by its S selected units)."""
+
+BACKWARD_RATIO = 12.0
+"""The same for the backward pass, where the per-query path's scatter of every row's key and
+value gradients costs more."""
+
 
 
 def selection_attention(q: Tensor, k: Tensor, v: Tensor, index: Tensor, *, unit: int,
@@ -232,15 +238,23 @@ def _tile_probabilities(qc: Tensor, keys: Tensor, allowed: Tensor, scale: float,
     return scores.exp_(), lse
 
 
-def _tiles_if_cheaper(index: Tensor, k: Tensor, v: Tensor) -> _Tiles | None:
-    """The tiles of index when the tile path runs: keys and values finite (a union key outside
-    a row's own units meets that row with probability 0, and 0 * inf is NaN) and the unions
-    narrow enough (see UNION_RATIO); None for the per-query path."""
+def _tile_path(index: Tensor, unit: int, m: int, causal: bool, k: Tensor, v: Tensor,
+               ratio: float) -> bool:
+    """Whether the tile path runs: keys and values finite (a union key outside a row's own
+    units meets that row with probability 0, and 0 * inf is NaN) and its scores at most `ratio`
+    times the per-query path's even when every union is as wide as it can be: TILE * S units,
+    or every unit the tile's last row may reach. From the shapes alone, so that a later row's
+    selection never changes the arithmetic of an earlier row."""
     if not (finite(k) and finite(v)):
-        return None
-    tiles = _Tiles(index)
-    selected = int((index >= 0).sum())
-    return tiles if TILE * tiles.total <= UNION_RATIO * selected else None
+        return False
+    n, slots = index.shape[2], index.shape[3]
+    units = -(-m // unit)
+    if causal:
+        last = torch.arange(TILE - 1, -(-n // TILE) * TILE, TILE).clamp(max=n - 1) + (m - n)
+        reach = (last.div(unit, rounding_mode="floor") + 1).clamp(0, units)
+    else:
+        reach = torch.full((-(-n // TILE),), units)
+    return TILE * int(reach.clamp(max=TILE * slots).sum()) <= ratio * n * slots
 
 
 class _Selection(torch.autograd.Function):
@@ -252,8 +266,8 @@ class _Selection(torch.autograd.Function):
         flat_k, flat_v = k.to(work).reshape(-1, dim), v.to(work).reshape(-1, dim)
         out = q.new_empty(q.shape)
         lse = torch.empty(batch, heads, groups, n, dtype=work, device=q.device)
-        tiles = _tiles_if_cheaper(index, k, v)
-        if tiles is not None:
+        if _tile_path(index, unit, m, causal, k, v, FORWARD_RATIO):
+            tiles = _Tiles(index)
             for a, b in _tile_chunks(tiles, q, unit):
                 r0, r1 = a * TILE, min(n, b * TILE)
                 rows = _TileRows(tiles, a, b, unit, kv_heads, m, n, causal, key_padding_mask)
@@ -273,14 +287,14 @@ class _Selection(torch.autograd.Function):
                 out[..., t0:t1, :] = torch.einsum("bhgtw,bhtwd->bhgtd", probs,
                                                   rows.gather(flat_v, clean))
         ctx.save_for_backward(q, k, v, index, out, lse, key_padding_mask)
-        ctx.settings = (unit, scale, causal, tiles is not None)
+        ctx.settings = (unit, scale, causal)
         return out, lse
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out, grad_lse):
         q, k, v, index, out, lse, key_padding_mask = ctx.saved_tensors
-        unit, scale, causal, union = ctx.settings
+        unit, scale, causal = ctx.settings
         batch, heads, groups, n, dim = q.shape
         kv_heads, m = k.shape[1], k.shape[2]
         work = lse.dtype
@@ -292,7 +306,7 @@ class _Selection(torch.autograd.Function):
             delta = delta - torch.nan_to_num(grad_lse.to(work), posinf=0.0, neginf=0.0)
         grad_q = torch.zeros_like(q, dtype=work)
         grad_k, grad_v = torch.zeros_like(flat_k), torch.zeros_like(flat_v)
-        if union:
+        if _tile_path(index, unit, m, causal, k, v, BACKWARD_RATIO):
             tiles = _Tiles(index)
             for a, b in _tile_chunks(tiles, q, unit):
                 r0, r1, count = a * TILE, min(n, b * TILE), b - a

@@ -129,7 +129,8 @@ def test_bad_input(bad, message):
 def tile_path(monkeypatch, tile):
     """Every unit size takes the tile path, tiles of `tile` rows; the per-query path fails."""
     monkeypatch.setattr(selection, "TILE", tile)
-    monkeypatch.setattr(selection, "UNION_RATIO", float("inf"))
+    monkeypatch.setattr(selection, "FORWARD_RATIO", float("inf"))
+    monkeypatch.setattr(selection, "BACKWARD_RATIO", float("inf"))
     monkeypatch.setattr(selection, "_Rows", None)
 
 
@@ -164,21 +165,21 @@ def test_values_that_are_not_finite_take_the_per_query_path(monkeypatch):
     """A union key outside a row's own units would meet it with probability 0 (0 * inf is
     NaN): with keys or values not finite the op gathers per query, with the same guarantee."""
     monkeypatch.setattr(selection, "TILE", 2)
-    monkeypatch.setattr(selection, "UNION_RATIO", float("inf"))
+    monkeypatch.setattr(selection, "FORWARD_RATIO", float("inf"))
+    monkeypatch.setattr(selection, "BACKWARD_RATIO", float("inf"))
     monkeypatch.setattr(selection, "_Tiles", None)
     test_keys_outside_the_selection_never_reach_an_output()
 
 
-def test_the_path_follows_the_width_of_the_unions(monkeypatch):
-    """Rows of a tile that share their units take the tile path; rows of a tile that select
-    different units (a union TILE times wider than a row's own) gather per query."""
+def test_the_path_follows_the_widest_unions_the_shapes_allow(monkeypatch):
+    """Units of 8 keys over 16 keys: a tile's union holds at most 2 units, the tile path runs;
+    single keys: 8 rows of one slot each may list 8 different keys, the rows gather per query."""
     monkeypatch.setattr(selection, "TILE", 8)
     gen = torch.Generator().manual_seed(5)
     q, k, v = torch.randn(1, 1, 1, 16, 4, generator=gen), *torch.randn(2, 1, 1, 16, 4,
                                                                        generator=gen)
-    shared = torch.zeros(1, 1, 16, 1, dtype=torch.long)
-    distinct = torch.arange(16).view(1, 1, 16, 1)
+    index = torch.zeros(1, 1, 16, 1, dtype=torch.long)
     monkeypatch.setattr(selection, "_Rows", None)
-    selection_attention(q, k, v, shared, unit=1, scale=1.0, causal=True)
+    selection_attention(q, k, v, index, unit=8, scale=1.0, causal=True)
     with pytest.raises(TypeError):
-        selection_attention(q, k, v, distinct, unit=1, scale=1.0, causal=True)
+        selection_attention(q, k, v, index, unit=1, scale=1.0, causal=True)
