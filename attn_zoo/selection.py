@@ -3,11 +3,19 @@ own list of selected units (key blocks of MoBA and NSA, single keys of a top-k i
 
     out, lse = selection_attention(q, k, v, index, unit=64, scale=scale, causal=True)
 
-The selected keys are gathered per query, in chunks of rows that hold about
-`GATHER_ELEMENTS` gathered values, and the backward pass recomputes the scores from
-`(q, k, v, out, lse)`: memory is the output plus one chunk, never N x N and never the whole
-(N x selected keys) score tensor. `attn_zoo.kernels.selection.selection_attention` is the
-Triton kernel with the same signature.
+Two paths give the same results (up to rounding). The per-query path gathers every row's
+selected keys, in chunks of rows that hold about `GATHER_ELEMENTS` gathered values. The tile
+path takes TILE consecutive rows at a time: it gathers the union of their units once (listed in
+the order the rows first select them), scores the tile's G * TILE rows against it in one
+matmul and masks each row to its own units (a row scatters the rank of each of its units in
+the union: O(TILE * S) work, no unit-by-unit comparison); chunks hold about `GATHER_ELEMENTS`
+scores. It runs when keys and values are finite and the widest unions the shapes allow keep
+its scores within FORWARD_RATIO (BACKWARD_RATIO for the backward pass) times the per-query
+path's: block units (MoBA, NSA) at moderate lengths; a top-k indexer's single keys gather per
+query in the forward pass. The backward pass recomputes the scores from `(q, k, v, out, lse)`:
+memory is the output plus one chunk, never N x N and never the whole (N x selected keys) score
+tensor. `attn_zoo.kernels.selection.selection_attention` is the Triton kernel with the same
+signature.
 """
 
 from __future__ import annotations
