@@ -253,9 +253,9 @@ def _tile_path(index: Tensor, unit: int, m: int, causal: bool, k: Tensor, v: Ten
     times the per-query path's even when every union is as wide as it can be: TILE * S units,
     or every unit the tile's last row may reach. From the shapes alone, so that a later row's
     selection never changes the arithmetic of an earlier row."""
-    if not (finite(k) and finite(v)):
-        return False
     n, slots = index.shape[2], index.shape[3]
+    if n * slots == 0 or not (finite(k) and finite(v)):
+        return False
     units = -(-m // unit)
     if causal:
         last = torch.arange(TILE - 1, -(-n // TILE) * TILE, TILE).clamp(max=n - 1) + (m - n)
