@@ -124,3 +124,62 @@ def test_bad_input(bad, message):
         call["v"] = bad["k"]
     with pytest.raises(ValueError, match=message):
         selection_attention(**call)
+
+
+def tile_path(monkeypatch, tile):
+    """Every unit size takes the tile path, tiles of `tile` rows; the per-query path fails."""
+    monkeypatch.setattr(selection, "TILE", tile)
+    monkeypatch.setattr(selection, "FORWARD_RATIO", float("inf"))
+    monkeypatch.setattr(selection, "BACKWARD_RATIO", float("inf"))
+    monkeypatch.setattr(selection, "_Rows", None)
+
+
+@pytest.mark.parametrize("chunk", [1 << 22, 40], ids=["one-chunk", "chunked"])
+@pytest.mark.parametrize("case", CASES, ids=[f"unit{c[0]}-{'causal' if c[1] else 'bidir'}-"
+                                                f"H{c[2][0]}x{c[2][2]}" for c in CASES])
+def test_tile_path_matches_the_dense_reference(case, chunk, monkeypatch):
+    """Tiles of 4 rows over N = 13: a short last tile, unions of different widths per head,
+    one tile per chunk when chunked."""
+    tile_path(monkeypatch, 4)
+    test_selection_matches_the_dense_reference(case, chunk, monkeypatch)
+
+
+def test_tile_path_with_a_tile_that_selects_nothing(monkeypatch):
+    tile_path(monkeypatch, 4)
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(1, 2, 2, 10, 4, dtype=torch.float64, generator=gen, requires_grad=True)
+    k, v = (torch.randn(1, 1, 10, 4, dtype=torch.float64, generator=gen) for _ in range(2))
+    index = random_index(1, 2, 10, 5, 2, seed=4)
+    index[:, :, 4:8] = -1  # the second tile, in both heads
+    out, lse = selection_attention(q, k, v, index, unit=2, scale=0.5, causal=False)
+    allowed = selected_mask(index, 2, 10, False)[:, :, None].expand(-1, -1, 2, -1, -1)
+    expected = reference_attention(q.reshape(1, 4, 10, 4), k, v, allowed.reshape(1, 4, 10, 10),
+                                   scale=0.5).view_as(out)
+    torch.testing.assert_close(out, expected)
+    assert (out[..., 4:8, :] == 0).all() and lse[..., 4:8].isneginf().all()
+    grad, = torch.autograd.grad(out.sum(), q)
+    assert (grad[..., 4:8, :] == 0).all() and grad.isfinite().all()
+
+
+def test_values_that_are_not_finite_take_the_per_query_path(monkeypatch):
+    """A union key outside a row's own units would meet it with probability 0 (0 * inf is
+    NaN): with keys or values not finite the op gathers per query, with the same guarantee."""
+    monkeypatch.setattr(selection, "TILE", 2)
+    monkeypatch.setattr(selection, "FORWARD_RATIO", float("inf"))
+    monkeypatch.setattr(selection, "BACKWARD_RATIO", float("inf"))
+    monkeypatch.setattr(selection, "_Tiles", None)
+    test_keys_outside_the_selection_never_reach_an_output()
+
+
+def test_the_path_follows_the_widest_unions_the_shapes_allow(monkeypatch):
+    """Units of 8 keys over 16 keys: a tile's union holds at most 2 units, the tile path runs;
+    single keys: 8 rows of one slot each may list 8 different keys, the rows gather per query."""
+    monkeypatch.setattr(selection, "TILE", 8)
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = torch.randn(1, 1, 1, 16, 4, generator=gen), *torch.randn(2, 1, 1, 16, 4,
+                                                                       generator=gen)
+    index = torch.zeros(1, 1, 16, 1, dtype=torch.long)
+    monkeypatch.setattr(selection, "_Rows", None)
+    selection_attention(q, k, v, index, unit=8, scale=1.0, causal=True)
+    with pytest.raises(TypeError):
+        selection_attention(q, k, v, index, unit=1, scale=1.0, causal=True)
