@@ -213,8 +213,10 @@ class NSAAttention(Attention):
         device = q.device
         starts = torch.arange(count, device=device) * p.cmp_stride
         blocks = torch.arange(n_blocks, device=device)
-        overlap = ((starts[:, None] < (blocks + 1) * p.sel_block)
-                   & (starts[:, None] + p.cmp_block > blocks * p.sel_block)).to(q.dtype)
+        # Compressed block c overlaps the selection blocks first[c] .. last[c], a run of at
+        # most `spans`: importance gathers each block's probability into its run, O(T * C).
+        first, last = starts // p.sel_block, (starts + p.cmp_block - 1) // p.sel_block
+        spans = int((last - first).max()) + 1 if count else 0
         visible = self.compressed_pattern(causal)
         short_tail = m % p.sel_block != 0
         index = torch.empty(batch, heads, rows, width, dtype=torch.long, device=device)
@@ -228,7 +230,11 @@ class NSAAttention(Attention):
                     seen = seen & pooled.real[:, None, None, None, :]
                 scores = torch.einsum("bhgtd,bhcd->bhgtc", q[:, :, :, t0:t1], pooled.k) * scale
                 probs = torch.where(seen, (scores - lse[:, :, :, t0:t1, None]).exp(), 0.0)
-                importance = probs.sum(2) @ overlap  # (B, Hkv, t, blocks)
+                summed = probs.sum(2)  # (B, Hkv, t, C): over the group's query heads
+                importance = summed.new_zeros(*summed.shape[:-1], n_blocks)
+                for offset in range(spans):
+                    reaching = first + offset <= last
+                    importance.index_add_(-1, (first + offset)[reaching], summed[..., reaching])
                 own = at // p.sel_block
                 if causal:
                     forced = (blocks == 0) | (blocks == own) | (blocks == own - 1)
