@@ -75,6 +75,9 @@ class Attention(nn.Module, metaclass=ABCMeta):
     pooled_keys: ClassVar[bool] = False
     """True when queries attend to `exact_pattern(n, causal)` plus pooled keys (block means,
     compressed groups), each counted as one key by `flops`."""
+    shared_selection: ClassVar[bool] = False
+    """True when the G query heads of one kv head share one content-based selection of keys
+    (`nsa`, `topk`): GQA is then not the same as repeating the kv heads."""
     weight_names: ClassVar[tuple[str, ...]] = ()
     """The variant's learned weights besides `sink` (gates, projections): parameters whose
     shapes depend on the heads and head_dim, created by `initialize` (see there)."""

@@ -89,7 +89,7 @@ def test_low_precision_matches_float32(variant, dtype):
 @pytest.mark.parametrize("kv_heads", [1, 2])
 def test_grouped_query_attention_equals_repeated_heads(variant, kv_heads):
     name, causal = variant
-    if name in ("topk", "nsa"):  # a group shares one selection (tests/variants/test_<name>.py)
+    if get(name).shared_selection:  # tested in tests/variants/test_<name>.py
         pytest.skip(f"{name}'s query heads of one kv head select their keys together")
     attn = tiny(name)
     q, k, v = qkv(q_heads=4, kv_heads=kv_heads, n=70)

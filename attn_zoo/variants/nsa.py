@@ -114,6 +114,7 @@ class NSAAttention(Attention):
     Params = NSAParams
     backends = ("torch", "triton")
     content_based = True
+    shared_selection = True
     weight_names: ClassVar[tuple[str, ...]] = GATES
 
     def __init__(self, **params: Any) -> None:

@@ -199,6 +199,7 @@ class TopkAttention(Attention):
     Params = TopkParams
     backends = ("torch", "triton")
     content_based = True
+    shared_selection = True
     weight_names = ("index_q", "index_w", "index_k")
 
     def __init__(self, **params: Any) -> None:
