@@ -10,6 +10,7 @@ from attn_zoo.model import (
     TransformerEncoder,
     TransformerLM,
 )
+from attn_zoo.parallel import context_parallel
 from attn_zoo.params import Params
 from attn_zoo.registry import available, build, register
 
@@ -26,6 +27,7 @@ __all__ = [
     "available",
     "build",
     "cache_for",
+    "context_parallel",
     "register",
     "register_cache",
     "variants",

@@ -78,6 +78,11 @@ class Attention(nn.Module, metaclass=ABCMeta):
     shared_selection: ClassVar[bool] = False
     """True when the G query heads of one kv head share one content-based selection of keys
     (`nsa`, `topk`): GQA is then not the same as repeating the kv heads."""
+    parallel: ClassVar[str] = "heads"
+    """How `attn_zoo.context_parallel` splits a call across ranks: "heads" (an all-to-all over
+    heads, each rank running the whole sequence for its share of them: for patterns that
+    depend on content anywhere), "gather" (each rank gathers the keys its rows' pattern
+    reaches) or "ring" (keys travel around the ranks); see `attn_zoo.parallel`."""
     weight_names: ClassVar[tuple[str, ...]] = ()
     """The variant's learned weights besides `sink` (gates, projections): parameters whose
     shapes depend on the heads and head_dim, created by `initialize` (see there)."""
@@ -392,6 +397,7 @@ class PatternAttention(Attention, metaclass=ABCMeta):
     part as one more; causality is intersected here, once, for every part.
     """
 
+    parallel = "gather"
     relative_parts: ClassVar[bool] = False
     """True when no part depends on n: each speaks of positions relative to the sequence
     start (a band, the first tokens). Packed rows whose parts are plain (no pooled keys,

@@ -23,6 +23,7 @@ class FullAttention(PatternAttention):
     never build an N x M mask); also cross-attention (M != N)."""
 
     supports_cross = True
+    parallel = "ring"
     static_pattern = True
     relative_parts = True
     backends = ("torch", "triton")
