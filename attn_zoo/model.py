@@ -6,12 +6,16 @@
     tokens = lm.generate(prompt, 32)          # (B, P) -> (B, P + 32), through KV caches
     logits = lm(tokens, document_ids=ids)     # packed rows: ids (B, N), equal ids = one document
     tokens = lm.generate(prompt, 32, document_ids=ids)  # continues each row's last document
+    lm = TransformerLM(..., context_parallel=group)  # every rank: its shard of the tokens
+    logits = lm(shard)                        # (B, n_local) -> (B, n_local, vocab_size)
 
 `TransformerEncoder` (bidirectional), `TransformerLM` (decoder-only) and `Seq2SeqTransformer`
 (encoder-decoder) share `Block`. Positions: "rope" rotates q and k inside every self-attention;
 "sinusoidal" and "learned" are added to the embeddings; "none" uses no positions. On packed
 rows every position restarts at each document. `sinks=True` gives every attention layer a
-learnable sink logit per query head.
+learnable sink logit per query head. Under context parallelism (`TransformerLM(...,
+context_parallel=group)`) each rank holds a contiguous shard of the sequence, its positions
+counted from the shard's start, and every self-attention runs `attn_zoo.context_parallel`.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from einops import rearrange
 from torch import Tensor, nn
 
@@ -28,6 +33,8 @@ from attn_zoo import generation
 from attn_zoo.cache import CrossKV, DecodeCache, KVCache
 from attn_zoo.documents import check_documents
 from attn_zoo.layers import RotaryEmbedding, make_mlp, make_norm, make_positions, token_positions
+from attn_zoo.parallel import context_parallel
+from attn_zoo.parallel.comm import Shards
 from attn_zoo.params import require
 from attn_zoo.registry import build, get
 
@@ -94,6 +101,7 @@ class MultiheadAttention(nn.Module):
         key_padding_mask: Tensor | None = None,
         cache: KVCache | CrossKV | None = None,
         document_ids: Tensor | None = None,
+        shards: Shards | None = None,
     ) -> Tensor:
         """key_padding_mask: (B, M) bool, True = real key (M = N without context).
 
@@ -102,12 +110,16 @@ class MultiheadAttention(nn.Module):
         token); for cross-attention a `CrossKV` that keeps the context's keys/values after one
         call. document_ids: (B, N) integer, self-attention of packed rows (equal ids = one
         document; attention and RoPE positions restart at each document); not with a cache.
+        shards: context-parallel self-attention: x is this rank's shard (positions
+        shards.start ..) of a sequence split over shards.group; no cache, no document_ids.
         """
         q = self._heads(self.q_proj(x), self.heads)
         if context is None:
-            out = self._self_attention(q, x, causal, key_padding_mask, cache, document_ids)
-        elif document_ids is not None:
-            raise ValueError("document_ids applies to self-attention, got a context too")
+            out = self._self_attention(q, x, causal, key_padding_mask, cache, document_ids,
+                                       shards)
+        elif document_ids is not None or shards is not None:
+            name = "document_ids" if document_ids is not None else "shards"
+            raise ValueError(f"{name} applies to self-attention, got a context too")
         else:
             if cache is not None and cache.k is not None:
                 k, v = cache.k, cache.v
@@ -124,8 +136,11 @@ class MultiheadAttention(nn.Module):
 
     def _self_attention(self, q: Tensor, x: Tensor, causal: bool,
                         key_padding_mask: Tensor | None, cache: KVCache | None,
-                        document_ids: Tensor | None) -> Tensor:
+                        document_ids: Tensor | None, shards: Shards | None) -> Tensor:
         """q (B, Hq, N, D), x (B, N, dim) -> (B, Hq, N, D)."""
+        if shards is not None and (cache is not None or document_ids is not None):
+            raise ValueError("context parallel self-attention takes no cache and no "
+                             "document_ids")
         if document_ids is not None:
             if cache is not None:
                 raise ValueError("document_ids cannot be used with a KV cache: decode packed "
@@ -134,9 +149,12 @@ class MultiheadAttention(nn.Module):
             document_ids = check_documents(document_ids, None, *x.shape[:2], x.device)
         k, v = self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
         if self.rope is not None:
-            positions = token_positions(x.shape[1], x.device, 0 if cache is None else cache.seen,
-                                        document_ids)
+            start = cache.seen if cache is not None else shards.start if shards is not None else 0
+            positions = token_positions(x.shape[1], x.device, start, document_ids)
             q, k = self.rope(q, positions), self.rope(k, positions)
+        if shards is not None:
+            return context_parallel(self.attention, q, k, v, causal=causal,
+                                    key_padding_mask=key_padding_mask, group=shards.group)
         if cache is None:
             return self.attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask,
                                   document_ids=document_ids)
@@ -193,12 +211,14 @@ class Block(nn.Module):
         cache: KVCache | None = None,
         cross_cache: CrossKV | None = None,
         document_ids: Tensor | None = None,
+        shards: Shards | None = None,
     ) -> Tensor:
         """key_padding_mask: (B, N) for self-attention; context (B, M, dim) and context_mask
         (B, M) for cross-attention; True = real token. document_ids: (B, N), packed rows
-        (self-attention only)."""
+        (self-attention only). shards: x is this rank's shard of a context-parallel sequence
+        (see `MultiheadAttention`)."""
         x = x + self.attn(self.attn_norm(x), causal=causal, key_padding_mask=key_padding_mask,
-                          cache=cache, document_ids=document_ids)
+                          cache=cache, document_ids=document_ids, shards=shards)
         if self.cross_attn is not None:
             x = x + self.cross_attn(self.cross_norm(x), context, key_padding_mask=context_mask,
                                     cache=cross_cache)
@@ -208,7 +228,8 @@ class Block(nn.Module):
 class _Stack(nn.Module):
     """Positions (added to the input), `depth` blocks, final norm: (B, N, dim) -> (B, N, dim).
 
-    With document_ids (B, N), every position (additive or RoPE) restarts at each document.
+    With document_ids (B, N), every position (additive or RoPE) restarts at each document;
+    with shards (context parallel), x is this rank's shard and positions start at its start.
     """
 
     def __init__(self, dim: int, depth: int, heads: int, kv_heads: int | None, attention: str,
@@ -229,19 +250,20 @@ class _Stack(nn.Module):
 
     def forward(self, x: Tensor, *, causal: bool, key_padding_mask: Tensor | None = None,
                 context: Tensor | None = None, context_mask: Tensor | None = None,
-                cache: DecodeCache | None = None, document_ids: Tensor | None = None) -> Tensor:
+                cache: DecodeCache | None = None, document_ids: Tensor | None = None,
+                shards: Shards | None = None) -> Tensor:
         if document_ids is not None:
             document_ids = check_documents(document_ids, None, *x.shape[:2], x.device)
+        start = cache.seen if cache is not None else shards.start if shards is not None else 0
         if self.positions is not None:
-            x = self.positions(x, token_positions(x.shape[1], x.device,
-                                                  0 if cache is None else cache.seen, document_ids))
+            x = self.positions(x, token_positions(x.shape[1], x.device, start, document_ids))
         x = self.dropout(x)
         for i, block in enumerate(self.blocks):
             x = block(x, causal=causal, key_padding_mask=key_padding_mask, context=context,
                       context_mask=context_mask,
                       cache=None if cache is None else cache.layers[i],
                       cross_cache=None if cache is None or cache.cross is None else cache.cross[i],
-                      document_ids=document_ids)
+                      document_ids=document_ids, shards=shards)
         return self.norm(x)
 
     def init_cache(self) -> DecodeCache:
@@ -315,7 +337,13 @@ def _check_vocab(vocab_size: int) -> None:
 class TransformerLM(nn.Module):
     """Decoder-only causal LM with tied input/output embeddings: tokens (B, N) -> logits
     (B, N, vocab_size), on packed rows with `document_ids`. `sinks=True`: a learnable sink
-    per head and layer."""
+    per head and layer.
+
+    `context_parallel=group` (a `torch.distributed` process group): every rank of the group
+    calls `forward` with its contiguous shard of each sequence (shards in rank order) and gets
+    the shard's logits; every self-attention runs `attn_zoo.context_parallel` over the group.
+    Decoding (`cache`, `generate`) and packed rows (`document_ids`) are not supported then.
+    """
 
     def __init__(
         self,
@@ -332,9 +360,14 @@ class TransformerLM(nn.Module):
         mlp: str = "swiglu",
         dropout: float = 0.0,
         sinks: bool = False,
+        context_parallel: dist.ProcessGroup | None = None,
     ) -> None:
         super().__init__()
         _check_vocab(vocab_size)
+        if context_parallel is not None and not isinstance(context_parallel, dist.ProcessGroup):
+            raise TypeError(f"context_parallel must be a torch.distributed ProcessGroup or None, "
+                            f"got {type(context_parallel).__name__}")
+        self.context_parallel = context_parallel
         self.embedding = nn.Embedding(vocab_size, dim)
         self.stack = _Stack(dim, depth, heads, kv_heads, attention, attention_params,
                             max_seq_len, pos, norm, mlp, dropout, sinks)
@@ -347,10 +380,18 @@ class TransformerLM(nn.Module):
         With `cache` (from `init_cache`), tokens are positions `cache.seen ..`: a prompt, a
         chunk of one, or a single new token. document_ids: (B, N) integer, equal ids = one
         document; each document is modelled as if alone (positions from 0); not with a cache
-        (`generate` takes packed prompts).
+        (`generate` takes packed prompts). Under context parallelism tokens (B, n_local) are
+        this rank's shard -> its logits (B, n_local, vocab_size).
         """
+        shards = None
+        if self.context_parallel is not None:
+            for name, value in (("cache", cache), ("document_ids", document_ids)):
+                if value is not None:
+                    raise ValueError(f"{name} must be None under context parallelism (decoding "
+                                     "and packed rows are not supported), got one")
+            shards = Shards.of(tokens.shape[1], self.context_parallel)
         x = self.stack(self.embedding(tokens), causal=True, cache=cache,
-                       document_ids=document_ids)
+                       document_ids=document_ids, shards=shards)
         return x @ self.embedding.weight.T
 
     def init_cache(self) -> DecodeCache:
@@ -365,6 +406,9 @@ class TransformerLM(nn.Module):
         document of each row (see `attn_zoo.generation.generate_last_documents`).
         options: see `attn_zoo.generation.generate`.
         """
+        if self.context_parallel is not None:
+            raise ValueError("generate is not supported under context parallelism: build the "
+                             "model with context_parallel=None to decode")
         vocab_size = self.embedding.num_embeddings
         with _generating(self):
             if document_ids is None:
