@@ -120,6 +120,15 @@ class ModelConfig:
 
 
 @dataclasses.dataclass
+class ParallelConfig:
+    """`parallel` section of the train app: context- and data-parallel sizes (their product
+    is the number of processes torchrun starts)."""
+
+    cp: int = 1
+    dp: int = 1
+
+
+@dataclasses.dataclass
 class TrainConfig:
     """Keys of `conf/train.yaml` (and `conf/quality.yaml`); values live in the yamls only."""
 
@@ -148,6 +157,7 @@ class TrainConfig:
     seed: int = MISSING
     retry_failed: bool = MISSING
     speed_dir: str | None = MISSING
+    parallel: ParallelConfig = MISSING
 
 
 @dataclasses.dataclass

@@ -5,6 +5,7 @@
     python -m experiments.train task=needle seq_len=512 'eval_lens=[512,1024,2048]'
     python -m experiments.train task=stdlib_lm packing=true     # files packed into rows
     python -m experiments.train -m --config-name quality     # the quality sweep (conf/quality.yaml)
+    torchrun --nproc_per_node=4 -m experiments.train parallel.cp=2 parallel.dp=2 seq_len=8192
 
 Configs: `conf/train.yaml` (typed by `experiments.config.TrainConfig`), groups `attention/`
 (every registered variant), `model/` (backbone sizes) and `task/` (`experiments.tasks`).
@@ -36,6 +37,18 @@ and the environment. A point whose rows all exist is skipped (failed ones too, u
 `speed_dir`) is written.
 `checkpoint` (a path, or null) receives the model's weights and everything needed to rebuild
 it (`load_checkpoint`).
+Parallel training (`parallel.cp=P parallel.dp=D`, under `torchrun` with WORLD_SIZE = P * D
+processes; `Parallel`): the processes form a (dp, cp) `DeviceMesh`. Every step's batch is split
+into D equal shares of its sequences, each sequence into P contiguous shards of positions (the
+targets are the next tokens of the whole sequence, so a shard's last target is the next
+shard's first input); the model runs with `context_parallel` over its cp group. Each rank's
+loss is its answer tokens' summed cross-entropy over the whole batch's count of answer tokens,
+and the gradients are summed over all ranks by one all-reduce: every rank then holds the
+gradient of one process on the whole batch and takes the same optimizer step. Evaluation is
+sharded over cp (each dp replica evaluates the same sequences). Only rank 0 writes rows,
+checkpoints and W&B. Under cp > 1 packed rows and text tasks (documents) are not supported,
+nor a variant's own (auxiliary) loss.
+
 Runs are deterministic given `seed` on a given machine and thread count. W&B: one run per
 point (offline by default), `train/loss` (and `train/aux_loss` where a variant has one) every
 `log_every` steps and `eval/<len>/<metric>`; the rows' `aux_loss` is the mean auxiliary loss of
@@ -53,14 +66,17 @@ import os
 import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import hydra
 import pandas as pd
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from attn_zoo.attention import Attention
 from attn_zoo.model import TransformerLM
@@ -75,8 +91,8 @@ from experiments.results import (
     environment,
     error_row,
 )
-from experiments.tasks import Batch, Task, bits, make_task
-from experiments.wandb_logger import start_run
+from experiments.tasks import TASKS, Batch, Task, bits, make_task
+from experiments.wandb_logger import NullRun, start_run
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +157,117 @@ def model_kwargs(cfg: DictConfig, task: Task) -> dict[str, Any]:
             "max_seq_len": max([cfg.seq_len, *eval_lengths(cfg)])}
 
 
+# -- data and context parallel --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Parallel:
+    """This process's place in a (dp, cp) device mesh over the whole world."""
+
+    mesh: DeviceMesh
+
+    @property
+    def dp(self) -> int:
+        return self.mesh.size(0)
+
+    @property
+    def cp(self) -> int:
+        return self.mesh.size(1)
+
+    @property
+    def cp_group(self) -> dist.ProcessGroup:
+        return self.mesh.get_group("cp")
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 of the world: the process that writes rows, checkpoints and W&B."""
+        return dist.get_rank() == 0
+
+    def shard(self, batch: Batch, rows: bool = True) -> Batch:
+        """This rank's part of `batch` (B, N): its dp share of the rows (B / dp of them, when
+        `rows`), and of those its cp shard of the positions (contiguous, in rank order)."""
+        length = batch.inputs.shape[1]
+        if length < self.cp:
+            raise ValueError(f"a sequence of {length} tokens cannot be split into "
+                             f"parallel.cp={self.cp} shards of at least one token")
+
+        def part(x: torch.Tensor | None) -> torch.Tensor | None:
+            if x is None:
+                return None
+            if rows:
+                x = x.tensor_split(self.dp)[self.mesh.get_local_rank("dp")]
+            return x.tensor_split(self.cp, dim=1)[self.mesh.get_local_rank("cp")]
+
+        return Batch(*(part(x) for x in (batch.inputs, batch.targets, batch.mask,
+                                          batch.document_ids)))
+
+    def sum(self, values: Sequence[float | torch.Tensor], device: torch.device,
+            group: dist.ProcessGroup | None = None) -> list[float]:
+        """`values` summed over `group` (default: every rank), as floats."""
+        total = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+        dist.all_reduce(total, group=group)
+        return total.tolist()
+
+    def sum_gradients(self, model: torch.nn.Module) -> None:
+        """Sum every parameter's gradient over all ranks (one all-reduce of them all)."""
+        params = list(model.parameters())
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        for p, g in zip(params, flat.split([g.numel() for g in grads]), strict=True):
+            p.grad = g.view_as(p)
+
+    def from_main(self, value: Any) -> Any:
+        """Rank 0's `value` (picklable) on every rank."""
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+def setup_parallel(cfg: DictConfig) -> Parallel | None:
+    """The (dp, cp) mesh of `cfg.parallel` over the initialized process group, or None for
+    one process; a ValueError when the world size is not cp * dp or cp > 1 meets what the
+    sharding does not support (packing, text tasks)."""
+    cp, dp = cfg.parallel.cp, cfg.parallel.dp
+    for name, value in (("parallel.cp", cp), ("parallel.dp", dp)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if world != cp * dp:
+        raise ValueError(f"parallel.cp * parallel.dp ({cp} * {dp}) must equal the number of "
+                         f"processes (WORLD_SIZE={os.environ.get('WORLD_SIZE', world)}): launch "
+                         f"with torchrun --nproc_per_node={cp * dp} (or over nodes)")
+    if cp > 1 and (cfg.packing or TASKS[cfg.task.name].is_text):
+        raise ValueError(f"parallel.cp={cp} supports unpacked synthetic tasks only, got "
+                         f"task={cfg.task.name} packing={cfg.packing} (documents are not "
+                         "sharded)")
+    rows = cfg.tokens_per_step // max(1, cfg.seq_len)  # a bad seq_len is the point's error row
+    if rows % dp:
+        raise ValueError(f"parallel.dp={dp} must divide the sequences per step "
+                         f"(tokens_per_step // seq_len = {rows})")
+    if world == 1:
+        return None
+    device_type = torch.device(cfg.device).type
+    return Parallel(init_device_mesh(device_type, (dp, cp), mesh_dim_names=("dp", "cp")))
+
+
+@contextlib.contextmanager
+def process_group(device: str) -> Iterator[None]:
+    """Under torchrun (WORLD_SIZE > 1), the default process group for the block: NCCL on CUDA
+    (this process's GPU: LOCAL_RANK), gloo on CPU; nothing otherwise."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1 or dist.is_initialized():
+        yield
+        return
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
 # -- training and evaluation ----------------------------------------------------------------
 
 
@@ -159,9 +286,15 @@ def training_batches(task: Task, rows: int, cfg: DictConfig,
     return (task.batch(rows, cfg.seq_len, generator, "train") for _ in itertools.count())
 
 
-def answer_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy (nats) over the mask: logits (B, N, V), targets and mask (B, N)."""
-    return F.cross_entropy(logits[mask].float(), targets[mask])
+def answer_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+                count: float | None = None) -> torch.Tensor:
+    """Cross-entropy (nats) summed over the mask and divided by `count` (default: the mask's
+    count, the mean): logits (B, N, V), targets and mask (B, N). Float32 at least."""
+    answers = logits[mask]
+    answers = answers.to(torch.promote_types(answers.dtype, torch.float32))
+    if count is None:
+        return F.cross_entropy(answers, targets[mask])
+    return F.cross_entropy(answers, targets[mask], reduction="sum") / count
 
 
 def auxiliary_loss(model: TransformerLM) -> torch.Tensor | None:
@@ -189,8 +322,9 @@ def batch_size(tokens_per_step: int, seq_len: int) -> int:
 
 
 def train_model(cfg: DictConfig, task: Task, model: TransformerLM, device: torch.device,
-                wandb_run: Any) -> dict[str, float]:
-    """`cfg.steps` AdamW steps in train mode; the mean loss of the last tenth of the steps."""
+                wandb_run: Any, parallel: Parallel | None = None) -> dict[str, float]:
+    """`cfg.steps` AdamW steps in train mode; the mean loss of the last tenth of the steps.
+    With `parallel`, this rank's part of each batch, gradients summed over the ranks."""
     for name in ("steps", "tokens_per_step", "eval_sequences", "log_every"):
         if not isinstance(cfg[name], int) or cfg[name] < 1:
             raise ValueError(f"{name} must be a positive int, got {cfg[name]!r}")
@@ -209,11 +343,27 @@ def train_model(cfg: DictConfig, task: Task, model: TransformerLM, device: torch
     for step, batch in enumerate(itertools.islice(batches, cfg.steps)):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, cfg)
+        # Under parallel every rank draws the whole batch and keeps its part; its loss is its
+        # share of the whole batch's mean.
+        count = None if parallel is None else int(batch.mask.sum())
+        if parallel is not None:
+            batch = parallel.shard(batch)
         loss = answer_loss(logits_of(model, batch, device), batch.targets.to(device),
-                           batch.mask.to(device))
+                           batch.mask.to(device), count)
         aux = auxiliary_loss(model)
+        if aux is not None and parallel is not None:
+            if parallel.cp > 1:
+                raise ValueError(f"attention {cfg.attention.name!r} has its own loss, which "
+                                 f"parallel.cp={parallel.cp} does not support")
+            aux = aux / parallel.dp  # each dp rank's mean over its equal share of the rows
         optimizer.zero_grad(set_to_none=True)
         (loss if aux is None else loss + cfg.aux_loss_weight * aux).backward()
+        if parallel is not None:
+            parallel.sum_gradients(model)
+            totals = parallel.sum([loss.detach()] + ([] if aux is None else [aux.detach()]),
+                                  device)
+            loss = loss.new_tensor(totals[0])
+            aux = None if aux is None else aux.new_tensor(totals[1])
         if cfg.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
@@ -225,7 +375,8 @@ def train_model(cfg: DictConfig, task: Task, model: TransformerLM, device: torch
         if aux is not None:
             aux_losses.append(aux.item())
             logged["train/aux_loss"] = aux_losses[-1]
-        if step % cfg.log_every == 0 or step == cfg.steps - 1:
+        if (step % cfg.log_every == 0 or step == cfg.steps - 1) and (
+                parallel is None or parallel.is_main):
             wandb_run.log(logged)
             log.info("step %d/%d loss %.4f", step + 1, cfg.steps, losses[-1])
     seconds = time.perf_counter() - started
@@ -238,15 +389,18 @@ def train_model(cfg: DictConfig, task: Task, model: TransformerLM, device: torch
 
 
 def evaluate(model: TransformerLM, task: Task, seq_len: int, sequences: int, tokens_per_batch: int,
-             seed: int, device: torch.device) -> dict[str, float]:
+             seed: int, device: torch.device, parallel: Parallel | None = None,
+             ) -> dict[str, float]:
     """Eval-mode metrics over `sequences` held-out sequences of length `seq_len`.
 
     eval_loss: mean nats per answer token; accuracy: argmax hits on answer tokens (synthetic
     tasks); bits_per_byte: eval_loss in bits (text). Batches of `tokens_per_batch // seq_len`
     (at least one) sequences drawn from the validation split with a generator seeded by
     `seed` and `seq_len` only; text: the validation files packed into rows, each file a
-    document (`Task.packed_batches`).
+    document (`Task.packed_batches`). With `parallel`, every sequence is split over cp (each
+    dp replica evaluates the same sequences) and the sums are taken over the cp group.
     """
+    sharded = parallel is not None and parallel.cp > 1
     generator = torch.Generator().manual_seed(seed + EVAL_SEED_OFFSET * seq_len)
     rows = max(1, tokens_per_batch // seq_len)
     packed = (task.packed_batches(min(rows, sequences), seq_len, generator, "validation")
@@ -259,13 +413,19 @@ def evaluate(model: TransformerLM, task: Task, seq_len: int, sequences: int, tok
             size = min(rows, sequences - done)
             batch = (task.batch(size, seq_len, generator, "validation") if packed is None
                      else next(packed).head(size))
+            drawn = batch.inputs.shape[0]
+            if sharded:
+                batch = parallel.shard(batch, rows=False)
             logits = logits_of(model, batch, device)
             mask, targets = batch.mask.to(device), batch.targets.to(device)
             answers = logits[mask].float()
             total_loss += F.cross_entropy(answers, targets[mask], reduction="sum").item()
             hits += int((answers.argmax(-1) == targets[mask]).sum())
             count += int(mask.sum())
-            done += batch.inputs.shape[0]
+            done += drawn
+    if sharded:
+        total_loss, hits, count = parallel.sum([total_loss, hits, count], device,
+                                               parallel.cp_group)
     loss = total_loss / count
     metrics = {"eval_loss": loss, "eval_seconds": time.perf_counter() - started}
     if task.metric == "bits_per_byte":
@@ -354,10 +514,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Train and evaluate the point `cfg` describes unless done; write and log its rows.
 
     Returns {"rows": the rows, "status": "ok" when every row is ok (else the first failure's
-    status), "skipped": True when earlier rows were reused}.
+    status), "skipped": True when earlier rows were reused}. Under `parallel` (cp * dp
+    processes in an initialized process group) every rank runs it; only rank 0 writes and
+    logs, and every rank returns the same rows.
     """
     if cfg.threads is not None and cfg.threads < 1:
         raise ValueError(f"threads must be >= 1 or null, got {cfg.threads}")
+    parallel = setup_parallel(cfg)
+    main = parallel is None or parallel.is_main
     out_dir = Path(cfg.out_dir)
     point = point_of(cfg)
     try:
@@ -366,17 +530,20 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         rows = [point | {"eval_len": cfg.seq_len} | error_row(error)]
         return finish(cfg, out_dir, rows, None)
     points = [point | {"eval_len": length} for length in lengths]
-    earlier = done_rows(out_dir, points)
+    earlier = done_rows(out_dir, points) if main else None
+    if parallel is not None:
+        earlier = parallel.from_main(earlier)
     if earlier is not None and (all(r["status"] == "ok" for r in earlier)
                                 or not cfg.retry_failed):
-        log.info("skip %s %s-n%s: done in %s", point["task"], point["attention"],
-                 point["seq_len"], out_dir / CSV_NAME)
+        if main:
+                log.info("skip %s %s-n%s: done in %s", point["task"], point["attention"],
+                     point["seq_len"], out_dir / CSV_NAME)
         return {"rows": earlier, "status": overall(earlier), "skipped": True}
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     name = f"{point['task']}-{point['attention']}-n{cfg.seq_len}" + "-packed" * cfg.packing
-    wandb_run = start_run(cfg.logger, name=name, group=cfg.sweep_name, job_type="train",
-                          dir=cfg.out_dir, config=plain(cfg))
+    wandb_run = (start_run(cfg.logger, name=name, group=cfg.sweep_name, job_type="train",
+                           dir=cfg.out_dir, config=plain(cfg)) if main else NullRun())
     common: dict[str, Any] = {}
     try:
         device = check_device(cfg.device)
@@ -385,10 +552,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         task.check_length(cfg.seq_len)
         kwargs = model_kwargs(cfg, task)
         torch.manual_seed(cfg.seed)  # weights, and the variants' own randomness (LSH)
-        model = TransformerLM(**kwargs).to(device)
+        # Every rank draws the same weights (on the CPU, from the seed), as one process would.
+        cp_group = parallel.cp_group if parallel is not None and parallel.cp > 1 else None
+        model = TransformerLM(**kwargs, context_parallel=cp_group).to(device)
         common["n_params"] = sum(p.numel() for p in model.parameters())
-        common |= train_model(cfg, task, model, device, wandb_run)
-        if cfg.checkpoint:
+        common |= train_model(cfg, task, model, device, wandb_run, parallel)
+        if cfg.checkpoint and main:
             save_checkpoint(cfg.checkpoint, model, kwargs, task, plain(cfg))
     except Exception as error:  # a failing point is a row per eval length; the sweep goes on
         log.error("%s %s-n%s failed: %s", point["task"], point["attention"], cfg.seq_len,
@@ -399,7 +568,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     for p in points:
         try:
             metrics = evaluate(model, task, p["eval_len"], cfg.eval_sequences,
-                               cfg.tokens_per_step, cfg.seed, device)
+                               cfg.tokens_per_step, cfg.seed, device, parallel)
             rows.append(p | common | metrics | {"status": "ok", "error": ""})
         except Exception as error:  # e.g. an eval length too short for the task
             log.error("eval at %s failed: %s", p["eval_len"], error)
@@ -413,8 +582,10 @@ def overall(rows: Sequence[Mapping[str, Any]]) -> str:
 
 def finish(cfg: DictConfig, out_dir: Path, rows: list[dict[str, Any]],
            wandb_run: Any) -> dict[str, Any]:
-    """Write the rows, log them to the W&B run (if any) and close it."""
-    table(out_dir).append(rows)
+    """Write the rows (rank 0 alone under parallel), log them to the W&B run (if any) and
+    close it."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        table(out_dir).append(rows)
     if wandb_run is not None:
         for row in rows:
             prefix = f"eval/{row['eval_len']}"
@@ -440,7 +611,11 @@ register_configs()
 
 @hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> dict[str, Any]:
-    result = run(cfg)
+    with process_group(cfg.device):
+        result = run(cfg)
+        quiet = dist.is_initialized() and dist.get_rank() != 0
+    if quiet:
+        return result
     columns = ("task", "attention", "packing", "seq_len", "eval_len", "status", "accuracy",
                "bits_per_byte", "eval_loss", "train_loss", "train_seconds")
     frame = pd.DataFrame(result["rows"])
