@@ -33,6 +33,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call
 from torch.nn.parameter import UninitializedParameter, is_lazy
 
 from attn_zoo.blocksparse import merge_partial_attentions, part_attention
@@ -86,6 +87,10 @@ class Attention(nn.Module, metaclass=ABCMeta):
     weight_names: ClassVar[tuple[str, ...]] = ()
     """The variant's learned weights besides `sink` (gates, projections): parameters whose
     shapes depend on the heads and head_dim, created by `initialize` (see there)."""
+    head_axes: ClassVar[dict[str, str]] = {"sink": "q"}
+    """The module's tensors (learned weights, buffers) whose first axis runs over the query
+    heads ("q") or the kv heads ("kv"): a call on some heads reads only their entries (see
+    `forward_on_heads`). The others (nsa's "mlp" pooling) serve every head alike."""
 
     def __init__(self, **params: Any) -> None:
         super().__init__()
@@ -142,6 +147,20 @@ class Attention(nn.Module, metaclass=ABCMeta):
     def reset_weights(self) -> None:
         """Give the learned weights their initial values (called once they exist)."""
 
+    def buffer_shapes(self, q_heads: int, kv_heads: int,
+                      head_dim: int) -> dict[str, tuple[int, ...]]:
+        """The shape of each buffer of `head_axes` for these heads and head_dim."""
+        return {}
+
+    def initialize_heads(self, q_heads: int, kv_heads: int, head_dim: int,
+                         device: torch.device) -> None:
+        """Create what a call with q_heads, kv_heads and head_dim creates on its first run,
+        before the module runs on some of those heads: the learned weights (`initialize`), and
+        state a variant draws on its first call (routing's centroids), drawn as that call
+        would draw it."""
+        if self.weight_names:
+            self.initialize(q_heads, kv_heads, head_dim)
+
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
         # Weights not created yet are saved as they are (torch cannot detach them).
         pending = {name: self._parameters[name] for name in self.weight_names
@@ -165,6 +184,34 @@ class Attention(nn.Module, metaclass=ABCMeta):
         return ", ".join(f"{key}={value!r}" for key, value in self.params.to_dict().items())
 
     # -- the call -------------------------------------------------------------------------
+
+    def forward_on_heads(self, kv_start: int, all_kv_heads: int, q: Tensor, k: Tensor,
+                         v: Tensor, *, causal: bool = False,
+                         key_padding_mask: Tensor | None = None) -> Tensor:
+        """The call on some heads of a module made for `all_kv_heads` kv heads: equal to those
+        heads of the call on all of them (same random draws, same buffer updates).
+
+        k, v: (B, h, N, D), kv heads kv_start .. kv_start + h - 1; q: (B, h * G, N, D), their
+        query heads (G = Hq / Hkv); returns (B, h * G, N, D). The tensors of `head_axes` are
+        narrowed to these heads (views: gradients and in-place updates reach the module's
+        own), the module run on them by `torch.func.functional_call`.
+        """
+        heads, groups = k.shape[1], q.shape[1] // k.shape[1]
+        if q.shape[1] != heads * groups:
+            raise ValueError(f"q heads ({q.shape[1]}) must be a multiple of k heads, got "
+                             f"{heads}")
+        if not 0 <= kv_start <= all_kv_heads - heads:
+            raise ValueError(f"kv heads {kv_start} .. {kv_start + heads - 1} must be among the "
+                             f"module's all_kv_heads={all_kv_heads}")
+        self.initialize_heads(all_kv_heads * groups, all_kv_heads, q.shape[3], q.device)
+        state = {}
+        for name, axis in self.head_axes.items():
+            tensor = getattr(self, name)
+            if tensor is not None:
+                per = groups if axis == "q" else 1
+                state[name] = tensor.narrow(0, kv_start * per, heads * per)
+        return functional_call(self, state, (q, k, v),
+                               {"causal": causal, "key_padding_mask": key_padding_mask})
 
     def forward(
         self,

@@ -57,27 +57,39 @@ def selection_attention(q: Tensor, k: Tensor, v: Tensor, index: Tensor, *, unit:
     (float32, float64 for float64 input); a row with no allowed key has out 0 and lse -inf.
     Differentiable in q, k and v (and through lse).
     """
-    _check(q, k, v, index, unit, key_padding_mask)
+    check_selection(q, k, v, index, unit, key_padding_mask)
     return _Selection.apply(q, k, v, index, unit, scale, causal, key_padding_mask)
 
 
-def _check(q: Tensor, k: Tensor, v: Tensor, index: Tensor, unit: int,
-           key_padding_mask: Tensor | None) -> None:
+def check_selection(q: Tensor, k: Tensor, v: Tensor, index: Tensor, unit: int,
+                    key_padding_mask: Tensor | None) -> None:
+    """The checks of a `selection_attention` call (this one and the Triton kernel's)."""
     if q.dim() != 5 or k.dim() != 4 or k.shape != v.shape:
         raise ValueError(f"selection_attention needs q (B, H, G, N, D) and k, v (B, Hkv, M, D), "
                          f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     batch, heads, _, n, dim = q.shape
-    if k.shape[0] != batch or k.shape[3] != dim or heads % k.shape[1]:
-        raise ValueError(f"k, v {tuple(k.shape)} must match q {tuple(q.shape)} in batch and "
-                         f"head_dim, with H a multiple of Hkv")
-    if index.dim() != 4 or index.shape[:3] != (batch, heads, n) or index.is_floating_point():
-        raise ValueError(f"index must be an integer tensor (B, H, N, S) = ({batch}, {heads}, {n},"
-                         f" S), got {index.dtype} {tuple(index.shape)}")
+    kv_heads, m = k.shape[1], k.shape[2]
+    if k.shape[0] != batch or k.shape[3] != dim or kv_heads == 0 or heads % kv_heads:
+        raise ValueError(f"k must have shape (B, Hkv, M, D) = ({batch}, Hkv, M, {dim}) with "
+                         f"{heads} % Hkv == 0, got {tuple(k.shape)}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"k and v must have q's dtype {q.dtype}, got {k.dtype} and {v.dtype}")
+    if k.device != q.device or v.device != q.device or index.device != q.device:
+        raise ValueError(f"k, v and index must be on q's device {q.device}, got {k.device}, "
+                         f"{v.device} and {index.device}")
+    if index.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"index must be int32 or int64, got {index.dtype}")
+    if index.dim() != 4 or index.shape[:3] != (batch, heads, n):
+        raise ValueError(f"index must have shape (B, H, N, S) = ({batch}, {heads}, {n}, S), "
+                         f"got {tuple(index.shape)}")
     if not isinstance(unit, int) or unit < 1:
         raise ValueError(f"unit must be an int >= 1, got {unit!r}")
-    if key_padding_mask is not None and key_padding_mask.shape != (batch, k.shape[2]):
-        raise ValueError(f"key_padding_mask must have shape (B, M) = {(batch, k.shape[2])}, got "
-                         f"{tuple(key_padding_mask.shape)}")
+    if key_padding_mask is not None and (key_padding_mask.dtype != torch.bool
+                                         or key_padding_mask.shape != (batch, m)
+                                         or key_padding_mask.device != q.device):
+        raise ValueError(f"key_padding_mask must be a (B, M) = ({batch}, {m}) bool tensor on "
+                         f"{q.device}, got {key_padding_mask.dtype} "
+                         f"{tuple(key_padding_mask.shape)} on {key_padding_mask.device}")
 
 
 class _Rows:

@@ -43,6 +43,8 @@ from attn_zoo.kernels.launch import (
 )
 from torch import Tensor
 
+from attn_zoo.selection import check_selection
+
 LOG2E = 1.4426950408889634
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 GATHER_BELOW = 16
@@ -463,33 +465,8 @@ def selection_attention(q: Tensor, k: Tensor, v: Tensor, index: Tensor, *, unit:
 
 def _check(q: Tensor, k: Tensor, v: Tensor, index: Tensor, unit: int,
            key_padding_mask: Tensor | None) -> None:
-    if q.dim() != 5 or k.dim() != 4 or k.shape != v.shape:
-        raise ValueError(f"expected q (B, H, G, N, D) and k, v (B, Hkv, M, D), got q "
-                         f"{tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
-    batch, heads, _, n, dim = q.shape
-    kv_heads, m = k.shape[1], k.shape[2]
-    if k.shape[0] != batch or k.shape[3] != dim or kv_heads == 0 or heads % kv_heads:
-        raise ValueError(f"k must have shape (B, Hkv, M, D) = ({batch}, Hkv, M, {dim}) with "
-                         f"{heads} % Hkv == 0, got {tuple(k.shape)}")
+    check_selection(q, k, v, index, unit, key_padding_mask)
     if q.dtype not in DTYPES:
         raise TypeError(f"q must be float32, bfloat16 or float16, got {q.dtype}")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"k and v must have q's dtype {q.dtype}, got {k.dtype} and {v.dtype}")
-    if k.device != q.device or v.device != q.device or index.device != q.device:
-        raise ValueError(f"k, v and index must be on q's device {q.device}, got {k.device}, "
-                         f"{v.device} and {index.device}")
-    if dim % 8 or not 8 <= dim <= 128:
-        raise ValueError(f"head_dim must be a multiple of 8 in 8..128, got {dim}")
-    if index.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"index must be int32 or int64, got {index.dtype}")
-    if index.dim() != 4 or index.shape[:3] != (batch, heads, n):
-        raise ValueError(f"index must have shape (B, H, N, S) = ({batch}, {heads}, {n}, S), "
-                         f"got {tuple(index.shape)}")
-    if not isinstance(unit, int) or unit < 1:
-        raise ValueError(f"unit must be an int >= 1, got {unit!r}")
-    if key_padding_mask is not None and (key_padding_mask.dtype != torch.bool
-                                         or key_padding_mask.shape != (batch, m)
-                                         or key_padding_mask.device != q.device):
-        raise ValueError(f"key_padding_mask must be a (B, M) = ({batch}, {m}) bool tensor on "
-                         f"{q.device}, got {key_padding_mask.dtype} "
-                         f"{tuple(key_padding_mask.shape)} on {key_padding_mask.device}")
+    if q.shape[-1] % 8 or not 8 <= q.shape[-1] <= 128:
+        raise ValueError(f"head_dim must be a multiple of 8 in 8..128, got {q.shape[-1]}")

@@ -116,6 +116,7 @@ class NSAAttention(Attention):
     content_based = True
     shared_selection = True
     weight_names: ClassVar[tuple[str, ...]] = GATES
+    head_axes: ClassVar[dict[str, str]] = {"sink": "q", "gate_weight": "q", "gate_bias": "q"}
 
     def __init__(self, **params: Any) -> None:
         if params.get("compress") == "mlp":  # read by the base class's __init__

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +65,7 @@ class RoutingAttention(Attention):
     Params = RoutingParams
     backends = ("torch", "triton")
     content_based = True
+    head_axes: ClassVar[dict[str, str]] = {"sink": "q", "centroids": "q"}
     centroids: Tensor | None
 
     def __init__(self, **params: Any) -> None:
@@ -82,12 +83,27 @@ class RoutingAttention(Attention):
         window = self.params.window or math.ceil(n / self.params.n_clusters)
         return min(window, n)
 
+    def buffer_shapes(self, q_heads: int, kv_heads: int,
+                      head_dim: int) -> dict[str, tuple[int, ...]]:
+        return {"centroids": (q_heads, self.params.n_clusters, head_dim)}
+
+    def initialize_heads(self, q_heads: int, kv_heads: int, head_dim: int,
+                         device: torch.device) -> None:
+        super().initialize_heads(q_heads, kv_heads, head_dim, device)
+        if self.centroids is None:
+            self._draw_centroids(self.buffer_shapes(q_heads, kv_heads, head_dim)["centroids"],
+                                 device)
+
+    def _draw_centroids(self, shape: tuple[int, ...], device: torch.device) -> None:
+        """Unit centroids (heads, n_clusters, head_dim) from the torch RNG."""
+        self.centroids = F.normalize(torch.randn(shape), dim=-1).to(device)
+
     def _affinity(self, keys: Tensor) -> Tensor:
         """q̂·μ of keys (B, H, N, D) with every centroid: (B, H, n_clusters, N), no gradient."""
         _, heads, _, dim = keys.shape
         shape = (heads, self.params.n_clusters, dim)
         if self.centroids is None:
-            self.centroids = F.normalize(torch.randn(shape), dim=-1).to(keys.device)
+            self._draw_centroids(shape, keys.device)
         if self.centroids.shape != shape:
             raise ValueError(f"routing centroids have shape (heads, n_clusters, head_dim) = "
                              f"{tuple(self.centroids.shape)}, got q with {heads} heads of "

@@ -27,7 +27,9 @@ loss is the mean over real queries (query positions whose key is real), kv heads
 KL(p_i || indexer_i). A forward in training mode with gradients enabled stores it, a scalar
 tensor whose graph reaches only the indexer weights; `indexer_loss()` returns the last one,
 None before any such forward (`auxiliary_loss()` returns the same). The training app adds it
-with a weight (`aux_loss_weight`).
+with a weight (`aux_loss_weight`). A call on some of the heads (`forward_on_heads`: context
+parallelism over heads) stores their share, their KL terms over the whole call's count: the
+shares of the ranks sum to the single-process loss, and so do their gradients.
 
 Memory and compute: the indexer scores are computed in chunks of query rows holding about
 `CHUNK_ELEMENTS` values (never N x N at once beyond one chunk), top-k per chunk; the indexer
@@ -40,7 +42,7 @@ lists key positions). The indexer and its loss are computed in torch on both bac
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from einops import einsum
@@ -201,6 +203,8 @@ class TopkAttention(Attention):
     content_based = True
     shared_selection = True
     weight_names = ("index_q", "index_w", "index_k")
+    head_axes: ClassVar[dict[str, str]] = {"sink": "q", "index_q": "kv", "index_w": "kv",
+                                           "index_k": "kv"}
 
     def __init__(self, **params: Any) -> None:
         super().__init__(**params)
@@ -243,6 +247,19 @@ class TopkAttention(Attention):
                 self._loss = total / max(count, 1)
         finally:
             self._loss_terms = None
+        return out
+
+    def forward_on_heads(self, kv_start: int, all_kv_heads: int, q: Tensor, k: Tensor,
+                         v: Tensor, *, causal: bool = False,
+                         key_padding_mask: Tensor | None = None) -> Tensor:
+        """The base class's call on some heads; the indexer loss it stores is these heads'
+        share of the whole call's (their KL terms over the whole call's count of real rows
+        times kv heads), so that the losses of calls covering every head once sum to the
+        loss of the call on all of them."""
+        out = super().forward_on_heads(kv_start, all_kv_heads, q, k, v, causal=causal,
+                                       key_padding_mask=key_padding_mask)
+        if self.training and torch.is_grad_enabled():
+            self._loss = self._loss * (k.shape[1] / all_kv_heads)
         return out
 
     def indexer_loss(self) -> Tensor | None:
