@@ -46,8 +46,9 @@ loss is its answer tokens' summed cross-entropy over the whole batch's count of 
 and the gradients are summed over all ranks by one all-reduce: every rank then holds the
 gradient of one process on the whole batch and takes the same optimizer step. Evaluation is
 sharded over cp (each dp replica evaluates the same sequences). Only rank 0 writes rows,
-checkpoints and W&B. Under cp > 1 packed rows and text tasks (documents) are not supported,
-nor a variant's own (auxiliary) loss.
+checkpoints and W&B. Under cp > 1 packed rows and text tasks (documents) are not supported.
+A variant's own loss is each rank's share (context-parallel calls split it over the ranks),
+divided by dp and summed like the main loss.
 
 Runs are deterministic given `seed` on a given machine and thread count. W&B: one run per
 point (offline by default), `train/loss` (and `train/aux_loss` where a variant has one) every
@@ -352,10 +353,10 @@ def train_model(cfg: DictConfig, task: Task, model: TransformerLM, device: torch
                            batch.mask.to(device), count)
         aux = auxiliary_loss(model)
         if aux is not None and parallel is not None:
-            if parallel.cp > 1:
-                raise ValueError(f"attention {cfg.attention.name!r} has its own loss, which "
-                                 f"parallel.cp={parallel.cp} does not support")
-            aux = aux / parallel.dp  # each dp rank's mean over its equal share of the rows
+            # A rank's own loss is its share of its rows' (context parallel calls split it),
+            # the mean over an equal share of the batch's rows: summed over the ranks / dp it
+            # is the whole batch's.
+            aux = aux / parallel.dp
         optimizer.zero_grad(set_to_none=True)
         (loss if aux is None else loss + cfg.aux_loss_weight * aux).backward()
         if parallel is not None:
