@@ -1,0 +1,614 @@
+"""The "gather" scheme: each rank gathers exactly the keys its rows' pattern reaches.
+
+For a `PatternAttention` (local, longformer, bigbird, sparse_fixed, sparse_strided,
+hierarchical, compressive), rank r's rows [s, e) run every part of the variant's engine
+description (`engine_parts` over the whole sequence) against the keys that part reaches from
+those rows, and the parts merge by log-sum-exp as in one process:
+
+* a part over the call's own keys reaches the union of its rows' `reach` intervals (the key
+  blocks of the rows' blocks, for a block layout; per residue class, for a folded part): a
+  halo from the neighbouring rank(s) for a band, the listed blocks and the global keys
+  otherwise. These positions, for all parts together, are gathered in one exchange of keys
+  and values (with a padding flag when a mask is given);
+* a pooled part (block means, compressed groups) reaches pooled keys: each is built by the
+  rank holding its group's last position (a straddling group completed by the few keys before
+  that rank's shard, usually in its halo already), and sent to the ranks that reach it, in one
+  exchange per pooled part; a part whose pooled keys are the call's own keys picked out
+  (sparse_fixed's summary columns) gathers them as keys;
+* rows that reach every key (longformer's and bigbird's global rows) are not served by
+  gathering the whole sequence to their owner: a part whose rows move fewer elements than its
+  keys would travels instead. Its rows go to the ranks holding keys they reach, each computes
+  their partial attention over its own keys, and the partial outputs and log-sum-exps come back
+  to the owner, which merges them.
+
+Which rank sends what to whom is computed identically on every rank from the shard bounds (a
+plan, cached), so no sizes are negotiated, and `planned_traffic` counts the same bytes the
+exchanges record. Every rank runs the same exchanges in the same order; each one's input is
+tied to the previous one's result and the output to the last one, so autograd runs their
+backwards in the reverse order on every rank, an empty one included. Computed by the torch
+engine (`attn_zoo.blocksparse`), whatever the variant's backend.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from attn_zoo.attention import Attention, PatternAttention, with_sink
+from attn_zoo.blocksparse import block_sparse_attention, cached_key_blocks, merge_partial_attentions
+from attn_zoo.parallel.comm import Shards, exchange
+from attn_zoo.patterns import Part, unfolded
+
+PLAN_CACHE_SIZE = 16
+"""Plans kept (one per variant, parameters, causal, shards and heads), least recent dropped."""
+
+
+# -- the plan -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _PartPlan:
+    """One part's share of the plan.
+
+    kind: "rows" (its rows travel), or how its keys are read: "plain", "folded" (per residue
+    class), "blocks" (a block layout), "picked" (own keys picked out as pooled keys), "pooled".
+    ids[r]: the key ids rank r's run reads, in the run's order: positions ("plain", "folded",
+    "blocks"), pooled key indices ("picked", "pooled"); for "rows", the rows of every rank
+    that reach keys of rank r, increasing. positions[r]: the own-key positions of ids[r]
+    (None for "pooled" and "rows").
+    """
+
+    kind: str
+    ids: list[Tensor]
+    positions: list[Tensor | None]
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Who sends what to whom in one call, for every rank.
+
+    parts: the engine parts over the whole sequence; shares: one `_PartPlan` each.
+    gathered[r]: the positions rank r gathers, increasing (its own shard included).
+    built[p][r]: the pooled keys [J0, J1) rank r builds for pooled part p.
+    """
+
+    bounds: tuple[int, ...]
+    causal: bool
+    parts: list[Part]
+    shares: list[_PartPlan]
+    gathered: list[Tensor]
+    built: dict[int, list[tuple[int, int]]]
+
+    @property
+    def world(self) -> int:
+        return len(self.bounds) - 1
+
+    def shard(self, rank: int) -> tuple[int, int]:
+        return self.bounds[rank], self.bounds[rank + 1]
+
+    def key_sends(self, rank: int) -> tuple[list[Tensor], list[int]]:
+        """The shard indices rank sends to each rank in the key exchange, and how many keys it
+        receives from each."""
+        s, e = self.shard(rank)
+        send = [wanted[(wanted >= s) & (wanted < e)] - s for wanted in self.gathered]
+        mine = self.gathered[rank]
+        received = [int(((mine >= a) & (mine < b)).sum())
+                    for a, b in map(self.shard, range(self.world))]
+        return send, received
+
+    def pooled_sends(self, index: int, rank: int) -> tuple[list[Tensor], list[int]]:
+        """The built pooled keys (indices into its [J0, J1)) rank sends to each rank for pooled
+        part `index`, and how many it receives from each."""
+        j0, j1 = self.built[index][rank]
+        needs = self.shares[index].ids
+        send = [wanted[(wanted >= j0) & (wanted < j1)] - j0 for wanted in needs]
+        mine = needs[rank]
+        received = [int(((mine >= a) & (mine < b)).sum()) for a, b in self.built[index]]
+        return send, received
+
+    def row_sends(self, rank: int) -> tuple[list[Tensor], list[int]]:
+        """The shard rows rank sends to each rank for the parts whose rows travel, and how
+        many rows it receives from each."""
+        s, e = self.shard(rank)
+        send = [rows[(rows >= s) & (rows < e)] - s for rows in self.travelling_rows]
+        mine = self.travelling_rows[rank]
+        received = [int(((mine >= a) & (mine < b)).sum())
+                    for a, b in map(self.shard, range(self.world))]
+        return send, received
+
+    @property
+    def travelling_rows(self) -> list[Tensor]:
+        """travelling_rows[r]: the rows (of every rank) computed on rank r, increasing."""
+        shares = [share for share in self.shares if share.kind == "rows"]
+        return [torch.unique(torch.cat([share.ids[r] for share in shares]))
+                for r in range(self.world)]
+
+    @property
+    def rows_travel(self) -> bool:
+        return any(share.kind == "rows" for share in self.shares)
+
+
+_PLANS: OrderedDict[tuple, _Plan] = OrderedDict()
+
+
+def _plan(attn: PatternAttention, bounds: tuple[int, ...], causal: bool, q_heads: int,
+          kv_heads: int, head_dim: int) -> _Plan:
+    """The plan of a call (cached): built from the bounds and the pattern alone."""
+    key = (attn._part_key("gather", causal), bounds, q_heads, kv_heads, head_dim)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _PLANS[key] = _build_plan(attn, bounds, causal, q_heads, kv_heads, head_dim)
+        while len(_PLANS) > PLAN_CACHE_SIZE:
+            _PLANS.popitem(last=False)
+    _PLANS.move_to_end(key)
+    return plan
+
+
+def _build_plan(attn: PatternAttention, bounds: tuple[int, ...], causal: bool, q_heads: int,
+                kv_heads: int, head_dim: int) -> _Plan:
+    n, world = bounds[-1], len(bounds) - 1
+    parts = attn.engine_parts(n, n, causal)
+    shards = [torch.arange(bounds[r], bounds[r + 1]) for r in range(world)]
+    shares = []
+    for part in parts:
+        share = _keys_share(part, shards, n, causal)
+        if part.pool is None and part.fold == 1:
+            rows = _rows_share(part, bounds, n)
+            if _cheaper_to_move_rows(share, rows, bounds, q_heads, kv_heads, head_dim):
+                share = rows
+        shares.append(share)
+    wanted = [torch.zeros(n, dtype=torch.bool) for _ in range(world)]
+    for r in range(world):
+        wanted[r][bounds[r]:bounds[r + 1]] = True
+        for share in shares:
+            if share.positions[r] is not None:
+                wanted[r][share.positions[r]] = True
+    built = {}
+    for index, (part, share) in enumerate(zip(parts, shares, strict=True)):
+        if share.kind != "pooled":
+            continue
+        group = part.pool.group
+        needed = torch.unique(torch.cat(share.ids))
+        builders = _owners(bounds, ((needed + 1) * group).clamp_max(n) - 1)
+        built[index] = []
+        for r in range(world):
+            mine = needed[builders == r]
+            if mine.numel() == 0:
+                built[index].append((0, 0))
+                continue
+            j0, j1 = int(mine[0]), int(mine[-1]) + 1
+            built[index].append((j0, j1))
+            wanted[r][j0 * group:min(j1 * group, n)] = True  # a straddling group's first keys
+    gathered = [mask.nonzero()[:, 0] for mask in wanted]
+    return _Plan(bounds, causal, parts, shares, gathered, built)
+
+
+def _owners(bounds: tuple[int, ...], positions: Tensor) -> Tensor:
+    return torch.searchsorted(torch.tensor(bounds[1:-1], dtype=torch.long), positions,
+                              right=True)
+
+
+def _cover(first: Tensor, last: Tensor, size: int) -> Tensor:
+    """(size,) bool: the union of the inclusive intervals [first, last] clamped to 0..size-1."""
+    first, last = first.clamp_min(0), last.clamp_max(size - 1)
+    keep = first <= last
+    diff = torch.zeros(size + 1, dtype=torch.long)
+    ones = torch.ones(int(keep.sum()), dtype=torch.long)
+    diff.index_add_(0, first[keep], ones)
+    diff.index_add_(0, last[keep] + 1, -ones)
+    return diff.cumsum(0)[:size] > 0
+
+
+def _pooled_count(part: Part, n: int) -> int:
+    """How many pooled keys the part has over n positions."""
+    if part.pool.group:
+        return -(-n // part.pool.group)
+    return int((part.pool.position(torch.arange(n)) <= n - 1).sum())
+
+
+def _pooled_reach(part: Part, rows: Tensor, n: int, causal: bool) -> tuple[Tensor, Tensor]:
+    """The pooled keys rows reach, inclusive, clamped to those there are (and, causal, to those
+    whose position is at most the row's)."""
+    count = _pooled_count(part, n)
+    first, last = part.reach(rows)
+    first, last = first.clamp_min(0), last.clamp_max(count - 1)
+    if causal:
+        positions = part.pool.position(torch.arange(count))
+        last = last.minimum(torch.searchsorted(positions, rows, right=True) - 1)
+    return first, last
+
+
+def _folded_reach(part: Part, rows: Tensor, n: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(residue class, first, last index in the class) of the keys rows reach in a folded
+    part, clamped to the class's positions."""
+    fold = part.fold
+    residue = rows % fold
+    first, last = part.reach(rows // fold)
+    return residue, first.clamp_min(0), last.minimum((n - 1 - residue).div(fold,
+                                                                         rounding_mode="floor"))
+
+
+def _keys_share(part: Part, shards: list[Tensor], n: int, causal: bool) -> _PartPlan:
+    """The keys each rank's rows reach in `part`, read in place by a run over them."""
+    ids, positions = [], []
+    if part.blocks is not None:
+        block = part.extent
+        for rows in shards:
+            row_blocks = torch.unique(rows // block)
+            key_blocks = part.blocks[row_blocks].any(0).nonzero()[:, 0]
+            keys = (key_blocks[:, None] * block + torch.arange(block)).flatten()
+            keys = keys[keys < n]
+            ids.append(keys)
+            positions.append(keys)
+        return _PartPlan("blocks", ids, positions)
+    if part.pool is not None:
+        count = _pooled_count(part, n)
+        for rows in shards:
+            wanted = _cover(*_pooled_reach(part, rows, n, causal), count).nonzero()[:, 0]
+            ids.append(wanted)
+            positions.append(None if part.pool.group else part.pool.position(wanted))
+        return _PartPlan("pooled" if part.pool.group else "picked", ids, positions)
+    if part.fold > 1:
+        fold = part.fold
+        width = -(-n // fold) + 1
+        for rows in shards:
+            residue, first, last = _folded_reach(part, rows, n)
+            keep = first <= last
+            cover = _cover((residue * width + first)[keep], (residue * width + last)[keep],
+                           fold * width).view(fold, width)
+            residues, indices = cover.nonzero().unbind(1)  # by (class, index): the run's order
+            keys = indices * fold + residues
+            ids.append(keys)
+            positions.append(keys)
+        return _PartPlan("folded", ids, positions)
+    for rows in shards:
+        first, last = part.reach(rows)
+        keys = _cover(first, last, n).nonzero()[:, 0]
+        ids.append(keys)
+        positions.append(keys)
+    return _PartPlan("plain", ids, positions)
+
+
+def _row_reach(part: Part, rows: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """First and last key (inclusive, clamped) each row reaches in an unfolded part over the
+    call's own keys; a block layout's rows reach from their first to their last key block."""
+    if part.blocks is None:
+        first, last = part.reach(rows)
+        return first.clamp_min(0), last.clamp_max(n - 1)
+    block, layout = part.extent, part.blocks
+    columns = torch.arange(layout.shape[1])
+    first = torch.where(layout, columns, n).amin(1) * block
+    last = ((torch.where(layout, columns, -1).amax(1) + 1) * block - 1).clamp_max(n - 1)
+    return first[rows // block], last[rows // block]
+
+
+def _rows_share(part: Part, bounds: tuple[int, ...], n: int) -> _PartPlan:
+    """The rows each rank computes when the part's rows travel to its keys: the rows of every
+    rank whose reach meets that rank's shard."""
+    rows = torch.arange(n)
+    first, last = _row_reach(part, rows, n)
+    ids = [rows[(first <= last) & (first < bounds[r + 1]) & (last >= bounds[r])]
+           for r in range(len(bounds) - 1)]
+    return _PartPlan("rows", ids, [None] * len(ids))
+
+
+def _cheaper_to_move_rows(keys: _PartPlan, rows: _PartPlan, bounds: tuple[int, ...],
+                          q_heads: int, kv_heads: int, head_dim: int) -> bool:
+    """Whether moving the part's rows (q out, output and lse back) moves fewer elements than
+    gathering its keys and values."""
+    key_moves = sum(int(((ids < bounds[r]) | (ids >= bounds[r + 1])).sum())
+                    for r, ids in enumerate(keys.positions))
+    row_moves = sum(int(((ids < bounds[r]) | (ids >= bounds[r + 1])).sum())
+                    for r, ids in enumerate(rows.ids))
+    return row_moves * q_heads * (2 * head_dim + 1) < key_moves * kv_heads * 2 * head_dim
+
+
+# -- the call -------------------------------------------------------------------------------
+
+
+def attend(attn: Attention, q: Tensor, k: Tensor, v: Tensor, causal: bool,
+           key_padding_mask: Tensor | None, shards: Shards) -> Tensor:
+    """This rank's rows of `attn(q, k, v)` over the whole sequence; see the module docstring.
+
+    q: (B, Hq, n, D); k, v: (B, Hkv, n, D); key_padding_mask: (B, n) bool or None: this rank's
+    shard. Returns (B, Hq, n, D) in q's dtype, the sink applied.
+    """
+    if not isinstance(attn, PatternAttention):
+        raise TypeError(f"the gather scheme runs a PatternAttention, got {type(attn).__name__} "
+                        f"({attn.name!r})")
+    batch, q_heads, n_local, dim = q.shape
+    kv_heads = k.shape[1]
+    if batch == 0:  # every rank has none: nothing to exchange
+        empty = q + (k.sum() + v.sum()).to(q.dtype) * 0
+        return empty if attn.sink is None else empty + attn.sink.sum().to(q.dtype) * 0
+    plan = _plan(attn, shards.bounds, causal, q_heads, kv_heads, dim)
+    call = _Call(attn, plan, shards, causal, q, k, v, key_padding_mask)
+    results = []
+    for index, (part, share) in enumerate(zip(plan.parts, plan.shares, strict=True)):
+        if share.kind == "pooled":
+            results.append(call.pooled_run(index, part, share))
+        elif share.kind != "rows":
+            results.append(call.own_run(part, share))
+    if plan.rows_travel:
+        results.append(call.travelling_rows())
+    results = [result for result in results if result is not None]
+    if results:
+        out, lse = merge_partial_attentions(results) if len(results) > 1 else results[0]
+    else:
+        out = call.q.new_zeros(call.q.shape)
+        lse = out.new_full(out.shape[:-1], float("-inf"))
+    if attn.sink is not None:
+        out = with_sink(out, lse, attn.sink.view(kv_heads, -1, 1))
+    out = _After.apply(out, call.chain)
+    return out.reshape(batch, q_heads, n_local, dim).to(q.dtype)
+
+
+class _Call:
+    """One rank's side of a call: its shard, the gathered keys, and the exchanges in order
+    (`chain`: the result of the last one, which the next one's input is tied to)."""
+
+    def __init__(self, attn: PatternAttention, plan: _Plan, shards: Shards, causal: bool,
+                 q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> None:
+        self.attn, self.plan, self.shards, self.causal = attn, plan, shards, causal
+        self.rank, self.n = shards.rank, plan.bounds[-1]
+        self.start, self.stop = shards.start, shards.stop
+        batch, q_heads, n_local, dim = q.shape
+        kv_heads = k.shape[1]
+        self.dim, self.masked = dim, key_padding_mask is not None
+        self.work = attn.working_dtype("torch", q.dtype)
+        self.scale = attn.params.scale if attn.params.scale is not None else dim**-0.5
+        self.q = q.to(self.work).reshape(batch, kv_heads, q_heads // kv_heads, n_local, dim)
+        self.q_input = q
+        rows = [k, v]
+        if self.masked:
+            # Padded keys may hold anything: zeroed before they travel (as `_attend` does),
+            # their padding a flag beside them: 0 for a real key, -inf for a padded one.
+            real = key_padding_mask[:, None, :, None]
+            rows = [torch.where(real, k, 0.0), torch.where(real, v, 0.0),
+                    torch.where(real, 0.0, float("-inf")).to(k.dtype).expand(
+                        batch, kv_heads, n_local, 1)]
+        self.local = [x.to(self.work) for x in rows[:2]]
+        self.local_mask = key_padding_mask
+        send, received = plan.key_sends(self.rank)
+        self.chain = exchange(torch.cat(rows, -1), send, received, shards, 2)
+        gathered = self.chain.to(self.work)
+        self.k, self.v = gathered[..., :dim], gathered[..., dim:2 * dim]
+        self.mask = gathered[:, 0, :, 2 * dim] == 0 if self.masked else None
+        self.positions = plan.gathered[self.rank]
+
+    def _exchange(self, x: Tensor, send: list[Tensor], received: list[int]) -> Tensor:
+        self.chain = exchange(_After.apply(x, self.chain), send, received, self.shards, 2)
+        return self.chain
+
+    def _table_key(self, part: Part, kind: str) -> tuple:
+        return (self.attn._part_key(part.name, self.causal), "gather", kind, self.plan.bounds,
+                self.rank)
+
+    def _run(self, part: Part, kind: str, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
+             bias: Tensor | None = None) -> tuple[Tensor, Tensor] | None:
+        """(out, lse) of a remapped part over q (B, Hkv, G, R, D) and k, v (B, Hkv, K, D), or
+        None when it has no rows or no keys."""
+        if q.shape[3] == 0 or k.shape[2] == 0:
+            return None
+        table = cached_key_blocks(self._table_key(part, kind), part, q.shape[3], k.shape[2],
+                                  q.device)
+        return block_sparse_attention(q, k, v, table, part.pattern, block=part.block,
+                                      scale=self.scale, key_padding_mask=mask, key_bias=bias)
+
+    def _own_keys(self, positions: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The gathered keys, values and mask at `positions` (a view when they are a run)."""
+        index = torch.searchsorted(self.positions, positions)
+        if index.numel() and int(index[-1] - index[0]) == index.numel() - 1 and bool(
+                (index.diff() == 1).all()):
+            a, b = int(index[0]), int(index[-1]) + 1
+            return self.k[:, :, a:b], self.v[:, :, a:b], None if self.mask is None else \
+                self.mask[:, a:b]
+        return (self.k.index_select(2, index), self.v.index_select(2, index),
+                None if self.mask is None else self.mask.index_select(1, index))
+
+    def own_run(self, part: Part, share: _PartPlan) -> tuple[Tensor, Tensor] | None:
+        """This rank's rows of a part over the call's own keys, against the gathered keys it
+        reaches, in local row order."""
+        n, s, e = self.n, self.start, self.stop
+        ids, positions = share.ids[self.rank], share.positions[self.rank]
+        k, v, mask = self._own_keys(positions)
+        rows, q = torch.arange(s, e), self.q
+        kind = share.kind
+        if kind == "blocks":  # rows from the start of the first block: the layout's tiles
+            block = part.extent
+            skip = s - s // block * block
+            rows = torch.arange(s - skip, e)
+            q = torch.nn.functional.pad(q, (0, 0, skip, 0))
+            blocks = part.blocks[torch.unique(rows // block)][:, torch.unique(positions // block)]
+            allowed = _remapped(part.pattern, rows, positions, skip)
+            result = self._run(Part(part.name, allowed, None, block, blocks=blocks), kind, q, k,
+                               v, mask)
+            return None if result is None else tuple(x[:, :, :, skip:] for x in result)
+        if kind == "folded":  # rows and keys by (residue class, position): reaches are runs
+            fold = part.fold
+            order = torch.argsort(rows % fold * n + rows)
+            rows, q = rows[order], q[:, :, :, order]
+            residue, first, last = _folded_reach(part, rows, n)
+            order_keys = positions % fold * n + positions
+            low, high = residue * n + first * fold + residue, residue * n + last * fold + residue
+            allowed = _remapped(unfolded(part.pattern, fold), rows, positions)
+        elif kind == "picked":
+            first, last = _pooled_reach(part, rows, n, self.causal)
+            order_keys, low, high = ids, first, last
+            allowed = _remapped(part.pattern, rows, ids)
+        else:
+            first, last = part.reach(rows)
+            order_keys, low, high = positions, first.clamp_min(0), last.clamp_max(n - 1)
+            allowed = _remapped(part.pattern, rows, positions)
+        reach = _reach(order_keys, low, high)
+        result = self._run(Part(part.name, allowed, reach, part.extent), kind, q, k, v, mask)
+        if result is None or kind != "folded":
+            return result
+        inverse = torch.argsort(order)
+        return tuple(x[:, :, :, inverse] for x in result)
+
+    def pooled_run(self, index: int, part: Part, share: _PartPlan) -> tuple[Tensor, Tensor] | None:
+        """This rank's rows of a pooled part: the pooled keys built here (of the groups whose last
+        position is in this shard) go to the ranks that reach them; the ones reached here come
+        back from their builders."""
+        group, dim = part.pool.group, self.dim
+        j0, j1 = self.plan.built[index][self.rank]
+        batch, kv_heads = self.k.shape[:2]
+        if j1 > j0:
+            a = int(torch.searchsorted(self.positions, j0 * group))
+            length = min(j1 * group, self.n) - j0 * group
+            mask = None if self.mask is None else self.mask[:, a:a + length]
+            pooled = part.pool.build(self.k[:, :, a:a + length], self.v[:, :, a:a + length],
+                                     mask)
+            flag = torch.zeros(batch, j1 - j0, dtype=self.work) if pooled.bias is None else \
+                pooled.bias.to(self.work).expand(batch, -1)[:, :j1 - j0]
+            if pooled.real is not None:
+                flag = torch.where(pooled.real[:, :j1 - j0], flag, float("-inf"))
+            built = torch.cat([pooled.k[:, :, :j1 - j0], pooled.v[:, :, :j1 - j0],
+                               flag[:, None, :, None].expand(-1, kv_heads, -1, 1)], -1)
+        else:
+            built = self.k.new_zeros(batch, kv_heads, 0, 2 * dim + 1)
+        received = self._exchange(built, *self.plan.pooled_sends(index, self.rank))
+        flag = received[:, 0, :, 2 * dim]
+        real = flag > float("-inf")
+        ids, rows = share.ids[self.rank], torch.arange(self.start, self.stop)
+        first, last = _pooled_reach(part, rows, self.n, self.causal)
+        remapped = Part(part.name, _remapped(part.pattern, rows, ids), _reach(ids, first, last),
+                        part.extent)
+        return self._run(remapped, "pooled", self.q, received[..., :dim],
+                         received[..., dim:2 * dim], real if self.masked else None,
+                         torch.where(real, flag, 0.0))
+
+    def travelling_rows(self) -> tuple[Tensor, Tensor]:
+        """The parts whose rows travel: this rank's rows go to the ranks holding keys they
+        reach, each computes their partial attention over its own keys, and the partials come
+        back here to merge. Returns this rank's rows' merged partial (out, lse)."""
+        plan, dim, s, e = self.plan, self.dim, self.start, self.stop
+        send, received = plan.row_sends(self.rank)
+        arrived = self._exchange(self.q_input, send, received)
+        batch, kv_heads, groups = self.q.shape[:3]
+        here = plan.travelling_rows[self.rank]
+        q = arrived.to(self.work).reshape(batch, kv_heads, groups, -1, dim)
+        k, v = self.local
+        partials = []
+        for part, share in zip(plan.parts, plan.shares, strict=True):
+            if share.kind != "rows":
+                continue
+            rows = share.ids[self.rank]
+            first, last = _row_reach(part, rows, self.n)
+            remapped = Part(part.name, _remapped(part.pattern, rows, torch.arange(s, e)),
+                            _reach(torch.arange(s, e), first, last), part.extent)
+            where = torch.searchsorted(here, rows)
+            result = self._run(remapped, "rows", q[:, :, :, where], k, v, self.local_mask)
+            if result is not None:
+                partials.append(_placed(result, where, here.numel()))
+        if partials:
+            out, lse = merge_partial_attentions(partials) if len(partials) > 1 else partials[0]
+        else:
+            out = q.new_zeros(q.shape)
+            lse = out.new_full(out.shape[:-1], float("-inf"))
+        # Back to the rows' owners, the lse beside the output.
+        payload = torch.cat([out, lse[..., None]], -1).reshape(batch, kv_heads * groups, -1,
+                                                                dim + 1)
+        owners = _owners(plan.bounds, here)
+        back = self._exchange(payload, [(owners == r).nonzero()[:, 0] for r in
+                                        range(plan.world)], [int(x.numel()) for x in send])
+        back = back.reshape(batch, kv_heads, groups, -1, dim + 1)
+        mine = torch.cat(send)  # local rows, by the rank that computed them
+        active = torch.unique(mine)
+        sources, offset = [], 0
+        for rows in send:
+            part_out = back[..., offset:offset + rows.numel(), :]
+            offset += rows.numel()
+            sources.append(_placed((part_out[..., :dim], part_out[..., dim]),
+                                   torch.searchsorted(active, rows), active.numel()))
+        merged = merge_partial_attentions(sources) if len(sources) > 1 else sources[0]
+        return _placed(merged, active, e - s)
+
+
+def _remapped(pattern, rows: Tensor, keys: Tensor, skip: int = 0):
+    """`pattern` over a run's rows and keys: pair (a, b) is pattern(rows[a], keys[b]), rows
+    before `skip` allowed nothing. Engines evaluate padded rows and key slots past the ends
+    (masked anyway): they read the last ones."""
+    last_row, last_key = rows.numel() - 1, max(keys.numel() - 1, 0)
+
+    def allowed(a: Tensor, b: Tensor) -> Tensor:
+        result = pattern(rows[a.clamp(0, last_row)], keys[b.clamp(0, last_key)])
+        return result & (a >= skip) if skip else result
+
+    return allowed
+
+
+def _reach(keys: Tensor, low: Tensor, high: Tensor):
+    """The reach of a run whose key ids are `keys` (increasing): row a reaches the keys with
+    ids in [low[a], high[a]]."""
+    first = torch.searchsorted(keys, low)
+    last = torch.searchsorted(keys, high, right=True) - 1
+    top = first.numel() - 1
+
+    def reach(a: Tensor) -> tuple[Tensor, Tensor]:
+        a = a.clamp(0, top)
+        return first[a], last[a]
+
+    return reach
+
+
+def _placed(result: tuple[Tensor, Tensor], where: Tensor, size: int) -> tuple[Tensor, Tensor]:
+    """A partial (out (B, Hkv, G, R, D), lse (B, Hkv, G, R)) of R rows placed at rows `where`
+    of `size` rows, the others out = 0, lse = -inf (no key)."""
+    out, lse = result
+    placed_out = out.new_zeros(*out.shape[:3], size, out.shape[4]).index_copy(3, where, out)
+    placed_lse = lse.new_full((*lse.shape[:3], size), float("-inf")).index_copy(3, where, lse)
+    return placed_out, placed_lse
+
+
+class _After(torch.autograd.Function):
+    """x, made to depend on `before` (a previous exchange's result): autograd then runs the
+    backward of that exchange after everything computed from x, on every rank, and runs it
+    even where nothing else reads its result."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, before: Tensor) -> Tensor:
+        ctx.before = (before.shape, before.dtype, before.device)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:
+        shape, dtype, device = ctx.before
+        return grad, torch.zeros(shape, dtype=dtype, device=device)
+
+
+# -- traffic --------------------------------------------------------------------------------
+
+
+def planned_traffic(attn: Attention, bounds: tuple[int, ...], causal: bool, shape,
+                    masked: bool = False) -> list:
+    """The bytes each rank sends and receives in a call over shards `bounds`, forward and
+    backward (`attn_zoo.parallel.Traffic` per rank), as the exchanges record them; `masked`:
+    with a key_padding_mask (a padding flag travels beside each key)."""
+    from attn_zoo.parallel import Traffic
+
+    bounds = tuple(bounds)
+    plan = _plan(attn, bounds, causal, shape.q_heads, shape.kv_heads, shape.head_dim)
+    batch, dim, item = shape.batch, shape.head_dim, shape.itemsize
+    work = max(item, 4)  # 16-bit inputs are computed in float32
+    traffic = []
+    for rank in range(plan.world):
+        moves = [(*plan.key_sends(rank), batch * shape.kv_heads * (2 * dim + masked) * item)]
+        moves += [(*plan.pooled_sends(index, rank), batch * shape.kv_heads * (2 * dim + 1) * work)
+                  for index in plan.built]
+        if plan.rows_travel:
+            send, received = plan.row_sends(rank)
+            moves.append((send, received, batch * shape.q_heads * dim * item))
+            here = _owners(bounds, plan.travelling_rows[rank])
+            back = [(here == r).nonzero()[:, 0] for r in range(plan.world)]
+            moves.append((back, [int(x.numel()) for x in send],
+                          batch * shape.q_heads * (dim + 1) * work))
+        sent = sum((sum(int(x.numel()) for x in send) - int(send[rank].numel())) * size
+                   for send, _, size in moves)
+        received = sum((sum(counts) - counts[rank]) * size for _, counts, size in moves)
+        traffic.append(Traffic(sent, received, received, sent))
+    return traffic
