@@ -16,8 +16,7 @@ import torch.distributed as dist
 from distributed import run_ranks
 
 import attn_zoo
-from attn_zoo.parallel import CallShape, Shards, count_traffic, traffic_totals
-from attn_zoo.parallel import gather
+from attn_zoo.parallel import CallShape, Shards, count_traffic, gather, traffic_totals
 
 # (name, params, causal, kv heads, shard lengths for world 2, for world 4, padding)
 # padding: None, "some" (a few padded keys holding NaN), "shard" (rank 1's shard all padded).
@@ -88,16 +87,19 @@ def _rank_cases(world: int) -> list[dict]:
         sharded = copy.deepcopy(attn)
         inputs = [x.clone().requires_grad_() for x in (q, k, v)]
         out = attn(*inputs, causal=causal, key_padding_mask=mask)
-        out.backward(grad)
+        (out * grad).sum().backward()
         s, e = bounds[rank], bounds[rank + 1]
         local = [x[:, :, s:e].clone().requires_grad_() for x in (q, k, v)]
         local_mask = None if mask is None else mask[:, s:e]
         shards = Shards.of(e - s)
         assert shards.bounds == bounds
         with count_traffic() as transfers:
-            # Called through the scheme itself: sparse_strided's own scheme is "heads".
-            local_out = gather.attend(sharded, *local, causal, local_mask, shards)
-            local_out.backward(grad[:, :, s:e])
+            if sharded.parallel == "gather":
+                local_out = attn_zoo.context_parallel(sharded, *local, causal=causal,
+                                                      key_padding_mask=local_mask)
+            else:  # sparse_strided runs the all-to-all over heads, but the gather works too
+                local_out = gather.attend(sharded, *local, causal, local_mask, shards)
+            (local_out * grad[:, :, s:e]).sum().backward()
         errors = {"out": (local_out - out[:, :, s:e]).abs().max().item()}
         for label, x, whole in zip("qkv", local, inputs, strict=True):
             reference = whole.grad[:, :, s:e]

@@ -72,7 +72,8 @@ class _Plan:
 
     parts: the engine parts over the whole sequence; shares: one `_PartPlan` each.
     gathered[r]: the positions rank r gathers, increasing (its own shard included).
-    built[p][r]: the pooled keys [J0, J1) rank r builds for pooled part p.
+    built[p][r]: the pooled keys rank r builds for pooled part p, increasing: those it reaches
+    whose keys it gathers anyway, and those others reach whose group ends in its shard.
     """
 
     bounds: tuple[int, ...]
@@ -80,7 +81,7 @@ class _Plan:
     parts: list[Part]
     shares: list[_PartPlan]
     gathered: list[Tensor]
-    built: dict[int, list[tuple[int, int]]]
+    built: dict[int, list[Tensor]]
 
     @property
     def world(self) -> int:
@@ -100,14 +101,28 @@ class _Plan:
         return send, received
 
     def pooled_sends(self, index: int, rank: int) -> tuple[list[Tensor], list[int]]:
-        """The built pooled keys (indices into its [J0, J1)) rank sends to each rank for pooled
-        part `index`, and how many it receives from each."""
-        j0, j1 = self.built[index][rank]
-        needs = self.shares[index].ids
-        send = [wanted[(wanted >= j0) & (wanted < j1)] - j0 for wanted in needs]
-        mine = needs[rank]
-        received = [int(((mine >= a) & (mine < b)).sum()) for a, b in self.built[index]]
+        """The pooled keys (indices into its built ones) rank sends to each rank for pooled part
+        `index`, and how many it receives from each: a rank receives the pooled keys it reaches
+        but does not build, from the rank their group ends in."""
+        built, owners = self.built[index][rank], self.pooled_owners(index)
+        send = []
+        for r in range(self.world):
+            wanted = self.pooled_received(index, r)
+            send.append(torch.searchsorted(built, wanted[owners(wanted) == rank])
+                        if r != rank else built[:0])
+        arriving = owners(self.pooled_received(index, rank))
+        received = [int((arriving == r).sum()) for r in range(self.world)]
         return send, received
+
+    def pooled_received(self, index: int, rank: int) -> Tensor:
+        """The pooled keys of part `index` rank reaches but does not build, increasing."""
+        wanted = self.shares[index].ids[rank]
+        return wanted[~torch.isin(wanted, self.built[index][rank])]
+
+    def pooled_owners(self, index: int):
+        """The rank each pooled key's group ends in, as a function of pooled key indices."""
+        group, n = self.parts[index].pool.group, self.bounds[-1]
+        return lambda ids: _owners(self.bounds, ((ids + 1) * group).clamp_max(n) - 1)
 
     def row_sends(self, rank: int) -> tuple[list[Tensor], list[int]]:
         """The shard rows rank sends to each rank for the parts whose rows travel, and how
@@ -171,17 +186,18 @@ def _build_plan(attn: PatternAttention, bounds: tuple[int, ...], causal: bool, q
         if share.kind != "pooled":
             continue
         group = part.pool.group
-        needed = torch.unique(torch.cat(share.ids))
-        builders = _owners(bounds, ((needed + 1) * group).clamp_max(n) - 1)
+        # A rank builds the pooled keys it reaches whose keys it gathers anyway; the others
+        # come from the rank their group ends in, which completes a straddling group first.
+        local = [ids[_complete(wanted[r], ids, group, n)] for r, ids in enumerate(share.ids)]
+        remote = torch.unique(torch.cat([ids[~torch.isin(ids, mine)]
+                                         for ids, mine in zip(share.ids, local, strict=True)]))
+        owners = _owners(bounds, ((remote + 1) * group).clamp_max(n) - 1)
         built[index] = []
         for r in range(world):
-            mine = needed[builders == r]
-            if mine.numel() == 0:
-                built[index].append((0, 0))
-                continue
-            j0, j1 = int(mine[0]), int(mine[-1]) + 1
-            built[index].append((j0, j1))
-            wanted[r][j0 * group:min(j1 * group, n)] = True  # a straddling group's first keys
+            for_others = remote[owners == r]
+            built[index].append(torch.unique(torch.cat([local[r], for_others])))
+            wanted[r] |= _cover(for_others * group, ((for_others + 1) * group).clamp_max(n) - 1,
+                                n)
     gathered = [mask.nonzero()[:, 0] for mask in wanted]
     return _Plan(bounds, causal, parts, shares, gathered, built)
 
@@ -189,6 +205,13 @@ def _build_plan(attn: PatternAttention, bounds: tuple[int, ...], causal: bool, q
 def _owners(bounds: tuple[int, ...], positions: Tensor) -> Tensor:
     return torch.searchsorted(torch.tensor(bounds[1:-1], dtype=torch.long), positions,
                               right=True)
+
+
+def _complete(wanted: Tensor, ids: Tensor, group: int, n: int) -> Tensor:
+    """Whether every key of each pooled key's group (`ids`) is among the `wanted` positions."""
+    counts = torch.nn.functional.pad(wanted.long().cumsum(0), (1, 0))
+    first, end = ids * group, ((ids + 1) * group).clamp_max(n)
+    return counts[end] - counts[first] == end - first
 
 
 def _cover(first: Tensor, last: Tensor, size: int) -> Tensor:
@@ -357,7 +380,7 @@ class _Call:
         self.start, self.stop = shards.start, shards.stop
         batch, q_heads, n_local, dim = q.shape
         kv_heads = k.shape[1]
-        self.dim, self.masked = dim, key_padding_mask is not None
+        self.dim, self.masked, self.device = dim, key_padding_mask is not None, q.device
         self.work = attn.working_dtype("torch", q.dtype)
         self.scale = attn.params.scale if attn.params.scale is not None else dim**-0.5
         self.q = q.to(self.work).reshape(batch, kv_heads, q_heads // kv_heads, n_local, dim)
@@ -373,14 +396,21 @@ class _Call:
         self.local = [x.to(self.work) for x in rows[:2]]
         self.local_mask = key_padding_mask
         send, received = plan.key_sends(self.rank)
-        self.chain = exchange(torch.cat(rows, -1), send, received, shards, 2)
+        self.chain = exchange(torch.cat(rows, -1), self._on(send), received, shards, 2)
         gathered = self.chain.to(self.work)
         self.k, self.v = gathered[..., :dim], gathered[..., dim:2 * dim]
         self.mask = gathered[:, 0, :, 2 * dim] == 0 if self.masked else None
         self.positions = plan.gathered[self.rank]
 
+    def _on(self, index):
+        """Plan tensors (made on the CPU) on the call's device: one, or a list of them."""
+        if isinstance(index, Tensor):
+            return index.to(self.device)
+        return [x.to(self.device) for x in index]
+
     def _exchange(self, x: Tensor, send: list[Tensor], received: list[int]) -> Tensor:
-        self.chain = exchange(_After.apply(x, self.chain), send, received, self.shards, 2)
+        self.chain = exchange(_After.apply(x, self.chain), self._on(send), received,
+                              self.shards, 2)
         return self.chain
 
     def _table_key(self, part: Part, kind: str) -> tuple:
@@ -400,7 +430,7 @@ class _Call:
 
     def _own_keys(self, positions: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         """The gathered keys, values and mask at `positions` (a view when they are a run)."""
-        index = torch.searchsorted(self.positions, positions)
+        index = self._on(torch.searchsorted(self.positions, positions))
         if index.numel() and int(index[-1] - index[0]) == index.numel() - 1 and bool(
                 (index.diff() == 1).all()):
             a, b = int(index[0]), int(index[-1]) + 1
@@ -423,64 +453,77 @@ class _Call:
             rows = torch.arange(s - skip, e)
             q = torch.nn.functional.pad(q, (0, 0, skip, 0))
             blocks = part.blocks[torch.unique(rows // block)][:, torch.unique(positions // block)]
-            allowed = _remapped(part.pattern, rows, positions, skip)
+            allowed = _remapped(part.pattern, rows, positions, self.device, skip)
             result = self._run(Part(part.name, allowed, None, block, blocks=blocks), kind, q, k,
                                v, mask)
             return None if result is None else tuple(x[:, :, :, skip:] for x in result)
         if kind == "folded":  # rows and keys by (residue class, position): reaches are runs
             fold = part.fold
             order = torch.argsort(rows % fold * n + rows)
-            rows, q = rows[order], q[:, :, :, order]
+            rows, q = rows[order], q[:, :, :, self._on(order)]
             residue, first, last = _folded_reach(part, rows, n)
             order_keys = positions % fold * n + positions
             low, high = residue * n + first * fold + residue, residue * n + last * fold + residue
-            allowed = _remapped(unfolded(part.pattern, fold), rows, positions)
+            allowed = _remapped(unfolded(part.pattern, fold), rows, positions, self.device)
         elif kind == "picked":
             first, last = _pooled_reach(part, rows, n, self.causal)
             order_keys, low, high = ids, first, last
-            allowed = _remapped(part.pattern, rows, ids)
+            allowed = _remapped(part.pattern, rows, ids, self.device)
         else:
             first, last = part.reach(rows)
             order_keys, low, high = positions, first.clamp_min(0), last.clamp_max(n - 1)
-            allowed = _remapped(part.pattern, rows, positions)
-        reach = _reach(order_keys, low, high)
+            allowed = _remapped(part.pattern, rows, positions, self.device)
+        reach = _reach(order_keys, low, high, self.device)
         result = self._run(Part(part.name, allowed, reach, part.extent), kind, q, k, v, mask)
         if result is None or kind != "folded":
             return result
-        inverse = torch.argsort(order)
+        inverse = self._on(torch.argsort(order))
         return tuple(x[:, :, :, inverse] for x in result)
 
     def pooled_run(self, index: int, part: Part, share: _PartPlan) -> tuple[Tensor, Tensor] | None:
-        """This rank's rows of a pooled part: the pooled keys built here (of the groups whose last
-        position is in this shard) go to the ranks that reach them; the ones reached here come
-        back from their builders."""
-        group, dim = part.pool.group, self.dim
-        j0, j1 = self.plan.built[index][self.rank]
-        batch, kv_heads = self.k.shape[:2]
-        if j1 > j0:
-            a = int(torch.searchsorted(self.positions, j0 * group))
-            length = min(j1 * group, self.n) - j0 * group
-            mask = None if self.mask is None else self.mask[:, a:a + length]
-            pooled = part.pool.build(self.k[:, :, a:a + length], self.v[:, :, a:a + length],
-                                     mask)
-            flag = torch.zeros(batch, j1 - j0, dtype=self.work) if pooled.bias is None else \
-                pooled.bias.to(self.work).expand(batch, -1)[:, :j1 - j0]
-            if pooled.real is not None:
-                flag = torch.where(pooled.real[:, :j1 - j0], flag, float("-inf"))
-            built = torch.cat([pooled.k[:, :, :j1 - j0], pooled.v[:, :, :j1 - j0],
-                               flag[:, None, :, None].expand(-1, kv_heads, -1, 1)], -1)
-        else:
-            built = self.k.new_zeros(batch, kv_heads, 0, 2 * dim + 1)
-        received = self._exchange(built, *self.plan.pooled_sends(index, self.rank))
-        flag = received[:, 0, :, 2 * dim]
+        """This rank's rows of a pooled part, against the pooled keys they reach: built here
+        when their keys are here, else by the rank their group ends in, which sends them."""
+        dim, built = self.dim, self.plan.built[index][self.rank]
+        built_keys = self._build(part, built)
+        arrived = self._exchange(built_keys, *self.plan.pooled_sends(index, self.rank))
+        ids = share.ids[self.rank]
+        here = ids[torch.isin(ids, built)]
+        order = torch.argsort(torch.cat([self.plan.pooled_received(index, self.rank), here]))
+        own = built_keys[:, :, self._on(torch.searchsorted(built, here))]
+        pooled = torch.cat([arrived, own], 2)[:, :, self._on(order)]  # by pooled key index
+        flag = pooled[:, 0, :, 2 * dim]
         real = flag > float("-inf")
-        ids, rows = share.ids[self.rank], torch.arange(self.start, self.stop)
+        rows = torch.arange(self.start, self.stop)
         first, last = _pooled_reach(part, rows, self.n, self.causal)
-        remapped = Part(part.name, _remapped(part.pattern, rows, ids), _reach(ids, first, last),
-                        part.extent)
-        return self._run(remapped, "pooled", self.q, received[..., :dim],
-                         received[..., dim:2 * dim], real if self.masked else None,
-                         torch.where(real, flag, 0.0))
+        remapped = Part(part.name, _remapped(part.pattern, rows, ids, self.device),
+                        _reach(ids, first, last, self.device), part.extent)
+        return self._run(remapped, "pooled", self.q, pooled[..., :dim], pooled[..., dim:2 * dim],
+                         real if self.masked else None, torch.where(real, flag, 0.0))
+
+    def _build(self, part: Part, built: Tensor) -> Tensor:
+        """The pooled keys `built` (increasing), from the gathered keys: (B, Hkv, len(built),
+        2D + 1), keys, values and a flag: the pooled key's score bias, -inf for one without
+        a real key (never attended to)."""
+        group, dim, n = part.pool.group, self.dim, self.n
+        batch, kv_heads = self.k.shape[:2]
+        pieces = [self.k.new_zeros(batch, kv_heads, 0, 2 * dim + 1)]
+        # Runs of consecutive groups: their keys are one slice of the gathered ones.
+        for run in torch.tensor_split(built, (built.diff() != 1).nonzero()[:, 0] + 1):
+            if run.numel() == 0:
+                continue
+            first, end, size = int(run[0]) * group, min((int(run[-1]) + 1) * group, n), run.numel()
+            a = int(torch.searchsorted(self.positions, first))
+            keys = slice(a, a + end - first)
+            pooled = part.pool.build(self.k[:, :, keys], self.v[:, :, keys],
+                                     None if self.mask is None else self.mask[:, keys])
+            flag = torch.zeros(batch, size, dtype=self.work, device=self.device)
+            if pooled.bias is not None:
+                flag = flag + pooled.bias.to(self.work)[:, :size]
+            if pooled.real is not None:
+                flag = torch.where(pooled.real[:, :size], flag, float("-inf"))
+            pieces.append(torch.cat([pooled.k[:, :, :size], pooled.v[:, :, :size],
+                                     flag[:, None, :, None].expand(-1, kv_heads, -1, 1)], -1))
+        return torch.cat(pieces, 2)
 
     def travelling_rows(self) -> tuple[Tensor, Tensor]:
         """The parts whose rows travel: this rank's rows go to the ranks holding keys they
@@ -499,9 +542,10 @@ class _Call:
                 continue
             rows = share.ids[self.rank]
             first, last = _row_reach(part, rows, self.n)
-            remapped = Part(part.name, _remapped(part.pattern, rows, torch.arange(s, e)),
-                            _reach(torch.arange(s, e), first, last), part.extent)
-            where = torch.searchsorted(here, rows)
+            keys = torch.arange(s, e)
+            remapped = Part(part.name, _remapped(part.pattern, rows, keys, self.device),
+                            _reach(keys, first, last, self.device), part.extent)
+            where = self._on(torch.searchsorted(here, rows))
             result = self._run(remapped, "rows", q[:, :, :, where], k, v, self.local_mask)
             if result is not None:
                 partials.append(_placed(result, where, here.numel()))
@@ -517,23 +561,23 @@ class _Call:
         back = self._exchange(payload, [(owners == r).nonzero()[:, 0] for r in
                                         range(plan.world)], [int(x.numel()) for x in send])
         back = back.reshape(batch, kv_heads, groups, -1, dim + 1)
-        mine = torch.cat(send)  # local rows, by the rank that computed them
-        active = torch.unique(mine)
+        active = torch.unique(torch.cat(send))  # local rows some other rank computed for
         sources, offset = [], 0
         for rows in send:
             part_out = back[..., offset:offset + rows.numel(), :]
             offset += rows.numel()
             sources.append(_placed((part_out[..., :dim], part_out[..., dim]),
-                                   torch.searchsorted(active, rows), active.numel()))
+                                   self._on(torch.searchsorted(active, rows)), active.numel()))
         merged = merge_partial_attentions(sources) if len(sources) > 1 else sources[0]
-        return _placed(merged, active, e - s)
+        return _placed(merged, self._on(active), e - s)
 
 
-def _remapped(pattern, rows: Tensor, keys: Tensor, skip: int = 0):
+def _remapped(pattern, rows: Tensor, keys: Tensor, device: torch.device, skip: int = 0):
     """`pattern` over a run's rows and keys: pair (a, b) is pattern(rows[a], keys[b]), rows
     before `skip` allowed nothing. Engines evaluate padded rows and key slots past the ends
     (masked anyway): they read the last ones."""
     last_row, last_key = rows.numel() - 1, max(keys.numel() - 1, 0)
+    rows, keys = rows.to(device), keys.to(device)
 
     def allowed(a: Tensor, b: Tensor) -> Tensor:
         result = pattern(rows[a.clamp(0, last_row)], keys[b.clamp(0, last_key)])
@@ -542,11 +586,11 @@ def _remapped(pattern, rows: Tensor, keys: Tensor, skip: int = 0):
     return allowed
 
 
-def _reach(keys: Tensor, low: Tensor, high: Tensor):
+def _reach(keys: Tensor, low: Tensor, high: Tensor, device: torch.device):
     """The reach of a run whose key ids are `keys` (increasing): row a reaches the keys with
     ids in [low[a], high[a]]."""
-    first = torch.searchsorted(keys, low)
-    last = torch.searchsorted(keys, high, right=True) - 1
+    first = torch.searchsorted(keys, low).to(device)
+    last = (torch.searchsorted(keys, high, right=True) - 1).to(device)
     top = first.numel() - 1
 
     def reach(a: Tensor) -> tuple[Tensor, Tensor]:
@@ -598,8 +642,8 @@ def planned_traffic(attn: Attention, bounds: tuple[int, ...], causal: bool, shap
     traffic = []
     for rank in range(plan.world):
         moves = [(*plan.key_sends(rank), batch * shape.kv_heads * (2 * dim + masked) * item)]
-        moves += [(*plan.pooled_sends(index, rank), batch * shape.kv_heads * (2 * dim + 1) * work)
-                  for index in plan.built]
+        moves += [(*plan.pooled_sends(index, rank),
+                   batch * shape.kv_heads * (2 * dim + 1) * work) for index in plan.built]
         if plan.rows_travel:
             send, received = plan.row_sends(rank)
             moves.append((send, received, batch * shape.q_heads * dim * item))
