@@ -156,3 +156,9 @@ def test_causal_local_sends_only_the_halo():
         assert (back_sent, back_received) == (received, sent)
         ring = (bounds[-1] - (stop - start)) * key_bytes
         assert received < ring
+
+
+def test_gather_refuses_a_variant_without_parts():
+    q = k = v = torch.zeros(1, 2, 4, 4)
+    with pytest.raises(TypeError, match="PatternAttention.*'lsh'"):
+        gather.attend(attn_zoo.build("lsh"), q, k, v, False, None, None)

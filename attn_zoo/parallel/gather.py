@@ -10,9 +10,10 @@ those rows, and the parts merge by log-sum-exp as in one process:
   halo from the neighbouring rank(s) for a band, the listed blocks and the global keys
   otherwise. These positions, for all parts together, are gathered in one exchange of keys
   and values (with a padding flag when a mask is given);
-* a pooled part (block means, compressed groups) reaches pooled keys: each is built by the
-  rank holding its group's last position (a straddling group completed by the few keys before
-  that rank's shard, usually in its halo already), and sent to the ranks that reach it, in one
+* a pooled part (block means, compressed groups) reaches pooled keys: a rank builds those it
+  reaches whose keys it gathers anyway (`Pool.group`); each other one is built by the rank
+  holding its group's last position (a straddling group completed by the few keys before that
+  rank's shard, usually in its halo already) and sent to the ranks that reach it, in one
   exchange per pooled part; a part whose pooled keys are the call's own keys picked out
   (sparse_fixed's summary columns) gathers them as keys;
 * rows that reach every key (longformer's and bigbird's global rows) are not served by
@@ -74,6 +75,8 @@ class _Plan:
     gathered[r]: the positions rank r gathers, increasing (its own shard included).
     built[p][r]: the pooled keys rank r builds for pooled part p, increasing: those it reaches
     whose keys it gathers anyway, and those others reach whose group ends in its shard.
+    travelling[r]: the rows (of every rank) rank r computes for the parts whose rows travel,
+    increasing (none when no part's rows travel).
     """
 
     bounds: tuple[int, ...]
@@ -82,6 +85,7 @@ class _Plan:
     shares: list[_PartPlan]
     gathered: list[Tensor]
     built: dict[int, list[Tensor]]
+    travelling: list[Tensor]
 
     @property
     def world(self) -> int:
@@ -128,18 +132,11 @@ class _Plan:
         """The shard rows rank sends to each rank for the parts whose rows travel, and how
         many rows it receives from each."""
         s, e = self.shard(rank)
-        send = [rows[(rows >= s) & (rows < e)] - s for rows in self.travelling_rows]
-        mine = self.travelling_rows[rank]
+        send = [rows[(rows >= s) & (rows < e)] - s for rows in self.travelling]
+        mine = self.travelling[rank]
         received = [int(((mine >= a) & (mine < b)).sum())
                     for a, b in map(self.shard, range(self.world))]
         return send, received
-
-    @property
-    def travelling_rows(self) -> list[Tensor]:
-        """travelling_rows[r]: the rows (of every rank) computed on rank r, increasing."""
-        shares = [share for share in self.shares if share.kind == "rows"]
-        return [torch.unique(torch.cat([share.ids[r] for share in shares]))
-                for r in range(self.world)]
 
     @property
     def rows_travel(self) -> bool:
@@ -199,7 +196,9 @@ def _build_plan(attn: PatternAttention, bounds: tuple[int, ...], causal: bool, q
             wanted[r] |= _cover(for_others * group, ((for_others + 1) * group).clamp_max(n) - 1,
                                 n)
     gathered = [mask.nonzero()[:, 0] for mask in wanted]
-    return _Plan(bounds, causal, parts, shares, gathered, built)
+    travelling = [share.ids for share in shares if share.kind == "rows"]
+    travelling = [torch.unique(torch.cat(rows)) for rows in zip(*travelling, strict=True)]
+    return _Plan(bounds, causal, parts, shares, gathered, built, travelling)
 
 
 def _owners(bounds: tuple[int, ...], positions: Tensor) -> Tensor:
@@ -533,7 +532,7 @@ class _Call:
         send, received = plan.row_sends(self.rank)
         arrived = self._exchange(self.q_input, send, received)
         batch, kv_heads, groups = self.q.shape[:3]
-        here = plan.travelling_rows[self.rank]
+        here = plan.travelling[self.rank]
         q = arrived.to(self.work).reshape(batch, kv_heads, groups, -1, dim)
         k, v = self.local
         partials = []
@@ -647,7 +646,7 @@ def planned_traffic(attn: Attention, bounds: tuple[int, ...], causal: bool, shap
         if plan.rows_travel:
             send, received = plan.row_sends(rank)
             moves.append((send, received, batch * shape.q_heads * dim * item))
-            here = _owners(bounds, plan.travelling_rows[rank])
+            here = _owners(bounds, plan.travelling[rank])
             back = [(here == r).nonzero()[:, 0] for r in range(plan.world)]
             moves.append((back, [int(x.numel()) for x in send],
                           batch * shape.q_heads * (dim + 1) * work))
