@@ -40,6 +40,7 @@ from torch import Tensor
 
 from attn_zoo.attention import Attention, PatternAttention, with_sink
 from attn_zoo.blocksparse import block_sparse_attention, cached_key_blocks, merge_partial_attentions
+from attn_zoo.parallel import CallShape, Traffic
 from attn_zoo.parallel.comm import Shards, exchange
 from attn_zoo.patterns import Part, unfolded
 
@@ -137,6 +138,13 @@ class _Plan:
         received = [int(((mine >= a) & (mine < b)).sum())
                     for a, b in map(self.shard, range(self.world))]
         return send, received
+
+    def partial_sends(self, rank: int) -> tuple[list[Tensor], list[int]]:
+        """The partials of the rows rank computed (indices into travelling[rank]) it sends back
+        to each rank, their owner, and how many of its own rows' partials each sends here."""
+        owners = _owners(self.bounds, self.travelling[rank])
+        send = [(owners == r).nonzero()[:, 0] for r in range(self.world)]
+        return send, [int(rows.numel()) for rows in self.row_sends(rank)[0]]
 
     @property
     def rows_travel(self) -> bool:
@@ -430,11 +438,10 @@ class _Call:
     def _own_keys(self, positions: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         """The gathered keys, values and mask at `positions` (a view when they are a run)."""
         index = self._on(torch.searchsorted(self.positions, positions))
-        if index.numel() and int(index[-1] - index[0]) == index.numel() - 1 and bool(
-                (index.diff() == 1).all()):
-            a, b = int(index[0]), int(index[-1]) + 1
-            return self.k[:, :, a:b], self.v[:, :, a:b], None if self.mask is None else \
-                self.mask[:, a:b]
+        if index.numel() and bool((index.diff() == 1).all()):
+            keys = slice(int(index[0]), int(index[-1]) + 1)
+            return (self.k[:, :, keys], self.v[:, :, keys],
+                    None if self.mask is None else self.mask[:, keys])
         return (self.k.index_select(2, index), self.v.index_select(2, index),
                 None if self.mask is None else self.mask.index_select(1, index))
 
@@ -556,11 +563,9 @@ class _Call:
         # Back to the rows' owners, the lse beside the output.
         payload = torch.cat([out, lse[..., None]], -1).reshape(batch, kv_heads * groups, -1,
                                                                 dim + 1)
-        owners = _owners(plan.bounds, here)
-        back = self._exchange(payload, [(owners == r).nonzero()[:, 0] for r in
-                                        range(plan.world)], [int(x.numel()) for x in send])
+        back = self._exchange(payload, *plan.partial_sends(self.rank))
         back = back.reshape(batch, kv_heads, groups, -1, dim + 1)
-        active = torch.unique(torch.cat(send))  # local rows some other rank computed for
+        active = torch.unique(torch.cat(send))  # this shard's rows that travelled
         sources, offset = [], 0
         for rows in send:
             part_out = back[..., offset:offset + rows.numel(), :]
@@ -627,13 +632,11 @@ class _After(torch.autograd.Function):
 # -- traffic --------------------------------------------------------------------------------
 
 
-def planned_traffic(attn: Attention, bounds: tuple[int, ...], causal: bool, shape,
-                    masked: bool = False) -> list:
+def planned_traffic(attn: Attention, bounds: tuple[int, ...], causal: bool, shape: CallShape,
+                    masked: bool = False) -> list[Traffic]:
     """The bytes each rank sends and receives in a call over shards `bounds`, forward and
     backward (`attn_zoo.parallel.Traffic` per rank), as the exchanges record them; `masked`:
     with a key_padding_mask (a padding flag travels beside each key)."""
-    from attn_zoo.parallel import Traffic
-
     bounds = tuple(bounds)
     plan = _plan(attn, bounds, causal, shape.q_heads, shape.kv_heads, shape.head_dim)
     batch, dim, item = shape.batch, shape.head_dim, shape.itemsize
@@ -646,10 +649,7 @@ def planned_traffic(attn: Attention, bounds: tuple[int, ...], causal: bool, shap
         if plan.rows_travel:
             send, received = plan.row_sends(rank)
             moves.append((send, received, batch * shape.q_heads * dim * item))
-            here = _owners(bounds, plan.travelling[rank])
-            back = [(here == r).nonzero()[:, 0] for r in range(plan.world)]
-            moves.append((back, [int(x.numel()) for x in send],
-                          batch * shape.q_heads * (dim + 1) * work))
+            moves.append((*plan.partial_sends(rank), batch * shape.q_heads * (dim + 1) * work))
         sent = sum((sum(int(x.numel()) for x in send) - int(send[rank].numel())) * size
                    for send, _, size in moves)
         received = sum((sum(counts) - counts[rank]) * size for _, counts, size in moves)
