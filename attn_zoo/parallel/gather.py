@@ -75,7 +75,8 @@ class _Plan:
     parts: the engine parts over the whole sequence; shares: one `_PartPlan` each.
     gathered[r]: the positions rank r gathers, increasing (its own shard included).
     built[p][r]: the pooled keys rank r builds for pooled part p, increasing: those it reaches
-    whose keys it gathers anyway, and those others reach whose group ends in its shard.
+    whose keys it gathers anyway, and those others reach whose group ends in its shard;
+    arriving[p][r]: those rank r reaches but does not build, increasing.
     travelling[r]: the rows (of every rank) rank r computes for the parts whose rows travel,
     increasing (none when no part's rows travel).
     """
@@ -86,6 +87,7 @@ class _Plan:
     shares: list[_PartPlan]
     gathered: list[Tensor]
     built: dict[int, list[Tensor]]
+    arriving: dict[int, list[Tensor]]
     travelling: list[Tensor]
 
     @property
@@ -109,25 +111,13 @@ class _Plan:
         """The pooled keys (indices into its built ones) rank sends to each rank for pooled part
         `index`, and how many it receives from each: a rank receives the pooled keys it reaches
         but does not build, from the rank their group ends in."""
-        built, owners = self.built[index][rank], self.pooled_owners(index)
-        send = []
-        for r in range(self.world):
-            wanted = self.pooled_received(index, r)
-            send.append(torch.searchsorted(built, wanted[owners(wanted) == rank])
-                        if r != rank else built[:0])
-        arriving = owners(self.pooled_received(index, rank))
-        received = [int((arriving == r).sum()) for r in range(self.world)]
+        built, group = self.built[index][rank], self.parts[index].pool.group
+        builders = [_owners(self.bounds, ((ids + 1) * group).clamp_max(self.bounds[-1]) - 1)
+                    for ids in self.arriving[index]]
+        send = [torch.searchsorted(built, ids[by == rank])
+                for ids, by in zip(self.arriving[index], builders, strict=True)]
+        received = [int((builders[rank] == r).sum()) for r in range(self.world)]
         return send, received
-
-    def pooled_received(self, index: int, rank: int) -> Tensor:
-        """The pooled keys of part `index` rank reaches but does not build, increasing."""
-        wanted = self.shares[index].ids[rank]
-        return wanted[~torch.isin(wanted, self.built[index][rank])]
-
-    def pooled_owners(self, index: int):
-        """The rank each pooled key's group ends in, as a function of pooled key indices."""
-        group, n = self.parts[index].pool.group, self.bounds[-1]
-        return lambda ids: _owners(self.bounds, ((ids + 1) * group).clamp_max(n) - 1)
 
     def row_sends(self, rank: int) -> tuple[list[Tensor], list[int]]:
         """The shard rows rank sends to each rank for the parts whose rows travel, and how
@@ -186,7 +176,7 @@ def _build_plan(attn: PatternAttention, bounds: tuple[int, ...], causal: bool, q
         for share in shares:
             if share.positions[r] is not None:
                 wanted[r][share.positions[r]] = True
-    built = {}
+    built, arriving = {}, {}
     for index, (part, share) in enumerate(zip(parts, shares, strict=True)):
         if share.kind != "pooled":
             continue
@@ -197,16 +187,18 @@ def _build_plan(attn: PatternAttention, bounds: tuple[int, ...], causal: bool, q
         remote = torch.unique(torch.cat([ids[~torch.isin(ids, mine)]
                                          for ids, mine in zip(share.ids, local, strict=True)]))
         owners = _owners(bounds, ((remote + 1) * group).clamp_max(n) - 1)
-        built[index] = []
+        built[index], arriving[index] = [], []
         for r in range(world):
             for_others = remote[owners == r]
             built[index].append(torch.unique(torch.cat([local[r], for_others])))
+            ids = share.ids[r]
+            arriving[index].append(ids[~torch.isin(ids, built[index][r])])
             wanted[r] |= _cover(for_others * group, ((for_others + 1) * group).clamp_max(n) - 1,
                                 n)
     gathered = [mask.nonzero()[:, 0] for mask in wanted]
     travelling = [share.ids for share in shares if share.kind == "rows"]
     travelling = [torch.unique(torch.cat(rows)) for rows in zip(*travelling, strict=True)]
-    return _Plan(bounds, causal, parts, shares, gathered, built, travelling)
+    return _Plan(bounds, causal, parts, shares, gathered, built, arriving, travelling)
 
 
 def _owners(bounds: tuple[int, ...], positions: Tensor) -> Tensor:
@@ -308,10 +300,11 @@ def _row_reach(part: Part, rows: Tensor, n: int) -> tuple[Tensor, Tensor]:
     if part.blocks is None:
         first, last = part.reach(rows)
         return first.clamp_min(0), last.clamp_max(n - 1)
-    block, layout = part.extent, part.blocks
-    columns = torch.arange(layout.shape[1])
-    first = torch.where(layout, columns, n).amin(1) * block
-    last = ((torch.where(layout, columns, -1).amax(1) + 1) * block - 1).clamp_max(n - 1)
+    block, layout = part.extent, part.blocks.to(torch.uint8)
+    listed = part.blocks.any(1)
+    first = torch.where(listed, layout.argmax(1) * block, n)  # argmax: the first maximum
+    last = layout.shape[1] - layout.flip(1).argmax(1)
+    last = torch.where(listed, (last * block).clamp_max(n) - 1, -1)
     return first[rows // block], last[rows // block]
 
 
@@ -494,7 +487,7 @@ class _Call:
         arrived = self._exchange(built_keys, *self.plan.pooled_sends(index, self.rank))
         ids = share.ids[self.rank]
         here = ids[torch.isin(ids, built)]
-        order = torch.argsort(torch.cat([self.plan.pooled_received(index, self.rank), here]))
+        order = torch.argsort(torch.cat([self.plan.arriving[index][self.rank], here]))
         own = built_keys[:, :, self._on(torch.searchsorted(built, here))]
         pooled = torch.cat([arrived, own], 2)[:, :, self._on(order)]  # by pooled key index
         flag = pooled[:, 0, :, 2 * dim]
