@@ -393,8 +393,7 @@ class _Call:
             rows = [torch.where(real, k, 0.0), torch.where(real, v, 0.0),
                     torch.where(real, 0.0, float("-inf")).to(k.dtype).expand(
                         batch, kv_heads, n_local, 1)]
-        self.local = [x.to(self.work) for x in rows[:2]]
-        self.local_mask = key_padding_mask
+        self.local, self.local_mask = rows[:2], key_padding_mask
         send, received = plan.key_sends(self.rank)
         self.chain = exchange(torch.cat(rows, -1), self._on(send), received, shards, 2)
         gathered = self.chain.to(self.work)
@@ -534,7 +533,7 @@ class _Call:
         batch, kv_heads, groups = self.q.shape[:3]
         here = plan.travelling[self.rank]
         q = arrived.to(self.work).reshape(batch, kv_heads, groups, -1, dim)
-        k, v = self.local
+        k, v = (x.to(self.work) for x in self.local)
         partials = []
         for part, share in zip(plan.parts, plan.shares, strict=True):
             if share.kind != "rows":
