@@ -162,3 +162,17 @@ def test_gather_refuses_a_variant_without_parts():
     q = k = v = torch.zeros(1, 2, 4, 4)
     with pytest.raises(TypeError, match="PatternAttention.*'lsh'"):
         gather.attend(attn_zoo.build("lsh"), q, k, v, False, None, None)
+
+
+@pytest.mark.parametrize(("name", "params"), [
+    ("longformer", {"window": 16, "n_global": 4}),
+    ("bigbird", {"block": 16, "window_blocks": 1, "n_global_blocks": 1, "n_random": 0}),
+])
+def test_global_rows_travel_instead_of_gathering_every_key(name, params):
+    bounds, shape = (0, 1024, 2048, 3072, 4096), CallShape(1, 4, 4, 16, 4)
+    attn = attn_zoo.build(name, **params)
+    owner = attn_zoo.parallel.planned_traffic(attn, bounds, False, shape)[0]
+    every_key = 3072 * 2 * 4 * 16 * 4  # the other shards' keys and values
+    # The global rows' owner receives its band's halo, the global rows' partials and
+    # (bigbird) its neighbour's window block: a small fraction of every key.
+    assert owner.forward_received < every_key / 16
