@@ -47,6 +47,10 @@ CASES = [
     ("compressive", {"segment": 2, "mem_len": 4, "cmem_len": 2, "rate": 2,
                      "compress": "conv", "sinks": 4}, True, 1, (14, 12), (9, 6, 6, 5),
      "shard"),
+    # The same call again with other weights: a module must pool with its own conv taps.
+    ("compressive", {"segment": 2, "mem_len": 4, "cmem_len": 2, "rate": 2,
+                     "compress": "conv", "sinks": 4}, True, 1, (14, 12), (9, 6, 6, 5),
+     "shard"),
 ]
 Q_HEADS, DIM, BATCH = 4, 4, 2
 

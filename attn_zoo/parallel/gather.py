@@ -60,19 +60,22 @@ class _PartPlan:
     ids[r]: the key ids rank r's run reads, in the run's order: positions ("plain", "folded",
     "blocks"), pooled key indices ("picked", "pooled"); for "rows", the rows of every rank
     that reach keys of rank r, increasing. positions[r]: the own-key positions of ids[r]
-    (None for "pooled" and "rows").
+    (None for "pooled" and "rows"). group: a pooled part's `Pool.group`.
     """
 
     kind: str
     ids: list[Tensor]
     positions: list[Tensor | None]
+    group: int = 0
 
 
 @dataclass(frozen=True)
 class _Plan:
     """Who sends what to whom in one call, for every rank.
 
-    parts: the engine parts over the whole sequence; shares: one `_PartPlan` each.
+    shares: one `_PartPlan` per engine part over the whole sequence. The parts themselves are
+    not kept: a plan serves every module with the same parameters, and a part's pooling reads
+    its own module's learned weights.
     gathered[r]: the positions rank r gathers, increasing (its own shard included).
     built[p][r]: the pooled keys rank r builds for pooled part p, increasing: those it reaches
     whose keys it gathers anyway, and those others reach whose group ends in its shard;
@@ -83,7 +86,6 @@ class _Plan:
 
     bounds: tuple[int, ...]
     causal: bool
-    parts: list[Part]
     shares: list[_PartPlan]
     gathered: list[Tensor]
     built: dict[int, list[Tensor]]
@@ -111,7 +113,7 @@ class _Plan:
         """The pooled keys (indices into its built ones) rank sends to each rank for pooled part
         `index`, and how many it receives from each: a rank receives the pooled keys it reaches
         but does not build, from the rank their group ends in."""
-        built, group = self.built[index][rank], self.parts[index].pool.group
+        built, group = self.built[index][rank], self.shares[index].group
         builders = [_owners(self.bounds, ((ids + 1) * group).clamp_max(self.bounds[-1]) - 1)
                     for ids in self.arriving[index]]
         send = [torch.searchsorted(built, ids[by == rank])
@@ -198,7 +200,7 @@ def _build_plan(attn: PatternAttention, bounds: tuple[int, ...], causal: bool, q
     gathered = [mask.nonzero()[:, 0] for mask in wanted]
     travelling = [share.ids for share in shares if share.kind == "rows"]
     travelling = [torch.unique(torch.cat(rows)) for rows in zip(*travelling, strict=True)]
-    return _Plan(bounds, causal, parts, shares, gathered, built, arriving, travelling)
+    return _Plan(bounds, causal, shares, gathered, built, arriving, travelling)
 
 
 def _owners(bounds: tuple[int, ...], positions: Tensor) -> Tensor:
@@ -272,7 +274,8 @@ def _keys_share(part: Part, shards: list[Tensor], n: int, causal: bool) -> _Part
             wanted = _cover(*_pooled_reach(part, rows, n, causal), count).nonzero()[:, 0]
             ids.append(wanted)
             positions.append(None if part.pool.group else part.pool.position(wanted))
-        return _PartPlan("pooled" if part.pool.group else "picked", ids, positions)
+        return _PartPlan("pooled" if part.pool.group else "picked", ids, positions,
+                         part.pool.group)
     if part.fold > 1:
         fold = part.fold
         width = -(-n // fold) + 1
@@ -350,7 +353,7 @@ def attend(attn: Attention, q: Tensor, k: Tensor, v: Tensor, causal: bool,
     plan = _plan(attn, shards.bounds, causal, q_heads, kv_heads, dim)
     call = _Call(attn, plan, shards, causal, q, k, v, key_padding_mask)
     results = []
-    for index, (part, share) in enumerate(zip(plan.parts, plan.shares, strict=True)):
+    for index, (part, share) in enumerate(zip(call.parts, plan.shares, strict=True)):
         if share.kind == "pooled":
             results.append(call.pooled_run(index, part, share))
         elif share.kind != "rows":
@@ -377,6 +380,7 @@ class _Call:
                  q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> None:
         self.attn, self.plan, self.shards, self.causal = attn, plan, shards, causal
         self.rank, self.n = shards.rank, plan.bounds[-1]
+        self.parts = attn.engine_parts(self.n, self.n, causal)
         self.start, self.stop = shards.start, shards.stop
         batch, q_heads, n_local, dim = q.shape
         kv_heads = k.shape[1]
@@ -535,7 +539,7 @@ class _Call:
         q = arrived.to(self.work).reshape(batch, kv_heads, groups, -1, dim)
         k, v = (x.to(self.work) for x in self.local)
         partials = []
-        for part, share in zip(plan.parts, plan.shares, strict=True):
+        for part, share in zip(self.parts, plan.shares, strict=True):
             if share.kind != "rows":
                 continue
             rows = share.ids[self.rank]
