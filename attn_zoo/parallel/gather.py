@@ -85,7 +85,6 @@ class _Plan:
     """
 
     bounds: tuple[int, ...]
-    causal: bool
     shares: list[_PartPlan]
     gathered: list[Tensor]
     built: dict[int, list[Tensor]]
@@ -200,7 +199,7 @@ def _build_plan(attn: PatternAttention, bounds: tuple[int, ...], causal: bool, q
     gathered = [mask.nonzero()[:, 0] for mask in wanted]
     travelling = [share.ids for share in shares if share.kind == "rows"]
     travelling = [torch.unique(torch.cat(rows)) for rows in zip(*travelling, strict=True)]
-    return _Plan(bounds, causal, shares, gathered, built, arriving, travelling)
+    return _Plan(bounds, shares, gathered, built, arriving, travelling)
 
 
 def _owners(bounds: tuple[int, ...], positions: Tensor) -> Tensor:
