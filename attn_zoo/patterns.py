@@ -168,11 +168,16 @@ class Pool:
     """How a part's pooled keys are built and where they sit.
 
     build(k, v, key_padding_mask) -> Pooled; position(J): the last position pooled key J
-    stands for (causality keeps J when position(J) <= i).
+    stands for (causality keeps J when position(J) <= i); group: see below.
     """
 
     build: Callable[[Tensor, Tensor, Tensor | None], Pooled]
     position: Callable[[Tensor], Tensor]
+    group: int = 0
+    """What pooled key J is made of, so that it can be built where its keys are (context
+    parallelism): > 0: the keys [J * group, (J + 1) * group) alone (the last group cut by the
+    sequence's end), and `build` over keys that start at a group boundary gives the pooled
+    keys of the groups there; 0: the call's own key at position(J), picked out (no bias)."""
 
 
 @dataclass(frozen=True)

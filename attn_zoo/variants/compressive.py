@@ -141,7 +141,7 @@ class CompressiveAttention(PatternAttention):
                 last = end(i)
                 return last - cmem_len, last - 1
 
-            pool = Pool(self._pool, lambda groups: groups * rate + rate - 1)
+            pool = Pool(self._pool, lambda groups: groups * rate + rate - 1, group=rate)
             # The groups a query sees move by segment // rate from one segment to the next:
             # tiles of that size (or of cmem_len, if smaller) cover them without waste.
             parts.append(Part("compressed", newest, compressed, min(cmem_len, segment // rate),

@@ -100,7 +100,7 @@ class HierarchicalAttention(PatternAttention):
         parts = [Part("window", block_band(block, window_blocks), window, block)]
         n_blocks = -(-n // block)
         if n_blocks - 1 > window_blocks:  # some query has a block outside its window
-            pool = Pool(self._pool, lambda pooled: pooled * block + block - 1)
+            pool = Pool(self._pool, lambda pooled: pooled * block + block - 1, group=block)
             parts.append(Part("pooled", far, every_key, n_blocks, pool=pool))
         return parts
 

@@ -58,6 +58,9 @@ class SparseStridedAttention(PatternAttention):
     Params = SparseStridedParams
     backends = ("torch", "flex", "triton")
     static_pattern = True
+    # A shard longer than the stride reaches every residue class, so gathering its strided
+    # keys gathers nearly the whole sequence: twice the all-to-all over heads at 4 ranks.
+    parallel = "heads"
 
     def parts(self, n: int, m: int, causal: bool) -> list[Part]:
         stride = self.params.stride
