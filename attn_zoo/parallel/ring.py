@@ -150,8 +150,7 @@ class _Ring(torch.autograd.Function):
     def forward(ctx, q, k, v, key_padding_mask, causal, scale, engine, work, shards):
         world, rank = shards.world, shards.rank
         accumulate = _accumulation(work)
-        block = _keys(k, v, key_padding_mask)
-        result = None
+        queries, block, result = q.to(work), _keys(k, v, key_padding_mask), None
         for step in range(world):
             source = (rank - step) % world
             transfer = None
@@ -159,7 +158,7 @@ class _Ring(torch.autograd.Function):
                 transfer = _Step(block, _block(block, shards.lengths[(source - 1) % world]),
                                  shards, "ring")
             if not causal or source <= rank:
-                out, lse = engine(q.to(work), block[0].to(work), block[1].to(work),
+                out, lse = engine(queries, block[0].to(work), block[1].to(work),
                                   causal and source == rank, _mask(block), scale)
                 partial = (out.to(accumulate), lse.to(accumulate))
                 result = partial if result is None else merge_partial_attentions(
@@ -196,13 +195,13 @@ class _Ring(torch.autograd.Function):
             if step > 0:
                 outgoing += travelling
                 incoming += _block([k, v], shards.lengths[source], accumulate)
-            transfer = _Step(outgoing, incoming, shards, "ring.backward") if outgoing else None
+            transfer = _Step(outgoing, incoming, shards, "ring.backward")
             mine = None
             if not causal or source <= rank:
                 mine = _partial_gradients(ctx.engine, queries, block, causal and source == rank,
                                           ctx.scale, work, grad_out, shift, reached)
                 grad_q += mine[0].to(accumulate)
-            arrived = transfer.wait() if transfer is not None else []
+            arrived = transfer.wait()
             if step < world - 1:
                 block, arrived = arrived[:len(block)], arrived[len(block):]
             if mine is None:
