@@ -103,8 +103,16 @@ def _rank_case(case: Case) -> dict:
     }
 
 
+def _empty_batch() -> tuple[torch.Size, torch.Size]:
+    """An empty batch under context parallelism: its output's shape and q's gradient's."""
+    q = torch.zeros(0, 2, 3 + torch.distributed.get_rank(), DIM, requires_grad=True)
+    out = attn_zoo.context_parallel(attn_zoo.build("full"), q, q, q, causal=True)
+    out.sum().backward()
+    return out.shape, q.grad.shape
+
+
 def _rank_main(world: int) -> dict:
-    return {case.name: _rank_case(case) for case in CASES[world]}
+    return {"empty": _empty_batch(), **{case.name: _rank_case(case) for case in CASES[world]}}
 
 
 def _mask_bytes(bounds: tuple[int, ...]) -> list[Traffic]:
@@ -120,6 +128,8 @@ def _mask_bytes(bounds: tuple[int, ...]) -> list[Traffic]:
 @pytest.mark.parametrize("world", [2, 4])
 def test_ring_equals_one_process(world):
     results = run_ranks(world, _rank_main, world)
+    for rank, result in enumerate(results):
+        assert result["empty"] == ((0, 2, 3 + rank, DIM),) * 2
     for case in CASES[world]:
         tolerance = 1e-10 if case.dtype == torch.float64 else 2e-5
         per_rank = [result[case.name] for result in results]
