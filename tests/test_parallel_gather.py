@@ -109,9 +109,8 @@ def _rank_cases(world: int) -> list[dict]:
             reference = whole.grad[:, :, s:e]
             mine = torch.zeros_like(reference) if x.grad is None else x.grad
             errors[f"grad {label}"] = (mine - reference).abs().max().item()
-        shape = CallShape(BATCH, Q_HEADS, k.shape[1], DIM, 8)
-        planned = gather.planned_traffic(sharded, bounds, causal, shape,
-                                         masked=mask is not None)[rank]
+        shape = CallShape(BATCH, Q_HEADS, k.shape[1], DIM, 8, mask is not None)
+        planned = gather.planned_traffic(sharded, bounds, causal, shape)[rank]
         results.append({
             "case": f"{CASES[index][0]} {CASES[index][1]} causal={causal}",
             "errors": errors,

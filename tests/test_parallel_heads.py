@@ -125,7 +125,7 @@ def _compare(case: Case, bounds: tuple[int, ...], q_heads: int, kv_heads: int) -
     q, k, v, cotangent, mask = _inputs(bounds, q_heads, kv_heads, case.padded)
     single, parallel = _module(case, q_heads, kv_heads), _module(case, q_heads, kv_heads)
 
-    shape = CallShape(BATCH, q_heads, kv_heads, DIM, torch.float64.itemsize)
+    shape = CallShape(BATCH, q_heads, kv_heads, DIM, torch.float64.itemsize, mask is not None)
     plan = planned_traffic(parallel, bounds, case.causal, shape)[rank]  # before any call
     expected = _run(single, q, k, v, cotangent, mask, case.causal, parallel=False)
     rng_single = torch.get_rng_state()
@@ -149,12 +149,6 @@ def _compare(case: Case, bounds: tuple[int, ...], q_heads: int, kv_heads: int) -
                       torch.zeros_like(whole) if whole.grad is None else whole.grad))
     for (name, mine), whole in zip(parallel.named_buffers(), single.buffers(), strict=True):
         pairs.append((f"buffer {name}", mine, whole))
-
-    if mask is not None:  # the mask's all-gather: one byte per position
-        n, world = stop - start, len(bounds) - 1
-        plan = plan._replace(forward_sent=plan.forward_sent + BATCH * n * (world - 1),
-                             forward_received=plan.forward_received
-                             + BATCH * (bounds[-1] - n))
     pairs.append(("traffic", traffic_totals(transfers), plan))
     return pairs
 

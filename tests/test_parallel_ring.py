@@ -115,16 +115,6 @@ def _rank_main(world: int) -> dict:
     return {"empty": _empty_batch(), **{case.name: _rank_case(case) for case in CASES[world]}}
 
 
-def _mask_bytes(bounds: tuple[int, ...]) -> list[Traffic]:
-    """What a padding mask adds: one byte per entry and key position, sent and received with
-    the keys (every shard but the next rank's sent, every shard but one's own received)."""
-    world, n = len(bounds) - 1, bounds[-1]
-    lengths = [b - a for a, b in zip(bounds, bounds[1:], strict=False)]
-    return [Traffic(*[BATCH * (n - lengths[r])
-                      for r in ((rank + 1) % world, rank, (rank + 1) % world, rank)])
-            for rank in range(world)]
-
-
 @pytest.mark.parametrize("world", [2, 4])
 def test_ring_equals_one_process(world):
     results = run_ranks(world, _rank_main, world)
@@ -144,11 +134,8 @@ def test_ring_equals_one_process(world):
             torch.testing.assert_close(total, per_rank[0]["sink"][1], atol=tolerance,
                                        rtol=tolerance, msg=case.name)
         shape = CallShape(BATCH, case.q_heads, case.kv_heads, DIM,
-                          torch.tensor([], dtype=case.dtype).element_size())
+                          torch.tensor([], dtype=case.dtype).element_size(), case.padding)
         plan = planned_traffic(attn_zoo.build("full"), case.bounds, case.causal, shape)
-        if case.padding:
-            plan = [Traffic(*(a + b for a, b in zip(p, m, strict=True)))
-                    for p, m in zip(plan, _mask_bytes(case.bounds), strict=True)]
         assert [got["traffic"] for got in per_rank] == plan, case.name
 
 

@@ -35,13 +35,15 @@ __all__ = ["CallShape", "Shards", "Traffic", "Transfer", "context_parallel", "co
 
 
 class CallShape(NamedTuple):
-    """What a call's traffic depends on besides the pattern and the shards."""
+    """What a call's traffic depends on besides the pattern and the shards (`masked`: the
+    call has a key_padding_mask)."""
 
     batch: int
     q_heads: int
     kv_heads: int
     head_dim: int
     itemsize: int
+    masked: bool = False
 
 
 class Traffic(NamedTuple):

@@ -1,10 +1,11 @@
 """The communication under context parallelism: shards, a differentiable exchange, a ledger.
 
-Every byte a context-parallel call moves goes through `exchange` (an all-to-all of rows with
-uneven counts: halos, gathers of listed keys, all-gathers and the all-to-all over heads are
-all exchanges) or `shift` (one step of a ring), and is recorded in the ledger that
-`count_traffic` opens. Gradients travel back the same way: the backward of an exchange is the
-reverse exchange, with the gradients of a row sent to several ranks summed at its owner.
+Every byte a context-parallel call moves is recorded in the ledger that `count_traffic` opens:
+by `exchange` (an all-to-all of rows with uneven counts: halos, gathers of listed keys,
+all-gathers and the all-to-all over heads are all exchanges), or by the op that sends it
+through `record` (the ring's steps). Gradients travel back the same way: the backward of an
+exchange is the reverse exchange, with the gradients of a row sent to several ranks summed at
+its owner.
 """
 
 from __future__ import annotations

@@ -627,18 +627,18 @@ class _After(torch.autograd.Function):
 # -- traffic --------------------------------------------------------------------------------
 
 
-def planned_traffic(attn: Attention, bounds: tuple[int, ...], causal: bool, shape: CallShape,
-                    masked: bool = False) -> list[Traffic]:
+def planned_traffic(attn: Attention, bounds: tuple[int, ...], causal: bool,
+                    shape: CallShape) -> list[Traffic]:
     """The bytes each rank sends and receives in a call over shards `bounds`, forward and
-    backward (`attn_zoo.parallel.Traffic` per rank), as the exchanges record them; `masked`:
-    with a key_padding_mask (a padding flag travels beside each key)."""
+    backward (`attn_zoo.parallel.Traffic` per rank), as the exchanges record them (with a mask,
+    `shape.masked`, a padding flag travels beside each key)."""
     bounds = tuple(bounds)
     plan = _plan(attn, bounds, causal, shape.q_heads, shape.kv_heads, shape.head_dim)
     batch, dim, item = shape.batch, shape.head_dim, shape.itemsize
     work = max(item, 4)  # 16-bit inputs are computed in float32
     traffic = []
     for rank in range(plan.world):
-        moves = [(*plan.key_sends(rank), batch * shape.kv_heads * (2 * dim + masked) * item)]
+        moves = [(*plan.key_sends(rank), batch * shape.kv_heads * (2 * dim + shape.masked) * item)]
         moves += [(*plan.pooled_sends(index, rank),
                    batch * shape.kv_heads * (2 * dim + 1) * work) for index in plan.built]
         if plan.rows_travel:

@@ -57,8 +57,8 @@ def attend(attn: Attention, q: Tensor, k: Tensor, v: Tensor, causal: bool,
 
 def planned_traffic(attn: Attention, bounds: tuple[int, ...], causal: bool,
                     shape: CallShape) -> list[Traffic]:
-    """Bytes each rank moves in a call without key padding mask (a mask adds an all-gather of
-    B bytes per position, forward), forward and backward; in training mode the head buffers'
+    """Bytes each rank moves in a call, forward and backward: the mask's all-gather (B bytes
+    per position, forward) when `shape.masked`; in training mode the head buffers'
     all-gather (forward) too. Independent of `causal`."""
     world = len(bounds) - 1
     _check_heads(attn, shape.q_heads, shape.kv_heads, world)
@@ -74,9 +74,10 @@ def planned_traffic(attn: Attention, bounds: tuple[int, ...], causal: bool,
     plan = []
     for start, stop in zip(bounds, bounds[1:], strict=False):
         mine, others = (stop - start) * (world - 1), total - (stop - start)
+        mask = shape.batch * shape.masked
         plan.append(Traffic(
-            forward_sent=inputs * mine + outputs * others + buffers * (world - 1),
-            forward_received=inputs * others + outputs * mine + buffers * (world - 1),
+            forward_sent=(inputs + mask) * mine + outputs * others + buffers * (world - 1),
+            forward_received=(inputs + mask) * others + outputs * mine + buffers * (world - 1),
             backward_sent=inputs * others + outputs * mine,
             backward_received=inputs * mine + outputs * others))
     return plan

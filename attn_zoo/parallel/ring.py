@@ -70,8 +70,8 @@ def attend(attn: Attention, q: Tensor, k: Tensor, v: Tensor, causal: bool,
 def planned_traffic(attn: Attention, bounds: tuple[int, ...], causal: bool,
                     shape: CallShape) -> list[Traffic]:
     """The bytes each rank moves in a ring over shards `bounds`, for any variant (the ring
-    sends the same whatever the pattern, causal or not), without a key_padding_mask (a mask
-    adds B bytes per key position sent or received, forward and backward).
+    sends the same whatever the pattern, causal or not); a key_padding_mask travels with its
+    keys, B bytes per key position, forward and backward.
 
     Forward: P - 1 steps, rank r sending every block but that of r + 1 and receiving every
     block but its own (k and v, in the inputs' dtype). Backward: the same key/value steps, plus
@@ -82,7 +82,8 @@ def planned_traffic(attn: Attention, bounds: tuple[int, ...], causal: bool,
         return [Traffic(0, 0, 0, 0)]
     lengths = [b - a for a, b in zip(bounds, bounds[1:], strict=False)]
     position = 2 * shape.batch * shape.kv_heads * shape.head_dim
-    kv, grads = position * shape.itemsize, position * max(shape.itemsize, 4)
+    kv = position * shape.itemsize + shape.batch * shape.masked
+    grads = position * max(shape.itemsize, 4)
     total = bounds[-1]
     plan = []
     for rank in range(world):
