@@ -254,15 +254,16 @@ def setup_parallel(cfg: DictConfig) -> Parallel | None:
 
 @contextlib.contextmanager
 def process_group(device: str) -> Iterator[None]:
-    """Under torchrun (WORLD_SIZE > 1), the default process group for the block: NCCL on CUDA
-    (this process's GPU: LOCAL_RANK), gloo on CPU; nothing otherwise."""
+    """Under torchrun (WORLD_SIZE > 1), the default process group for the block: NCCL for CUDA
+    tensors (this process's GPU: LOCAL_RANK) and gloo for CPU tensors (the shard lengths
+    `Shards.of` gathers) with device=cuda, gloo with device=cpu; nothing otherwise."""
     if int(os.environ.get("WORLD_SIZE", "1")) == 1 or dist.is_initialized():
         yield
         return
     cuda = torch.device(device).type == "cuda"
     if cuda:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    dist.init_process_group("nccl" if cuda else "gloo")
+    dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")
     try:
         yield
     finally:
