@@ -389,7 +389,7 @@ class TransformerLM(nn.Module):
                 if value is not None:
                     raise ValueError(f"{name} must be None under context parallelism (decoding "
                                      "and packed rows are not supported), got one")
-            shards = Shards.of(tokens.shape[1], self.context_parallel)
+            shards = Shards.of(tokens.shape[1], self.context_parallel, device=tokens.device)
         x = self.stack(self.embedding(tokens), causal=True, cache=cache,
                        document_ids=document_ids, shards=shards)
         return x @ self.embedding.weight.T

@@ -255,8 +255,8 @@ def setup_parallel(cfg: DictConfig) -> Parallel | None:
 @contextlib.contextmanager
 def process_group(device: str) -> Iterator[None]:
     """Under torchrun (WORLD_SIZE > 1), the default process group for the block: NCCL for CUDA
-    tensors (this process's GPU: LOCAL_RANK) and gloo for CPU tensors (the shard lengths
-    `Shards.of` gathers) with device=cuda, gloo with device=cpu; nothing otherwise."""
+    tensors (this process's GPU: LOCAL_RANK) and gloo for any CPU tensor with device=cuda,
+    gloo with device=cpu; nothing otherwise."""
     if int(os.environ.get("WORLD_SIZE", "1")) == 1 or dist.is_initialized():
         yield
         return

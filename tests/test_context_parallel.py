@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-from distributed import run_ranks
 
 import attn_zoo
 from attn_zoo.registry import get
+from experiments.parallel import run_ranks
 
 SHARDS = {2: (8, 11), 4: (5, 1, 7, 6)}
 """Shard lengths by world size (19 positions, unequal, one shard of a single position)."""

@@ -13,10 +13,10 @@ import copy
 import pytest
 import torch
 import torch.distributed as dist
-from distributed import run_ranks
 
 import attn_zoo
 from attn_zoo.parallel import CallShape, Shards, count_traffic, gather, traffic_totals
+from experiments.parallel import run_ranks
 
 # (name, params, causal, kv heads, shard lengths for world 2, for world 4, padding)
 # padding: None, "some" (a few padded keys holding NaN), "shard" (rank 1's shard all padded).

@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from attn_zoo import build, context_parallel
 from attn_zoo.parallel import CallShape, Traffic, count_traffic, planned_traffic, traffic_totals
-from tests.distributed import run_ranks
+from experiments.parallel import run_ranks
 
 BATCH, DIM = 2, 4
 PARAMS = {

@@ -7,7 +7,6 @@ from typing import NamedTuple
 
 import pytest
 import torch
-from distributed import run_ranks
 
 import attn_zoo
 from attn_zoo.parallel import (
@@ -18,6 +17,7 @@ from attn_zoo.parallel import (
     ring,
     traffic_totals,
 )
+from experiments.parallel import run_ranks
 
 
 class Case(NamedTuple):

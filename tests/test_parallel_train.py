@@ -17,9 +17,9 @@ from hydra import compose, initialize_config_dir
 from attn_zoo.model import TransformerLM
 from experiments import train
 from experiments.config import register_configs
+from experiments.parallel import run_ranks
 from experiments.tasks import make_task
 from experiments.wandb_logger import NullRun
-from tests.distributed import run_ranks
 
 ROOT = Path(__file__).resolve().parent.parent
 # Two steps of a 2-layer model on 2 sequences of 32 tokens (shards of 16; of 14 and 13 when

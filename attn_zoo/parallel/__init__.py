@@ -76,7 +76,8 @@ def context_parallel(attn: Attention, q: Tensor, k: Tensor, v: Tensor, *, causal
     batch, q_heads, n, dim = q.shape
     shards = Shards.of(n, group, {"batch size": batch, "q heads": q_heads,
                                   "kv heads": k.shape[1], "head_dim": dim, "causal": causal,
-                                  "key_padding_mask given": key_padding_mask is not None})
+                                  "key_padding_mask given": key_padding_mask is not None},
+                       q.device)
     if attn.weight_names:
         attn.initialize(q_heads, k.shape[1], dim)
     return _scheme(attn).attend(attn, q, k, v, causal, key_padding_mask, shards)

@@ -61,15 +61,17 @@ class Shards:
 
     @classmethod
     def of(cls, length: int, group: dist.ProcessGroup | None = None,
-           agree: dict[str, object] | None = None) -> Shards:
+           agree: dict[str, object] | None = None,
+           device: torch.device | str = "cpu") -> Shards:
         """The shards of a call where this rank holds `length` positions, from one all-gather
-        of the lengths and of `agree`: facts (ints, bools) every rank must share, a
-        ValueError naming the first that differs."""
+        (of tensors on `device`: the call's, which the group's backend serves) of the lengths
+        and of `agree`: facts (ints, bools) every rank must share, a ValueError naming the
+        first that differs."""
         facts = [length, *(int(value) for value in (agree or {}).values())]
-        gathered = [torch.zeros(len(facts), dtype=torch.long)
+        gathered = [torch.zeros(len(facts), dtype=torch.long, device=device)
                     for _ in range(dist.get_world_size(group))]
-        dist.all_gather(gathered, torch.tensor(facts), group=group)
-        table = torch.stack(gathered)
+        dist.all_gather(gathered, torch.tensor(facts, device=device), group=group)
+        table = torch.stack(gathered).cpu()
         for column, name in enumerate(agree or {}, start=1):
             values = table[:, column].tolist()
             if len(set(values)) > 1:
