@@ -38,7 +38,13 @@ import torch.multiprocessing as mp
 import attn_zoo
 from attn_zoo.parallel import CallShape, planned_traffic
 from experiments.measure import markdown_table, write_atomic
-from experiments.results import STATUS_COLUMNS, Table, environment, error_row
+from experiments.results import (
+    ENVIRONMENT_COLUMNS,
+    STATUS_COLUMNS,
+    Table,
+    environment,
+    error_row,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT_S = 300
@@ -136,7 +142,7 @@ def traffic_markdown(rows: pd.DataFrame) -> str:
 # -- wall-clock -----------------------------------------------------------------------------
 
 TIMING_COLUMNS = {"attention": str, "seq_len": int, "world": int, "train_s": float,
-                  "repeats": int} | STATUS_COLUMNS
+                  "repeats": int} | STATUS_COLUMNS | ENVIRONMENT_COLUMNS
 
 
 def _time_rank(name: str, n: int, repeats: int) -> float:
@@ -157,19 +163,16 @@ def _time_rank(name: str, n: int, repeats: int) -> float:
     return statistics.median(times[1:])
 
 
-def timing_rows(names: Sequence[str], n: int, worlds: Sequence[int],
-                repeats: int) -> list[dict[str, Any]]:
-    rows = []
-    for name in names:
-        for world in worlds:
-            row = {"attention": name, "seq_len": n, "world": world, "repeats": repeats}
-            try:
-                seconds = max(run_ranks(world, _time_rank, name, n, repeats))
-            except Exception as error:  # a failing point is a row; the others still run
-                rows.append(row | error_row(error))
-                continue
-            rows.append(row | {"train_s": seconds, "status": "ok", "error": ""})
-    return rows
+def timing_row(name: str, n: int, world: int, repeats: int) -> dict[str, Any]:
+    """One point: the slowest rank's median seconds, or the failure, with the environment
+    (the ranks' one torch thread)."""
+    row = {"attention": name, "seq_len": n, "world": world, "repeats": repeats}
+    row |= environment(torch.device("cpu")) | {"threads": 1}
+    try:
+        seconds = max(run_ranks(world, _time_rank, name, n, repeats))
+    except Exception as error:  # a failing point is a row; the others still run
+        return row | error_row(error)
+    return row | {"train_s": seconds, "status": "ok", "error": ""}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -198,12 +201,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         write_atomic(out / "traffic.md", traffic_markdown(table.latest()))
         print(traffic_markdown(table.latest()))
     else:
-        env = environment(torch.device("cpu"))
-        rows = [row | env for row in timing_rows(args.attention, args.seq_len, args.worlds,
-                                                  args.repeats)]
-        Table(out / "timing.csv", TIMING_COLUMNS, key=("attention", "seq_len", "world"),
-              extra=str).append(rows)
-        print(pd.DataFrame(rows)[list(TIMING_COLUMNS)].to_string(index=False))
+        table = Table(out / "timing.csv", TIMING_COLUMNS, key=("attention", "seq_len", "world"))
+        for name in args.attention:
+            for world in args.worlds:
+                row = timing_row(name, args.seq_len, world, args.repeats)
+                table.append([row])
+                print(" ".join(f"{key}={row.get(key)}" for key in list(TIMING_COLUMNS)[:7]),
+                      flush=True)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import pandas as pd
 
 from attn_zoo.parallel import CallShape, planned_traffic
 from experiments import parallel
+from experiments.results import Table
 
 SHAPE = CallShape(batch=1, q_heads=8, kv_heads=8, head_dim=64, itemsize=4)
 
@@ -39,10 +40,11 @@ def test_a_scheme_that_cannot_run_is_a_row():
     assert next(row for row in rows if row["scheme"] == "ring")["status"] == "ok"
 
 
-def test_timing_rows_time_every_world_and_record_failures():
-    rows = parallel.timing_rows(["local", "nonexistent"], 64, [1, 2], repeats=1)
-    ok = [row for row in rows if row["attention"] == "local"]
-    assert [row["world"] for row in ok] == [1, 2]
-    assert all(row["status"] == "ok" and row["train_s"] > 0 for row in ok)
-    failed = [row for row in rows if row["attention"] == "nonexistent"]
-    assert len(failed) == 2 and all(row["status"] != "ok" for row in failed)
+def test_timing_points_are_rows_and_failures_too(tmp_path):
+    parallel.main(["time", "--attention", "local", "nonexistent", "--seq-len", "64",
+                   "--worlds", "2", "--repeats", "1", "--out", str(tmp_path)])
+    rows = Table(tmp_path / "timing.csv", parallel.TIMING_COLUMNS,
+                 key=("attention", "seq_len", "world")).read().set_index("attention")
+    assert rows.loc["local", "status"] == "ok" and rows.loc["local", "train_s"] > 0
+    assert rows.loc["local", "threads"] == 1 and rows.loc["local", "world"] == 2
+    assert rows.loc["nonexistent", "status"] != "ok"
