@@ -12,7 +12,8 @@ the keys are split follows the variant's pattern, `attn.parallel`, one module he
 * "ring" (`ring.py`): keys and values travel around the ranks, partial attentions merged by
   their log-sum-exp (`full`);
 * "heads" (`heads.py`): an all-to-all over heads, each rank running the whole sequence for
-  its share of the heads (content-based variants, whose keys may lie anywhere).
+  its share of the heads (content-based variants, whose keys may lie anywhere, and
+  `sparse_strided`, whose strided keys span the sequence).
 
 Each scheme module gives `attend(attn, q, k, v, causal, key_padding_mask, shards) -> out`
 and `planned_traffic(attn, bounds, causal, shape) -> [Traffic per rank]`, the bytes its
