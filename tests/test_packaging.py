@@ -23,8 +23,13 @@ def test_wheel_holds_only_the_attn_zoo_package(tmp_path):
     }
     assert top_level == {"attn_zoo"}
     names = zipfile.ZipFile(wheel).namelist()
-    assert "attn_zoo/variants/local.py" in names
-    assert "attn_zoo/kernels/__init__.py" in names
+    # Every module of the checkout's package (kernels/ installed as attn_zoo/kernels/).
+    modules = {f"attn_zoo/{path.relative_to(ROOT / 'attn_zoo').as_posix()}"
+               for path in (ROOT / "attn_zoo").rglob("*.py")}
+    modules |= {f"attn_zoo/kernels/{path.relative_to(ROOT / 'kernels').as_posix()}"
+                for path in (ROOT / "kernels").rglob("*.py")}
+    assert "attn_zoo/parallel/gather.py" in modules
+    assert sorted(modules - set(names)) == []
     (metadata,) = [name for name in names if name.endswith(".dist-info/METADATA")]
     requires = [line.split(": ", 1)[1] for line in
                 zipfile.ZipFile(wheel).read(metadata).decode().splitlines()
