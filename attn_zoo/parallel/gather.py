@@ -101,12 +101,7 @@ class _Plan:
     def key_sends(self, rank: int) -> tuple[list[Tensor], list[int]]:
         """The shard indices rank sends to each rank in the key exchange, and how many keys it
         receives from each."""
-        s, e = self.shard(rank)
-        send = [wanted[(wanted >= s) & (wanted < e)] - s for wanted in self.gathered]
-        mine = self.gathered[rank]
-        received = [int(((mine >= a) & (mine < b)).sum())
-                    for a, b in map(self.shard, range(self.world))]
-        return send, received
+        return self._position_sends(self.gathered, rank)
 
     def pooled_sends(self, index: int, rank: int) -> tuple[list[Tensor], list[int]]:
         """The pooled keys (indices into its built ones) rank sends to each rank for pooled part
@@ -123,9 +118,14 @@ class _Plan:
     def row_sends(self, rank: int) -> tuple[list[Tensor], list[int]]:
         """The shard rows rank sends to each rank for the parts whose rows travel, and how
         many rows it receives from each."""
+        return self._position_sends(self.travelling, rank)
+
+    def _position_sends(self, wanted: list[Tensor], rank: int) -> tuple[list[Tensor], list[int]]:
+        """wanted[r]: the positions rank r reads, increasing. Returns the shard indices rank
+        sends to each rank, and how many positions it receives from each."""
         s, e = self.shard(rank)
-        send = [rows[(rows >= s) & (rows < e)] - s for rows in self.travelling]
-        mine = self.travelling[rank]
+        send = [positions[(positions >= s) & (positions < e)] - s for positions in wanted]
+        mine = wanted[rank]
         received = [int(((mine >= a) & (mine < b)).sum())
                     for a, b in map(self.shard, range(self.world))]
         return send, received
