@@ -49,8 +49,9 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 import triton
@@ -479,12 +480,23 @@ def _try(case: Case, kernel: str, apply) -> float:
     return total
 
 
+def _first_without_spills(config, options: list[dict], spills_of) -> tuple[float, Any]:
+    """(spills, config) of the first of `options` (field values replacing `config`'s) for which
+    `spills_of(candidate)` is 0, else of the candidate spilling the fewest bytes."""
+    tried = []
+    for option in options:
+        candidate = replace(config, **option)
+        spills = spills_of(candidate)
+        tried.append((spills, candidate))
+        if spills == 0:
+            break
+    return min(tried, key=lambda item: item[0])
+
+
 def tune_block_sparse(arch: int, kind: str, dim: int):
     """The block-sparse `TileConfig` for (arch family, precision kind, padded head dim): the
     first tiles in `_BLOCKS` order whose three kernels meet `SPILL_GOAL`, each kernel taking
     the first warps/stages/step that does; else the tiles with the fewest spill bytes."""
-    from dataclasses import replace
-
     from attn_zoo.kernels import block_sparse
 
     table = block_sparse.CONFIGS[arch, kind]
@@ -501,14 +513,9 @@ def tune_block_sparse(arch: int, kind: str, dim: int):
             ("grad_q", [dict(sub_n=n, q_warps=w, q_stages=s) for n in (64, 32, 16)
                         if n <= block_n for w in warps for s in (1, 2)]),
         ):
-            tried = []
-            for option in options:
-                candidate = replace(config, **option)
-                spills = _try(case, kernel, lambda c=candidate: table.__setitem__(dim, c))
-                tried.append((spills, candidate))
-                if spills == 0:
-                    break
-            spills, config = min(tried, key=lambda item: item[0])
+            spills, config = _first_without_spills(
+                config, options,
+                lambda c, k=kernel: _try(case, k, lambda: table.__setitem__(dim, c)))
             total += spills
         if best is None or total < best[0]:
             best = (total, config)
@@ -549,8 +556,6 @@ def tune_selection(arch: int, kind: str, dim: int):
     """The selection kernel's `SelectionConfig`: the first keys per step in `_BUCKET_BLOCKS`
     order whose forward and backward kernels meet `SPILL_GOAL` at units 64 and 1, each kernel
     taking the first warps and stages that do; else the fewest spill bytes."""
-    from dataclasses import replace
-
     from attn_zoo.kernels import selection
 
     table = selection.CONFIGS[arch, kind]
@@ -565,15 +570,9 @@ def tune_selection(arch: int, kind: str, dim: int):
             ("fwd", [dict(fwd_warps=w, fwd_stages=s) for w in warps for s in (2, 1)]),
             ("bwd", [dict(bwd_warps=w, bwd_stages=s) for w in warps for s in (1, 2)]),
         ):
-            tried = []
-            for option in options:
-                candidate = replace(config, **option)
-                spills = sum(_try(case, kernel, lambda c=candidate: table.__setitem__(dim, c))
-                             for case in unit_cases)
-                tried.append((spills, candidate))
-                if spills == 0:
-                    break
-            spills, config = min(tried, key=lambda item: item[0])
+            spills, config = _first_without_spills(
+                config, options, lambda c, k=kernel: sum(
+                    _try(case, k, lambda: table.__setitem__(dim, c)) for case in unit_cases))
             total += spills
         if best is None or total < best[0]:
             best = (total, config)

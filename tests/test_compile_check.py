@@ -193,3 +193,27 @@ def test_float32_runs_in_ieee_precision_unless_tf32_is_allowed():
                 block_sparse.CONFIGS[90, "tf32"][64]
     finally:
         torch.set_float32_matmul_precision(previous)
+
+
+def test_tuning_takes_the_first_option_without_spills(monkeypatch):
+    # Spills as a function of the candidate only: the forward spills unless it runs 8 warps,
+    # the backward unless 2 stages; each kernel takes the first such option in order, the
+    # first keys per step keep them all.
+    table = selection.CONFIGS[90, "16bit"]
+    monkeypatch.setitem(table, 64, table[64])
+
+    def spills(case, kernel, apply):
+        apply()
+        config = table[64]
+        return 0.0 if (config.fwd_warps == 8 if kernel == "fwd" else config.bwd_stages == 2) \
+            else 16.0
+
+    monkeypatch.setattr(check, "_try", spills)
+    config, total = check.tune_selection(90, "16bit", 64)
+    assert total == 0
+    assert config == selection.SelectionConfig(64, 8, 2, 4, 2)
+    # Nothing meets the goal: the fewest spill bytes per kernel, summed.
+    monkeypatch.setattr(check, "_try", lambda case, kernel, apply: 8.0)
+    config, total = check.tune_selection(90, "16bit", 64)
+    assert total == 2 * 2 * 8.0  # fwd and bwd, each over units 64 and 1
+    assert config == selection.SelectionConfig(64, 4, 2, 4, 1)
