@@ -232,11 +232,7 @@ class Attention(nn.Module, metaclass=ABCMeta):
                              f"length {k.shape[2]}")
         if self.weight_names:
             self.initialize(q_heads, k.shape[1], dim)
-        backend = self.resolve_backend(q.device, q.dtype, dim)
-        if self.params.backend == "triton":  # "auto" picks triton only where it runs
-            refusal = _triton_refusal(q.device, q.dtype, dim)
-            if refusal is not None:
-                raise refusal
+        backend = self.checked_backend(q.device, q.dtype, dim)
         if batch == 0:  # nothing to attend: an empty result that still carries gradients
             empty = q + (k.sum() + v.sum()).to(q.dtype) * 0
             return empty if self.sink is None else empty + self.sink.sum().to(q.dtype) * 0
@@ -270,10 +266,7 @@ class Attention(nn.Module, metaclass=ABCMeta):
         batch, q_heads, n, dim = q.shape
         kv_heads = k.shape[1]
         if key_padding_mask is not None:
-            # Padded keys may hold anything (inf, NaN, -3e38). Zeroed once here, O(B * M * D),
-            # no score of theirs overflows and a zero probability times them stays zero.
-            real = key_padding_mask[:, None, :, None]
-            k, v = torch.where(real, k, 0.0), torch.where(real, v, 0.0)
+            k, v = zero_padded(k, v, key_padding_mask)
         work = self.working_dtype(backend, q.dtype)
         grouped = q.to(work).reshape(batch, kv_heads, q_heads // kv_heads, n, dim)
         scale = self.params.scale if self.params.scale is not None else dim**-0.5
@@ -290,6 +283,15 @@ class Attention(nn.Module, metaclass=ABCMeta):
         bfloat16/float16 on a backend outside `half_precision_backends`, which gets float32."""
         half = dtype in (torch.bfloat16, torch.float16)
         return torch.float32 if half and backend not in self.half_precision_backends else dtype
+
+    def checked_backend(self, device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
+        """`resolve_backend`, and for a configured "triton" the error when it cannot run the
+        call ("auto" picks triton only where it runs)."""
+        if self.params.backend == "triton":
+            refusal = _triton_refusal(device, dtype, head_dim)
+            if refusal is not None:
+                raise refusal
+        return self.resolve_backend(device, dtype, head_dim)
 
     def resolve_backend(self, device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
         """The backend a call with inputs of `dtype` and `head_dim` on `device` runs: the
@@ -505,6 +507,16 @@ class PatternAttention(Attention, metaclass=ABCMeta):
 def _behind_null_key(pattern: Pattern) -> Pattern:
     """`pattern` over keys shifted by one behind a null key 0 that every query sees."""
     return lambda i, j: (j == 0) | pattern(i, j - 1)
+
+
+def zero_padded(k: Tensor, v: Tensor, key_padding_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """k, v (B, Hkv, M, D) with the padded keys (key_padding_mask (B, M) False) set to 0.
+
+    Padded keys may hold anything (inf, NaN, -3e38): zeroed once, O(B * M * D), no score of
+    theirs overflows and a zero probability times them stays zero.
+    """
+    real = key_padding_mask[:, None, :, None]
+    return torch.where(real, k, 0.0), torch.where(real, v, 0.0)
 
 
 def with_sink(out: Tensor, lse: Tensor, sink: Tensor) -> Tensor:

@@ -37,6 +37,7 @@ import torch.multiprocessing as mp
 
 import attn_zoo
 from attn_zoo.parallel import CallShape, planned_traffic
+from attn_zoo.registry import get
 from experiments.measure import markdown_table, write_atomic
 from experiments.results import (
     ENVIRONMENT_COLUMNS,
@@ -124,8 +125,7 @@ def traffic_markdown(rows: pd.DataFrame) -> str:
     ok = rows[rows.status == "ok"]
     parts = []
     for world, at_world in ok.groupby("world"):
-        own = at_world[at_world.scheme == at_world.attention.map(
-            lambda name: attn_zoo.build(name).parallel)]
+        own = at_world[at_world.scheme == at_world.attention.map(lambda name: get(name).parallel)]
         ring = at_world[at_world.scheme == "ring"].set_index(["attention", "seq_len"])
         table = {}
         for row in own.itertuples():

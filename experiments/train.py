@@ -538,7 +538,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if earlier is not None and (all(r["status"] == "ok" for r in earlier)
                                 or not cfg.retry_failed):
         if main:
-                log.info("skip %s %s-n%s: done in %s", point["task"], point["attention"],
+            log.info("skip %s %s-n%s: done in %s", point["task"], point["attention"],
                      point["seq_len"], out_dir / CSV_NAME)
         return {"rows": earlier, "status": overall(earlier), "skipped": True}
     if cfg.threads is not None:

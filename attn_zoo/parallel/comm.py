@@ -112,10 +112,12 @@ class Shards:
     def lengths(self) -> list[int]:
         return [b - a for a, b in zip(self.bounds, self.bounds[1:], strict=False)]
 
-    def owners(self, positions: Tensor) -> Tensor:
-        """The rank holding each position: long, positions' shape."""
-        bounds = torch.tensor(self.bounds[1:-1], device=positions.device)
-        return torch.searchsorted(bounds, positions, right=True)
+
+def owners(bounds: tuple[int, ...], positions: Tensor) -> Tensor:
+    """The rank holding each position when rank r holds bounds[r] .. bounds[r + 1] - 1: long,
+    positions' shape."""
+    inner = torch.tensor(bounds[1:-1], dtype=torch.long, device=positions.device)
+    return torch.searchsorted(inner, positions, right=True)
 
 
 def exchange(x: Tensor, send: Sequence[Tensor], received: Sequence[int], shards: Shards,

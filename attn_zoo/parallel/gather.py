@@ -38,10 +38,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from attn_zoo.attention import Attention, PatternAttention, with_sink
+from attn_zoo.attention import Attention, PatternAttention, with_sink, zero_padded
 from attn_zoo.blocksparse import block_sparse_attention, cached_key_blocks, merge_partial_attentions
 from attn_zoo.parallel import CallShape, Traffic
-from attn_zoo.parallel.comm import Shards, exchange
+from attn_zoo.parallel.comm import Shards, exchange, owners
 from attn_zoo.patterns import Part, unfolded
 
 PLAN_CACHE_SIZE = 16
@@ -108,7 +108,7 @@ class _Plan:
         `index`, and how many it receives from each: a rank receives the pooled keys it reaches
         but does not build, from the rank their group ends in."""
         built, group = self.built[index][rank], self.shares[index].group
-        builders = [_owners(self.bounds, ((ids + 1) * group).clamp_max(self.bounds[-1]) - 1)
+        builders = [owners(self.bounds, ((ids + 1) * group).clamp_max(self.bounds[-1]) - 1)
                     for ids in self.arriving[index]]
         send = [torch.searchsorted(built, ids[by == rank])
                 for ids, by in zip(self.arriving[index], builders, strict=True)]
@@ -133,8 +133,8 @@ class _Plan:
     def partial_sends(self, rank: int) -> tuple[list[Tensor], list[int]]:
         """The partials of the rows rank computed (indices into travelling[rank]) it sends back
         to each rank, their owner, and how many of its own rows' partials each sends here."""
-        owners = _owners(self.bounds, self.travelling[rank])
-        send = [(owners == r).nonzero()[:, 0] for r in range(self.world)]
+        holders = owners(self.bounds, self.travelling[rank])
+        send = [(holders == r).nonzero()[:, 0] for r in range(self.world)]
         return send, [int(rows.numel()) for rows in self.row_sends(rank)[0]]
 
     @property
@@ -187,10 +187,10 @@ def _build_plan(attn: PatternAttention, bounds: tuple[int, ...], causal: bool, q
         local = [ids[_complete(wanted[r], ids, group, n)] for r, ids in enumerate(share.ids)]
         remote = torch.unique(torch.cat([ids[~torch.isin(ids, mine)]
                                          for ids, mine in zip(share.ids, local, strict=True)]))
-        owners = _owners(bounds, ((remote + 1) * group).clamp_max(n) - 1)
+        builders = owners(bounds, ((remote + 1) * group).clamp_max(n) - 1)
         built[index], arriving[index] = [], []
         for r in range(world):
-            for_others = remote[owners == r]
+            for_others = remote[builders == r]
             built[index].append(torch.unique(torch.cat([local[r], for_others])))
             ids = share.ids[r]
             arriving[index].append(ids[~torch.isin(ids, built[index][r])])
@@ -200,11 +200,6 @@ def _build_plan(attn: PatternAttention, bounds: tuple[int, ...], causal: bool, q
     travelling = [share.ids for share in shares if share.kind == "rows"]
     travelling = [torch.unique(torch.cat(rows)) for rows in zip(*travelling, strict=True)]
     return _Plan(bounds, shares, gathered, built, arriving, travelling)
-
-
-def _owners(bounds: tuple[int, ...], positions: Tensor) -> Tensor:
-    return torch.searchsorted(torch.tensor(bounds[1:-1], dtype=torch.long), positions,
-                              right=True)
 
 
 def _complete(wanted: Tensor, ids: Tensor, group: int, n: int) -> Tensor:
@@ -346,9 +341,8 @@ def attend(attn: Attention, q: Tensor, k: Tensor, v: Tensor, causal: bool,
                         f"({attn.name!r})")
     batch, q_heads, n_local, dim = q.shape
     kv_heads = k.shape[1]
-    if batch == 0:  # every rank has none: nothing to exchange
-        empty = q + (k.sum() + v.sum()).to(q.dtype) * 0
-        return empty if attn.sink is None else empty + attn.sink.sum().to(q.dtype) * 0
+    if batch == 0:  # every rank agrees on the batch size: nothing to send anywhere
+        return attn(q, k, v, causal=causal, key_padding_mask=key_padding_mask)
     plan = _plan(attn, shards.bounds, causal, q_heads, kv_heads, dim)
     call = _Call(attn, plan, shards, causal, q, k, v, key_padding_mask)
     results = []
@@ -393,7 +387,7 @@ class _Call:
             # Padded keys may hold anything: zeroed before they travel (as `_attend` does),
             # their padding a flag beside them: 0 for a real key, -inf for a padded one.
             real = key_padding_mask[:, None, :, None]
-            rows = [torch.where(real, k, 0.0), torch.where(real, v, 0.0),
+            rows = [*zero_padded(k, v, key_padding_mask),
                     torch.where(real, 0.0, float("-inf")).to(k.dtype).expand(
                         batch, kv_heads, n_local, 1)]
         self.local, self.local_mask = rows[:2], key_padding_mask

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from attn_zoo.attention import Attention, PatternAttention, _triton_refusal, with_sink
+from attn_zoo.attention import Attention, PatternAttention, with_sink, zero_padded
 from attn_zoo.blocksparse import merge_partial_attentions
 from attn_zoo.parallel import CallShape, Traffic
 from attn_zoo.parallel.comm import Shards, record
@@ -48,15 +48,9 @@ def attend(attn: Attention, q: Tensor, k: Tensor, v: Tensor, causal: bool,
     kv_heads = k.shape[1]
     if batch == 0:  # every rank agrees on the batch size: nothing to send anywhere
         return attn(q, k, v, causal=causal, key_padding_mask=key_padding_mask)
-    backend = attn.resolve_backend(q.device, q.dtype, dim)
-    if attn.params.backend == "triton":
-        refusal = _triton_refusal(q.device, q.dtype, dim)
-        if refusal is not None:
-            raise refusal
-    if key_padding_mask is not None:
-        # Padded keys may hold anything: zeroed once, before they travel (as the plain call).
-        real = key_padding_mask[:, None, :, None]
-        k, v = torch.where(real, k, 0.0), torch.where(real, v, 0.0)
+    backend = attn.checked_backend(q.device, q.dtype, dim)
+    if key_padding_mask is not None:  # before they travel, as the plain call does
+        k, v = zero_padded(k, v, key_padding_mask)
     scale = attn.params.scale if attn.params.scale is not None else dim**-0.5
     grouped = q.reshape(batch, kv_heads, q_heads // kv_heads, n, dim)
     out, lse = _Ring.apply(grouped, k.contiguous(), v.contiguous(), key_padding_mask, causal,
