@@ -428,19 +428,50 @@ class CrossKV:
         self.k, self.v = self.k.index_select(0, index), self.v.index_select(0, index)
 
 
+class ConvTail:
+    """A layer's short-convolution state while decoding: the inputs of the last kernel - 1
+    positions consumed, (B, kernel - 1, dim), zeros before the first position."""
+
+    def __init__(self, kernel: int) -> None:
+        self.kernel = kernel
+        self.x: Tensor | None = None
+
+    def advance(self, x: Tensor) -> Tensor:
+        """The (B, kernel - 1, dim) inputs before x (B, T, dim), the next T positions; then
+        holds the last kernel - 1 inputs up to x's last."""
+        before = self.x if self.x is not None else x.new_zeros(
+            x.shape[0], self.kernel - 1, x.shape[2])
+        held = torch.cat([before, x], dim=1)
+        self.x = held[:, held.shape[1] - (self.kernel - 1):]
+        return before
+
+    def reorder(self, index: Tensor) -> None:
+        if self.x is not None:
+            self.x = self.x.index_select(0, index)
+
+    def nbytes(self) -> int:
+        return 0 if self.x is None else self.x.numel() * self.x.element_size()
+
+
 class DecodeCache:
     """The caches of a whole model: one `KVCache` per layer, one `CrossKV` per layer with
-    cross-attention (encoder-decoder), all at the same position `seen`."""
+    cross-attention (encoder-decoder), one `ConvTail` per layer with short convolutions, all
+    at the same position `seen`."""
 
-    def __init__(self, layers: list[KVCache], cross: list[CrossKV] | None = None) -> None:
+    def __init__(self, layers: list[KVCache], cross: list[CrossKV] | None = None,
+                 convs: list[ConvTail] | None = None) -> None:
         self.layers = layers
         self.cross = cross
+        self.convs = convs
 
     @classmethod
-    def for_attentions(cls, attentions: list[Attention], cross: bool = False) -> DecodeCache:
-        """Caches for these self-attentions (one per layer)."""
+    def for_attentions(cls, attentions: list[Attention], cross: bool = False,
+                       conv_kernel: int = 0) -> DecodeCache:
+        """Caches for these self-attentions (one per layer); conv_kernel: the layers' short
+        convolution (0: none)."""
         layers = [cache_for(attention) for attention in attentions]
-        return cls(layers, [CrossKV() for _ in layers] if cross else None)
+        return cls(layers, [CrossKV() for _ in layers] if cross else None,
+                   [ConvTail(conv_kernel) for _ in layers] if conv_kernel else None)
 
     @property
     def seen(self) -> int:
@@ -448,10 +479,11 @@ class DecodeCache:
         return self.layers[0].seen
 
     def nbytes(self) -> int:
-        """Bytes of every layer's self-attention state (cross-attention keys not counted)."""
-        return sum(layer.nbytes() for layer in self.layers)
+        """Bytes of every layer's self-attention and short-convolution state (cross-attention
+        keys not counted)."""
+        return sum(part.nbytes() for part in [*self.layers, *(self.convs or [])])
 
     def reorder(self, index: Tensor) -> None:
         """Keep batch rows `index` (B',) long, in that order, in every layer."""
-        for cache in [*self.layers, *(self.cross or [])]:
+        for cache in [*self.layers, *(self.cross or []), *(self.convs or [])]:
             cache.reorder(index)

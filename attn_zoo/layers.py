@@ -1,4 +1,5 @@
-"""Building blocks of the backbone: norms, MLPs and positional encodings (incl. RoPE)."""
+"""Building blocks of the backbone: norms, MLPs, short convolutions and positional encodings
+(incl. RoPE)."""
 
 from __future__ import annotations
 
@@ -61,6 +62,41 @@ def make_mlp(kind: str, dim: int, bias: bool = False) -> nn.Module:
     """"gelu" (`GeluMLP`) or "swiglu" (`SwiGLU`)."""
     check_choice("mlp", kind, MLPS)
     return GeluMLP(dim, bias) if kind == "gelu" else SwiGLU(dim, bias)
+
+
+class ShortConv(nn.Module):
+    """A causal depthwise convolution over positions, added to its input (as in H3, Based and
+    canon layers): y_t = x_t + b + sum_{j < kernel} w_j * x_{t-j}, taps before the sequence's
+    (or the token's document's) start reading zeros.
+
+    forward(x (B, N, dim), before=None, document_ids=None) -> (B, N, dim). before: (B,
+    kernel - 1, dim), the inputs of the positions just before x (decoding, context parallel
+    shards), zeros where there are none; document_ids: (B, N), packed rows (no `before`).
+    """
+
+    def __init__(self, dim: int, kernel: int) -> None:
+        super().__init__()
+        require(isinstance(kernel, int) and not isinstance(kernel, bool) and kernel >= 1,
+                "kernel", kernel, "a positive int")
+        self.kernel = kernel
+        bound = kernel ** -0.5  # nn.Conv1d's default for a depthwise kernel
+        self.weight = nn.Parameter(torch.empty(dim, kernel).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(dim).uniform_(-bound, bound))
+
+    def forward(self, x: Tensor, before: Tensor | None = None,
+                document_ids: Tensor | None = None) -> Tensor:
+        n, taps = x.shape[1], self.kernel - 1
+        if before is None:
+            before = x.new_zeros(x.shape[0], taps, x.shape[2])
+        padded = torch.cat([before, x], dim=1)
+        inside = None if document_ids is None else positions_in_document(document_ids)
+        out = x + self.bias
+        for j in range(self.kernel):
+            tap = padded[:, taps - j:taps - j + n]
+            if inside is not None and j:
+                tap = tap * (inside >= j)[..., None].to(tap.dtype)
+            out = out + self.weight[:, j] * tap
+        return out
 
 
 def sinusoidal(positions: Tensor, dim: int) -> Tensor:

@@ -30,11 +30,18 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from attn_zoo import generation
-from attn_zoo.cache import CrossKV, DecodeCache, KVCache
+from attn_zoo.cache import ConvTail, CrossKV, DecodeCache, KVCache
 from attn_zoo.documents import check_documents
-from attn_zoo.layers import RotaryEmbedding, make_mlp, make_norm, make_positions, token_positions
+from attn_zoo.layers import (
+    RotaryEmbedding,
+    ShortConv,
+    make_mlp,
+    make_norm,
+    make_positions,
+    token_positions,
+)
 from attn_zoo.parallel import context_parallel
-from attn_zoo.parallel.comm import Shards
+from attn_zoo.parallel.comm import Shards, rows_before
 from attn_zoo.params import require
 from attn_zoo.registry import build, get
 
@@ -170,7 +177,9 @@ class Block(nn.Module):
 
     forward(x (B, N, dim), ...) -> (B, N, dim). Cross-attention (`cross=True`, encoder-decoder)
     always uses `full`. `dropout` drops each residual branch. `sinks=True` gives every
-    attention of the block (self and cross) a learnable sink per query head.
+    attention of the block (self and cross) a learnable sink per query head. `short_conv=k`
+    (causal stacks): the self-attention reads `ShortConv(k)(norm(x))`, each position mixed
+    with the k - 1 before it.
     """
 
     def __init__(
@@ -188,9 +197,11 @@ class Block(nn.Module):
         cross: bool = False,
         bias: bool = False,
         sinks: bool = False,
+        short_conv: int = 0,
     ) -> None:
         super().__init__()
         self.attn_norm = make_norm(norm, dim)
+        self.conv = ShortConv(dim, short_conv) if short_conv else None
         self.attn = MultiheadAttention(dim, heads, kv_heads, attention, attention_params,
                                        dropout, bias, rope, sinks)
         self.cross_norm = make_norm(norm, dim) if cross else None
@@ -212,12 +223,19 @@ class Block(nn.Module):
         cross_cache: CrossKV | None = None,
         document_ids: Tensor | None = None,
         shards: Shards | None = None,
+        conv_tail: ConvTail | None = None,
     ) -> Tensor:
         """key_padding_mask: (B, N) for self-attention; context (B, M, dim) and context_mask
         (B, M) for cross-attention; True = real token. document_ids: (B, N), packed rows
         (self-attention only). shards: x is this rank's shard of a context-parallel sequence
-        (see `MultiheadAttention`)."""
-        x = x + self.attn(self.attn_norm(x), causal=causal, key_padding_mask=key_padding_mask,
+        (see `MultiheadAttention`). conv_tail: the short convolution's state when decoding."""
+        h = self.attn_norm(x)
+        if self.conv is not None:
+            before = (conv_tail.advance(h) if conv_tail is not None else
+                      rows_before(h, shards, self.conv.kernel - 1) if shards is not None else
+                      None)
+            h = self.conv(h, before, document_ids)
+        x = x + self.attn(h, causal=causal, key_padding_mask=key_padding_mask,
                           cache=cache, document_ids=document_ids, shards=shards)
         if self.cross_attn is not None:
             x = x + self.cross_attn(self.cross_norm(x), context, key_padding_mask=context_mask,
@@ -234,7 +252,8 @@ class _Stack(nn.Module):
 
     def __init__(self, dim: int, depth: int, heads: int, kv_heads: int | None, attention: str,
                  attention_params: dict[str, Any] | None, max_seq_len: int, pos: str, norm: str,
-                 mlp: str, dropout: float, sinks: bool, cross: bool = False) -> None:
+                 mlp: str, dropout: float, sinks: bool, cross: bool = False,
+                 short_conv: int = 0) -> None:
         super().__init__()
         require(isinstance(depth, int) and depth >= 1, "depth", depth, "a positive int")
         require(isinstance(max_seq_len, int) and max_seq_len >= 1, "max_seq_len", max_seq_len,
@@ -243,7 +262,8 @@ class _Stack(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(
             Block(dim, heads, kv_heads, attention, attention_params, norm=norm, mlp=mlp,
-                  dropout=dropout, rope=pos == "rope", cross=cross, sinks=sinks)
+                  dropout=dropout, rope=pos == "rope", cross=cross, sinks=sinks,
+                  short_conv=short_conv)
             for _ in range(depth)
         )
         self.norm = make_norm(norm, dim)
@@ -263,12 +283,15 @@ class _Stack(nn.Module):
                       context_mask=context_mask,
                       cache=None if cache is None else cache.layers[i],
                       cross_cache=None if cache is None or cache.cross is None else cache.cross[i],
-                      document_ids=document_ids, shards=shards)
+                      document_ids=document_ids, shards=shards,
+                      conv_tail=None if cache is None or cache.convs is None else cache.convs[i])
         return self.norm(x)
 
     def init_cache(self) -> DecodeCache:
+        first = self.blocks[0]
+        kernel = 0 if first.conv is None else first.conv.kernel
         return DecodeCache.for_attentions([block.attn.attention for block in self.blocks],
-                                          cross=self.blocks[0].cross_attn is not None)
+                                          cross=first.cross_attn is not None, conv_kernel=kernel)
 
 
 @contextmanager
@@ -284,8 +307,12 @@ def _generating(model: nn.Module) -> Iterator[None]:
 
 
 def _init_weights(module: nn.Module) -> None:
-    # GPT-2 initialisation: small weights keep the tied output logits near uniform at start.
-    if isinstance(module, (nn.Linear, nn.Embedding)):
+    # Matrices keep the variance of their input (std 1 / sqrt(fan_in): GPT-2's 0.02 at width
+    # 2500, but at widths near 64 a fixed 0.02 leaves attention logits so small that recall
+    # waits long on a plateau); small embeddings keep the tied output logits near uniform.
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, std=module.in_features ** -0.5)
+    if isinstance(module, nn.Embedding):
         nn.init.normal_(module.weight, std=0.02)
     if isinstance(module, nn.Linear) and module.bias is not None:
         nn.init.zeros_(module.bias)
@@ -337,7 +364,10 @@ def _check_vocab(vocab_size: int) -> None:
 class TransformerLM(nn.Module):
     """Decoder-only causal LM with tied input/output embeddings: tokens (B, N) -> logits
     (B, N, vocab_size), on packed rows with `document_ids`. `sinks=True`: a learnable sink
-    per head and layer.
+    per head and layer. `short_conv=k` (k >= 1): every attention reads its input through a
+    causal depthwise convolution of k taps (`attn_zoo.layers.ShortConv`), which hands each
+    position the k - 1 tokens before it (recall then needs one attention hop, not an
+    induction pair of layers); 0: none.
 
     `context_parallel=group` (a `torch.distributed` process group): every rank of the group
     calls `forward` with its contiguous shard of each sequence (shards in rank order) and gets
@@ -360,17 +390,21 @@ class TransformerLM(nn.Module):
         mlp: str = "swiglu",
         dropout: float = 0.0,
         sinks: bool = False,
+        short_conv: int = 0,
         context_parallel: dist.ProcessGroup | None = None,
     ) -> None:
         super().__init__()
         _check_vocab(vocab_size)
+        require(isinstance(short_conv, int) and not isinstance(short_conv, bool)
+                and short_conv >= 0, "short_conv", short_conv, "an int >= 0 (0: none)")
         if context_parallel is not None and not isinstance(context_parallel, dist.ProcessGroup):
             raise TypeError(f"context_parallel must be a torch.distributed ProcessGroup or None, "
                             f"got {type(context_parallel).__name__}")
         self.context_parallel = context_parallel
         self.embedding = nn.Embedding(vocab_size, dim)
         self.stack = _Stack(dim, depth, heads, kv_heads, attention, attention_params,
-                            max_seq_len, pos, norm, mlp, dropout, sinks)
+                            max_seq_len, pos, norm, mlp, dropout, sinks,
+                            short_conv=short_conv)
         self.apply(_init_weights)
 
     def forward(self, tokens: Tensor, cache: DecodeCache | None = None,

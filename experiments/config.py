@@ -117,6 +117,7 @@ class ModelConfig:
     mlp: str = "swiglu"
     dropout: float = 0.0
     sinks: bool = False
+    short_conv: int = 0
 
 
 @dataclasses.dataclass
@@ -146,9 +147,12 @@ class TrainConfig:
     lr: float = MISSING
     weight_decay: float = MISSING
     warmup_steps: int = MISSING
+    curriculum_len: int = MISSING
+    curriculum_steps: int = MISSING
     grad_clip: float | None = MISSING
     aux_loss_weight: float = MISSING
     eval_sequences: int = MISSING
+    position_buckets: list[int] = MISSING
     log_every: int = MISSING
     checkpoint: str | None = MISSING
     device: str = MISSING

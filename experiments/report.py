@@ -102,7 +102,8 @@ _COMMON = {"attention": str, "params": str, "status": str, "error": str, "device
 BENCH_SETTING = ("device", "device_name", "dtype", "heads", "kv_heads", "head_dim", "causal",
                  "mode", "layout", "docs")
 """A speed section's setting, with `batch` (see `speed_settings`)."""
-QUALITY_SETTING = ("task", "task_params", "model", "steps", "tokens_per_step", "lr", "seed")
+QUALITY_SETTING = ("task", "task_params", "model", "steps", "tokens_per_step", "lr",
+                   "curriculum_len", "curriculum_steps", "seed")
 DECODE_SETTING = ("vocab_size", "dim", "depth", "heads", "kv_heads", "batch", "dtype", "device",
                   "prefill_chunk", "steps")
 SOURCES = {
@@ -117,9 +118,12 @@ SOURCES = {
     "train": Source("train.csv", _COMMON | {
         "model": str, "task": str, "task_params": str, "packing": bool, "seq_len": int,
         "eval_len": int, "train_tokens": int,
-        "steps": int, "tokens_per_step": int, "lr": float, "seed": int, **dict.fromkeys(
-            ("eval_loss", "accuracy", "bits_per_byte", "train_loss", "train_seconds"), float)},
-        (*QUALITY_SETTING, "seq_len"), "eval_len", {"packing": False}),
+        "steps": int, "tokens_per_step": int, "lr": float, "seed": int, "curriculum_len": int,
+        "curriculum_steps": int, "position_loss": str, "position_accuracy": str,
+        **dict.fromkeys(("eval_loss", "accuracy", "bits_per_byte", "train_loss",
+                         "train_seconds"), float)},
+        (*QUALITY_SETTING, "seq_len"), "eval_len",
+        {"packing": False, "curriculum_len": 0, "curriculum_steps": 0}),
     "decode": Source("decode.csv", _COMMON | {
         "context": int, "vocab_size": int, "dim": int, "depth": int, "heads": int,
         "kv_heads": int, "batch": int, "dtype": str, "device": str, "prefill_chunk": int,
@@ -471,6 +475,46 @@ def extrapolation_table(rows: pd.DataFrame, metric: str) -> pd.DataFrame:
     return table.reset_index()
 
 
+def position_column(metric: str) -> str:
+    """The per-position column of a quality metric (bits per byte and loss: position_loss)."""
+    return "position_accuracy" if metric == "accuracy" else "position_loss"
+
+
+def position_table(rows: pd.DataFrame, metric: str, n: int) -> pd.DataFrame:
+    """variant x position bucket: the metric over the answers in each bucket of the ok points
+    trained and evaluated at length n (the last row of each variant)."""
+    column = position_column(metric)
+    ok = rows[(rows["status"] == "ok") & (rows["seq_len"] == n) & (rows["eval_len"] == n)
+              & rows[column].notna() & (rows[column] != "")]
+    lines = {variant: json.loads(text) for variant, text in zip(ok["variant"], ok[column],
+                                                                strict=True)}
+    table = pd.DataFrame.from_dict(lines, orient="index").sort_index()
+    return table.rename_axis("variant").reset_index() if len(table) else pd.DataFrame()
+
+
+def position_plot(table: pd.DataFrame, metric: str, title: str, path: Path) -> Path:
+    """One line per variant: the metric against the position bucket."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    values = table.set_index("variant").astype(float)
+    lines_plot(ax, values.set_axis(range(values.shape[1]), axis=1))
+    ax.set_xticks(range(values.shape[1]), values.columns)
+    ax.set(xlabel="position in the sequence (document)", ylabel=metric.replace("_", " "),
+           title=title)
+    return save(fig, path)
+
+
+def seed_table(rows: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """(variant, N) lines trained with more than one seed (train = eval length): the seeds,
+    the mean, min and max of the metric, and max - min."""
+    ok = rows[(rows["status"] == "ok") & (rows["eval_len"] == rows["seq_len"])]
+    ok = ok.assign(value=numeric(ok[metric]))
+    stats = ok.groupby(["variant", "seq_len"]).agg(
+        seeds=("seed", "nunique"), mean=("value", "mean"), min=("value", "min"),
+        max=("value", "max"))
+    stats = stats[stats["seeds"] > 1].assign(spread=lambda t: t["max"] - t["min"])
+    return stats.reset_index().rename(columns={"seq_len": "N"})
+
+
 def speed_costs(rows: pd.DataFrame) -> pd.DataFrame:
     """(attention, params, seq_len) -> the speed columns of the library's last ok row."""
     ok = rows[(rows["status"] == "ok") & rows["contender"].isin(["", LIBRARY])]
@@ -537,10 +581,10 @@ def quality_section(setting: Mapping[str, Any], rows: pd.DataFrame,
     model and budget."""
     metric = quality_metric(rows)
     label = metric.replace("_", " ")
-    slug = f"{setting['task']}-{setting['model']}-s{setting['steps']}"
+    slug = (f"{setting['task']}-{setting['model']}-s{setting['steps']}"
+            + (f"-seed{setting['seed']}" if setting["seed"] else ""))
     sec = Section(f"{setting['task']} {setting['task_params']}, model {setting['model']}, "
-                  f"{setting['steps']} steps x {setting['tokens_per_step']} tokens, "
-                  f"lr {setting['lr']}, seed {setting['seed']}")
+                  f"{budget(setting)}, seed {setting['seed']}")
     own = rows[rows["eval_len"] == rows["seq_len"]]
     values = grid(own, metric)
     sec.tables.append((f"{label} (train length = eval length)",
@@ -553,6 +597,13 @@ def quality_section(setting: Mapping[str, Any], rows: pd.DataFrame,
     if (rows["eval_len"] != rows["seq_len"]).any():
         sec.tables.append((f"{label}, train length -> eval length",
                            extrapolation_table(rows, metric)))
+    for n in sorted(own["seq_len"].unique()):
+        positions = position_table(rows, metric, n)
+        if len(positions):
+            caption = f"{label} by position, N={n}"
+            sec.tables.append((caption, positions))
+            sec.plots.append(position_plot(positions, metric, f"{setting['task']}: {caption}",
+                                           plot_dir / f"position_{slug}-n{n}.png"))
     packing = packing_table(rows, metric)
     if len(packing):
         sec.tables.append((f"{label}: trained on unpacked vs packed rows, equal tokens",
@@ -564,6 +615,28 @@ def quality_section(setting: Mapping[str, Any], rows: pd.DataFrame,
             sec.plots.append(frontier_plot(frontier, metric, setting["task"],
                                            plot_dir / f"frontier_{slug}.png"))
     sec.failures = failure_lines(rows, lambda r: f"{r.variant} N={r.seq_len} eval {r.eval_len}")
+    return sec
+
+
+def budget(setting: Mapping[str, Any]) -> str:
+    """The training budget of a quality setting, in words."""
+    text = (f"{setting['steps']} steps x {setting['tokens_per_step']} tokens, "
+            f"lr {setting['lr']}")
+    if setting.get("curriculum_steps"):
+        text += (f", the first {setting['curriculum_steps']} at N="
+                 f"{setting['curriculum_len']}")
+    return text
+
+
+def seed_section(setting: Mapping[str, Any], rows: pd.DataFrame) -> Section | None:
+    """The seed-to-seed spread of one task, model and budget, when a point has two seeds."""
+    metric = quality_metric(rows)
+    table = seed_table(rows, metric)
+    if table.empty:
+        return None
+    sec = Section(f"seed spread, {setting['task']} {setting['task_params']}, model "
+                  f"{setting['model']}, {budget(setting)}")
+    sec.tables.append((f"{metric.replace('_', ' ')} over seeds", table))
     return sec
 
 
@@ -910,6 +983,9 @@ def run(folders: Sequence[str | Path], out: str | Path | None = None, *,
     speed_rows = speed_costs(load([speed], "bench")) if speed is not None else None
     for setting, group in groups(tables["train"], QUALITY_SETTING):
         sections.append(("Quality", quality_section(setting, group, speed_rows, plot_dir)))
+    for setting, group in groups(tables["train"], QUALITY_SETTING[:-1]):  # all but the seed
+        if (spread_sec := seed_section(setting, group)) is not None:
+            sections.append(("Quality", spread_sec))
     if not tables["decode"].empty:
         sections.append(("Decode", decode_section(tables["decode"], plot_dir)))
     if goals is None:  # every goals file whose table the folders hold

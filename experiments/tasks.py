@@ -94,17 +94,16 @@ class Task(ABC):
         _positive_int("seq_len", seq_len)
         _require(split in SPLITS, "split", split, f"one of {SPLITS}")
         self.check_length(seq_len)
-        sequences, answers = self._sequences(batch_size, seq_len, generator, split)
-        return Batch(sequences[:, :-1], sequences[:, 1:], answers[:, 1:])
+        return self._batch(batch_size, seq_len, generator, split)
 
     @abstractmethod
     def check_length(self, seq_len: int) -> None:
         """Raise `ValueError` naming `seq_len` when the task does not fit in it."""
 
     @abstractmethod
-    def _sequences(self, batch_size: int, seq_len: int, generator: torch.Generator,
-                   split: str) -> tuple[Tensor, Tensor]:
-        """(B, N + 1) tokens and (B, N + 1) bool: True at tokens that are answers."""
+    def _batch(self, batch_size: int, seq_len: int, generator: torch.Generator,
+               split: str) -> Batch:
+        """The batch after `batch`'s checks."""
 
     def documents(self, split: str) -> list[Tensor]:
         """The split's documents, (L,) uint8 tokens each; a `ValueError` for tasks without."""
@@ -136,6 +135,12 @@ class Task(ABC):
         """The parameters that rebuild this task with `make_task`."""
         return {"name": self.name} | {f.name: getattr(self, f.name)
                                       for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+
+
+def _shifted(tokens: Tensor, answers: Tensor) -> Batch:
+    """Next-token prediction of (B, N + 1) tokens; answers (B, N + 1) bool marks the tokens the
+    loss reads."""
+    return Batch(tokens[:, :-1], tokens[:, 1:], answers[:, 1:])
 
 
 def _packed_rows(stream: Tensor, ends: Tensor, rows: Tensor, seq_len: int) -> Batch:
@@ -174,9 +179,10 @@ def _random_slots(batch_size: int, n_slots: int, k: int, generator: torch.Genera
 
 @dataclasses.dataclass
 class MQAR(Task):
-    """Multi-query associative recall: tokens 0 = blank, keys `[2, 2 + n_keys)`, values the
-    top `n_values` tokens; sequence = k_1 v_1 .. k_P v_P, then every key once as a query at a
-    random even offset of the rest, its value right after it."""
+    """Multi-query associative recall: keys `[0, n_keys)` (the lower half of the vocabulary),
+    values the rest. Inputs = k_1 v_1 .. k_P v_P, then a query at every remaining position, each a
+    key drawn uniformly from the P; a query's target is its key's value (the values after the
+    pairs are never inputs, so only recall answers)."""
 
     vocab_size: int = 64
     n_pairs: int = 8
@@ -185,36 +191,30 @@ class MQAR(Task):
     def __post_init__(self) -> None:
         _positive_int("vocab_size", self.vocab_size)
         _positive_int("n_pairs", self.n_pairs)
-        _require(self.vocab_size >= 2 + 2 * self.n_pairs, "vocab_size", self.vocab_size,
-                 f">= 2 + 2 * n_pairs = {2 + 2 * self.n_pairs} (distinct keys and values)")
+        _require(self.vocab_size >= 2 * self.n_pairs, "vocab_size", self.vocab_size,
+                 f">= 2 * n_pairs = {2 * self.n_pairs} (n_pairs distinct keys)")
 
     @property
     def n_keys(self) -> int:
-        return (self.vocab_size - 2) // 2
+        return self.vocab_size // 2
 
     def check_length(self, seq_len: int) -> None:
-        # The pairs take 2P tokens, the queries 2P more, plus the last answer (N + 1 tokens).
-        _require(seq_len + 1 >= 4 * self.n_pairs, "seq_len", seq_len,
-                 f">= 4 * n_pairs - 1 = {4 * self.n_pairs - 1} for n_pairs={self.n_pairs}")
+        _require(seq_len >= 2 * self.n_pairs + 1, "seq_len", seq_len,
+                 f">= 2 * n_pairs + 1 = {2 * self.n_pairs + 1} for n_pairs={self.n_pairs} "
+                 "(the pairs and a query)")
 
-    def _sequences(self, batch_size: int, seq_len: int, generator: torch.Generator,
-                   split: str) -> tuple[Tensor, Tensor]:
-        pairs = self.n_pairs
-        n_values = self.vocab_size - 2 - self.n_keys
-        keys = 2 + torch.rand(batch_size, self.n_keys, generator=generator).argsort(1)[:, :pairs]
-        values = (self.vocab_size - n_values
-                  + torch.randint(n_values, (batch_size, pairs), generator=generator))
-        tokens = torch.zeros(batch_size, seq_len + 1, dtype=torch.long)
-        answers = torch.zeros_like(tokens, dtype=torch.bool)
-        tokens[:, 0:2 * pairs:2], tokens[:, 1:2 * pairs:2] = keys, values
-        # Query slots: 2-token cells of the rest; query i asks for pair order[i].
-        n_slots = (seq_len + 1 - 2 * pairs) // 2
-        starts = 2 * pairs + 2 * _random_slots(batch_size, n_slots, pairs, generator)
-        order = torch.rand(batch_size, pairs, generator=generator).argsort(1)
-        tokens.scatter_(1, starts, keys.gather(1, order))
-        tokens.scatter_(1, starts + 1, values.gather(1, order))
-        answers.scatter_(1, starts + 1, True)
-        return tokens, answers
+    def _batch(self, batch_size: int, seq_len: int, generator: torch.Generator,
+               split: str) -> Batch:
+        pairs, queries = self.n_pairs, seq_len - 2 * self.n_pairs
+        keys = torch.rand(batch_size, self.n_keys, generator=generator).argsort(1)[:, :pairs]
+        values = self.n_keys + torch.randint(self.vocab_size - self.n_keys, (batch_size, pairs),
+                                             generator=generator)
+        asked = torch.randint(pairs, (batch_size, queries), generator=generator)
+        inputs = torch.cat([torch.stack([keys, values], 2).flatten(1), keys.gather(1, asked)], 1)
+        targets = torch.cat([inputs[:, 1:2 * pairs + 1], values.gather(1, asked)], 1)
+        mask = torch.zeros_like(inputs, dtype=torch.bool)
+        mask[:, 2 * pairs:] = True
+        return Batch(inputs, targets, mask)
 
 
 @dataclasses.dataclass
@@ -235,8 +235,8 @@ class SelectiveCopy(Task):
         _require(seq_len >= 2 * self.n_copy, "seq_len", seq_len,
                  f">= 2 * n_copy = {2 * self.n_copy} for n_copy={self.n_copy}")
 
-    def _sequences(self, batch_size: int, seq_len: int, generator: torch.Generator,
-                   split: str) -> tuple[Tensor, Tensor]:
+    def _batch(self, batch_size: int, seq_len: int, generator: torch.Generator,
+               split: str) -> Batch:
         region = seq_len - self.n_copy  # then the marker and the n_copy copies: N + 1 tokens
         data = torch.randint(2, self.vocab_size, (batch_size, self.n_copy), generator=generator)
         tokens = torch.zeros(batch_size, seq_len + 1, dtype=torch.long)
@@ -245,7 +245,7 @@ class SelectiveCopy(Task):
         tokens[:, region + 1:] = data
         answers = torch.zeros_like(tokens, dtype=torch.bool)
         answers[:, region + 1:] = True
-        return tokens, answers
+        return _shifted(tokens, answers)
 
 
 @dataclasses.dataclass
@@ -290,8 +290,8 @@ class Needle(Task):
             depth = torch.full((batch_size,), float(self.depth), dtype=torch.float64)
         return (depth * filler).round().long()
 
-    def _sequences(self, batch_size: int, seq_len: int, generator: torch.Generator,
-                   split: str) -> tuple[Tensor, Tensor]:
+    def _batch(self, batch_size: int, seq_len: int, generator: torch.Generator,
+               split: str) -> Batch:
         first_filler = 2 + self.n_keys
         tokens = torch.randint(first_filler, self.vocab_size, (batch_size, seq_len + 1),
                                generator=generator)
@@ -303,7 +303,7 @@ class Needle(Task):
         tokens[:, -self.needle_len:] = torch.cat([torch.ones_like(needle[:, :1]), symbols], 1)
         answers = torch.zeros_like(tokens, dtype=torch.bool)
         answers[:, -self.value_len:] = True
-        return tokens, answers
+        return _shifted(tokens, answers)
 
 
 @functools.cache
@@ -384,12 +384,12 @@ class StdlibLM(Task):
         shortest = min(len(corpus) for corpus in self._corpora.values())
         _require(seq_len < shortest, "seq_len", seq_len, f"< {shortest} (the smaller split)")
 
-    def _sequences(self, batch_size: int, seq_len: int, generator: torch.Generator,
-                   split: str) -> tuple[Tensor, Tensor]:
+    def _batch(self, batch_size: int, seq_len: int, generator: torch.Generator,
+               split: str) -> Batch:
         corpus = self._corpora[split]
         starts = torch.randint(len(corpus) - seq_len, (batch_size,), generator=generator)
         windows = corpus[starts[:, None] + torch.arange(seq_len + 1)].long()
-        return windows, torch.ones_like(windows, dtype=torch.bool)
+        return _shifted(windows, torch.ones_like(windows, dtype=torch.bool))
 
     def decode(self, tokens: Tensor) -> str:
         """(N,) byte tokens as text (invalid UTF-8 replaced)."""

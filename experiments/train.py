@@ -80,6 +80,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from attn_zoo.attention import Attention
+from attn_zoo.layers import token_positions
 from attn_zoo.model import TransformerLM
 from experiments import report
 from experiments.bench import SweepProgress, check_device
@@ -101,16 +102,17 @@ CSV_NAME = "train.csv"
 CHECKPOINT_FORMAT = "attn_zoo.train/1"
 CHECKPOINT_KEYS = ("model", "model_kwargs", "task", "config")
 BUDGET = {"steps": int, "tokens_per_step": int, "lr": float, "seed": int,
-          "aux_loss_weight": float}
+          "aux_loss_weight": float, "curriculum_len": int, "curriculum_steps": int}
 KEY = ("attention", "params", "model", "task", "task_params", "packing", "seq_len", "eval_len",
        *BUDGET)
 METRICS = {"eval_loss": float, "accuracy": float, "bits_per_byte": float, "train_loss": float,
            "train_seconds": float, "train_tokens_per_s": float, "eval_seconds": float,
-           "n_params": int, "train_tokens": int, "aux_loss": float}
+           "n_params": int, "train_tokens": int, "aux_loss": float, "position_loss": str,
+           "position_accuracy": str}
 COLUMNS = ({"attention": str, "params": str, "model": str, "task": str, "task_params": str,
             "packing": bool, "seq_len": int, "eval_len": int} | BUDGET | STATUS_COLUMNS | METRICS
            | ENVIRONMENT_COLUMNS)
-DEFAULTS = {"packing": False, "aux_loss_weight": 1.0}
+DEFAULTS = {"packing": False, "aux_loss_weight": 1.0, "curriculum_len": 0, "curriculum_steps": 0}
 """What rows written before a column existed meant."""
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 EVAL_SEED_OFFSET = 1_000_003  # evaluation data: a stream apart from the training data
@@ -192,15 +194,14 @@ class Parallel:
             raise ValueError(f"a sequence of {length} tokens cannot be split into "
                              f"parallel.cp={self.cp} shards of at least one token")
 
-        def part(x: torch.Tensor | None) -> torch.Tensor | None:
-            if x is None:
-                return None
-            if rows:
-                x = x.tensor_split(self.dp)[self.mesh.get_local_rank("dp")]
-            return x.tensor_split(self.cp, dim=1)[self.mesh.get_local_rank("cp")]
+        return Batch(*(None if x is None else self.part(x, rows) for x in (
+            batch.inputs, batch.targets, batch.mask, batch.document_ids)))
 
-        return Batch(*(part(x) for x in (batch.inputs, batch.targets, batch.mask,
-                                          batch.document_ids)))
+    def part(self, x: torch.Tensor, rows: bool = True) -> torch.Tensor:
+        """This rank's part of a (B, N, ...) tensor, as `shard` cuts a batch."""
+        if rows:
+            x = x.tensor_split(self.dp)[self.mesh.get_local_rank("dp")]
+        return x.tensor_split(self.cp, dim=1)[self.mesh.get_local_rank("cp")]
 
     def sum(self, values: Sequence[float | torch.Tensor], device: torch.device,
             group: dist.ProcessGroup | None = None) -> list[float]:
@@ -279,13 +280,32 @@ def logits_of(model: TransformerLM, batch: Batch, device: torch.device) -> torch
     return model(batch.inputs.to(device), document_ids=None if ids is None else ids.to(device))
 
 
-def training_batches(task: Task, rows: int, cfg: DictConfig,
+def check_curriculum(cfg: DictConfig) -> None:
+    """ValueErrors naming curriculum_steps or curriculum_len when they do not fit the run."""
+    steps, length = cfg.curriculum_steps, cfg.curriculum_len
+    if not isinstance(steps, int) or not 0 <= steps < cfg.steps:
+        raise ValueError(f"curriculum_steps must be an int in [0, steps={cfg.steps}), got "
+                         f"{steps!r}")
+    if steps and not (isinstance(length, int) and 1 <= length <= cfg.tokens_per_step):
+        raise ValueError(f"curriculum_len must be an int in [1, tokens_per_step="
+                         f"{cfg.tokens_per_step}] with curriculum_steps={steps}, got {length!r}")
+
+
+def training_batches(task: Task, cfg: DictConfig,
                      generator: torch.Generator) -> Iterator[Batch]:
-    """Endless training batches of `rows` sequences: packed rows with `packing`, else
-    `task.batch` draws."""
-    if cfg.packing:
-        return task.packed_batches(rows, cfg.seq_len, generator, "train")
-    return (task.batch(rows, cfg.seq_len, generator, "train") for _ in itertools.count())
+    """The `steps` training batches of `tokens_per_step` tokens: the first `curriculum_steps`
+    of sequences of `curriculum_len` tokens, the rest of `seq_len`; packed rows with
+    `packing`, else `task.batch` draws."""
+    def of_length(seq_len: int) -> Iterator[Batch]:
+        rows = batch_size(cfg.tokens_per_step, seq_len)
+        if cfg.packing:
+            return task.packed_batches(rows, seq_len, generator, "train")
+        return (task.batch(rows, seq_len, generator, "train") for _ in itertools.count())
+
+    stages = [(cfg.curriculum_len, cfg.curriculum_steps)] if cfg.curriculum_steps else []
+    stages.append((cfg.seq_len, cfg.steps - cfg.curriculum_steps))
+    return itertools.chain.from_iterable(itertools.islice(of_length(length), steps)
+                                         for length, steps in stages)
 
 
 def answer_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
@@ -332,17 +352,19 @@ def train_model(cfg: DictConfig, task: Task, model: TransformerLM, device: torch
             raise ValueError(f"{name} must be a positive int, got {cfg[name]!r}")
     if not (math.isfinite(cfg.aux_loss_weight) and cfg.aux_loss_weight >= 0):
         raise ValueError(f"aux_loss_weight must be finite and >= 0, got {cfg.aux_loss_weight!r}")
-    rows = batch_size(cfg.tokens_per_step, cfg.seq_len)
+    check_curriculum(cfg)
+    batch_size(cfg.tokens_per_step, cfg.seq_len)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}],
                                   lr=cfg.lr, betas=(0.9, 0.98))
-    batches = training_batches(task, rows, cfg, torch.Generator().manual_seed(cfg.seed))
+    batches = training_batches(task, cfg, torch.Generator().manual_seed(cfg.seed))
     model.train()
-    losses, aux_losses = [], []
+    losses, aux_losses, tokens = [], [], 0
     started = time.perf_counter()
-    for step, batch in enumerate(itertools.islice(batches, cfg.steps)):
+    for step, batch in enumerate(batches):
+        tokens += batch.inputs.numel()
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, cfg)
         # Under parallel every rank draws the whole batch and keeps its part; its loss is its
@@ -386,17 +408,52 @@ def train_model(cfg: DictConfig, task: Task, model: TransformerLM, device: torch
     aux_tail = aux_losses[-max(1, len(aux_losses) // 10):]
     return {"train_loss": sum(tail) / len(tail), "train_seconds": seconds,
             "aux_loss": sum(aux_tail) / len(aux_tail) if aux_tail else None,
-            "train_tokens_per_s": cfg.steps * rows * cfg.seq_len / seconds,
-            "train_tokens": cfg.steps * rows * cfg.seq_len}
+            "train_tokens_per_s": tokens / seconds, "train_tokens": tokens}
+
+
+def position_buckets(starts: Sequence[int], seq_len: int) -> list[tuple[int, int]]:
+    """[first, last] positions of the buckets that begin at 0 and at each of `starts`
+    (increasing positive ints), the last ending at seq_len - 1; those past it are left out."""
+    if any(not isinstance(s, int) or s < 1 for s in starts) or list(starts) != sorted(
+            set(starts)):
+        raise ValueError(f"position_buckets must be increasing positive ints, got "
+                         f"{list(starts)}")
+    firsts = [0, *(s for s in starts if s < seq_len)]
+    return list(zip(firsts, [*(s - 1 for s in firsts[1:]), seq_len - 1], strict=True))
+
+
+def by_position(values: torch.Tensor, positions: torch.Tensor,
+                buckets: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """(K, 2) float64: the sum and the count of `values` (float, any shape) whose `positions`
+    (long, the same shape) lie in each of the K [first, last] buckets."""
+    lasts = torch.tensor([last for _, last in buckets], device=positions.device)
+    index = torch.bucketize(positions.reshape(-1), lasts)
+    kept = index < len(buckets)
+    sums = torch.zeros(len(buckets), dtype=torch.float64, device=values.device)
+    sums.index_add_(0, index[kept], values.reshape(-1)[kept].double())
+    counts = torch.bincount(index[kept], minlength=len(buckets)).double()
+    return torch.stack([sums, counts], dim=1)
+
+
+def bucket_means(totals: torch.Tensor, buckets: Sequence[tuple[int, int]],
+                 scale: float = 1.0) -> str:
+    """JSON {"first-last": mean * scale} of the buckets that held a value, from
+    `by_position` totals."""
+    return json.dumps({f"{first}-{last}": total / count * scale
+                       for (first, last), (total, count) in zip(buckets, totals.tolist(),
+                                                                strict=True) if count})
 
 
 def evaluate(model: TransformerLM, task: Task, seq_len: int, sequences: int, tokens_per_batch: int,
              seed: int, device: torch.device, parallel: Parallel | None = None,
-             ) -> dict[str, float]:
+             buckets: Sequence[int] = ()) -> dict[str, Any]:
     """Eval-mode metrics over `sequences` held-out sequences of length `seq_len`.
 
     eval_loss: mean nats per answer token; accuracy: argmax hits on answer tokens (synthetic
-    tasks); bits_per_byte: eval_loss in bits (text). Batches of `tokens_per_batch // seq_len`
+    tasks); bits_per_byte: eval_loss in bits (text). position_loss (bits per byte for text,
+    else nats) and position_accuracy (synthetic tasks): JSON of their means over the answers
+    at the positions of each bucket of `position_buckets(buckets, seq_len)`, a position
+    counted from its document's start in packed rows. Batches of `tokens_per_batch // seq_len`
     (at least one) sequences drawn from the validation split with a generator seeded by
     `seed` and `seq_len` only; text: the validation files packed into rows, each file a
     document (`Task.packed_batches`). With `parallel`, every sequence is split over cp (each
@@ -408,6 +465,8 @@ def evaluate(model: TransformerLM, task: Task, seq_len: int, sequences: int, tok
     packed = (task.packed_batches(min(rows, sequences), seq_len, generator, "validation")
               if task.is_text else None)
     total_loss, hits, count, done = 0.0, 0, 0, 0
+    spans = position_buckets(buckets, seq_len)
+    totals = torch.zeros(2, len(spans), 2, dtype=torch.float64, device=device)  # loss, hits
     started = time.perf_counter()
     model.eval()
     with torch.no_grad():
@@ -416,23 +475,35 @@ def evaluate(model: TransformerLM, task: Task, seq_len: int, sequences: int, tok
             batch = (task.batch(size, seq_len, generator, "validation") if packed is None
                      else next(packed).head(size))
             drawn = batch.inputs.shape[0]
+            positions = token_positions(seq_len, device, 0, None if batch.document_ids is None
+                                        else batch.document_ids.to(device))
+            positions = positions.expand(drawn, seq_len)
             if sharded:
-                batch = parallel.shard(batch, rows=False)
+                batch, positions = parallel.shard(batch, rows=False), parallel.part(
+                    positions, rows=False)
             logits = logits_of(model, batch, device)
             mask, targets = batch.mask.to(device), batch.targets.to(device)
             answers = logits[mask].float()
-            total_loss += F.cross_entropy(answers, targets[mask], reduction="sum").item()
-            hits += int((answers.argmax(-1) == targets[mask]).sum())
+            losses = F.cross_entropy(answers, targets[mask], reduction="none")
+            right = (answers.argmax(-1) == targets[mask]).double()
+            total_loss += losses.sum().item()
+            hits += int(right.sum())
             count += int(mask.sum())
+            for kind, values in enumerate((losses, right)):
+                totals[kind] += by_position(values, positions[mask], spans)
             done += drawn
     if sharded:
         total_loss, hits, count = parallel.sum([total_loss, hits, count], device,
                                                parallel.cp_group)
+        dist.all_reduce(totals, group=parallel.cp_group)
     loss = total_loss / count
     metrics = {"eval_loss": loss, "eval_seconds": time.perf_counter() - started}
     if task.metric == "bits_per_byte":
-        return metrics | {"bits_per_byte": bits(loss)}
-    return metrics | {"accuracy": hits / count}
+        return metrics | {"bits_per_byte": bits(loss),
+                          "position_loss": bucket_means(totals[0], spans, bits(1.0))}
+    return metrics | {"accuracy": hits / count,
+                      "position_loss": bucket_means(totals[0], spans),
+                      "position_accuracy": bucket_means(totals[1], spans)}
 
 
 # -- checkpoints ----------------------------------------------------------------------------
@@ -570,7 +641,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     for p in points:
         try:
             metrics = evaluate(model, task, p["eval_len"], cfg.eval_sequences,
-                               cfg.tokens_per_step, cfg.seed, device, parallel)
+                               cfg.tokens_per_step, cfg.seed, device, parallel,
+                               cfg.position_buckets)
             rows.append(p | common | metrics | {"status": "ok", "error": ""})
         except Exception as error:  # e.g. an eval length too short for the task
             log.error("eval at %s failed: %s", p["eval_len"], error)

@@ -143,6 +143,21 @@ def all_gather_rows(x: Tensor, shards: Shards, dim: int, counts: Sequence[int]) 
     return exchange(x, [mine] * shards.world, counts, shards, dim)
 
 
+def rows_before(x: Tensor, shards: Shards, count: int) -> Tensor:
+    """(B, count, ...): the rows of positions start - count .. start - 1 before this rank's
+    shard x (B, n_local, ...), from the ranks that hold them, zeros before position 0;
+    differentiable."""
+    first, end = shards.bounds[shards.rank], shards.bounds[shards.rank + 1]
+    # Rank r > this one reads the rows of [start_r - count, start_r) that lie here.
+    lows = [max(first, bound - count) if r > shards.rank else end
+            for r, bound in enumerate(shards.bounds[:-1])]
+    send = [torch.arange(min(low, end) - first, end - first, device=x.device) for low in lows]
+    received = [max(0, min(first, shards.bounds[r + 1]) - max(first - count, shards.bounds[r]))
+                if r < shards.rank else 0 for r in range(shards.world)]
+    rows = exchange(x, send, received, shards, 1)
+    return torch.cat([x.new_zeros(x.shape[0], count - rows.shape[1], *x.shape[2:]), rows], 1)
+
+
 def _all_to_all(rows: Tensor, sent: Sequence[int], received: Sequence[int], shards: Shards,
                 op: str) -> Tensor:
     """all_to_all_single of rows (rows along dim 0) with uneven counts, recorded."""
