@@ -7,10 +7,11 @@ Every task makes batches of next-token prediction at any sequence length `N`:
     batch.inputs, batch.targets   # (B, N) long: targets[:, t] is the token after inputs[:, t]
     batch.mask                    # (B, N) bool: the positions the loss and the metric read
 
-* `mqar` (multi-query associative recall, Zoology): `n_pairs` key-value pairs, then the keys
-  again in random order at random positions of the rest of the sequence (blanks in between);
-  the answer after a query key is its value. Keys are drawn without replacement from
-  `[2, 2 + n_keys)`, values from the upper half of the vocabulary.
+* `mqar` (multi-query associative recall, as in Zoology with every position a query):
+  `n_pairs` key-value pairs, then a query at every later position, a key drawn uniformly from
+  the pairs, whose target is that key's value (not next-token prediction there: the values are
+  never inputs after the pairs, so only recall answers). Keys are drawn without replacement
+  from the lower half of the vocabulary, values from the upper half.
 * `selective_copy`: `n_copy` data tokens scattered (in order) among blanks, then a copy
   marker, then the same tokens again; the answers are the copied tokens.
 * `needle` (passkey retrieval): random filler tokens; at depth `depth` (fraction of the

@@ -12,7 +12,9 @@ Configs: `conf/train.yaml` (typed by `experiments.config.TrainConfig`), groups `
 A point trains `TransformerLM(task.vocab_size, **model, attention=...)` for `steps` AdamW
 steps (linear warm-up, cosine decay to a tenth) of `tokens_per_step` tokens each
 (`tokens_per_step // seq_len` sequences), with the loss read on the task's answer positions
-(every position for language models); the module is in train mode. With `packing=true`
+(every position for language models); the module is in train mode. A curriculum
+(`curriculum_steps` > 0) draws the first `curriculum_steps` steps' sequences at
+`curriculum_len` tokens (the same tokens per step, one learning-rate schedule). With `packing=true`
 (tasks made of documents: `stdlib_lm`) the training rows are the task's documents packed into
 rows (`Task.packed_batches`): the model gets their `document_ids`, so attention and positions
 stay inside each document, and no target is predicted across a document boundary; the same
@@ -20,7 +22,9 @@ tokens per step as without. Then, in eval mode under `no_grad`, it evaluates `ev
 held-out sequences at each of `eval_lens` (lengths longer than `seq_len` measure length
 extrapolation): `eval_loss` (nats per answer token), `accuracy` (synthetic tasks) or
 `bits_per_byte` (`stdlib_lm`: its validation files packed into rows, each file its own
-document, whether the point trained packed or not). The evaluation data depend on the seed
+document, whether the point trained packed or not), and the same per bucket of positions
+(`position_buckets`; a position counts from its document's start): `position_loss` and
+`position_accuracy`, JSON objects `{"first-last": value}`. The evaluation data depend on the seed
 and the length only, so every variant and both layouts see the same.
 
 Each step's loss adds `aux_loss_weight` times the attention modules' own losses
@@ -31,10 +35,10 @@ Each (point, eval length) becomes one row appended to `<out_dir>/train.csv`
 (`experiments.results.Table`: typed columns, whole lines under a lock, so parallel jobs share
 it; a malformed line is moved aside with a warning): key (attention, params, model, task,
 task_params, packing, seq_len, eval_len and the budget: steps, tokens_per_step, lr, seed,
-aux_loss_weight), `status` (ok, oom, unsupported, error) with the message in `error`, metrics
-and the environment. A point whose rows all exist is skipped (failed ones too, unless
-`retry_failed=true`); at the end of a sweep the report (`experiments.report`, joined with
-`speed_dir`) is written.
+aux_loss_weight, curriculum_len, curriculum_steps), `status` (ok, oom, unsupported, error)
+with the message in `error`, metrics and the environment. A point whose rows all exist is
+skipped (failed ones too, unless `retry_failed=true`); at the end of a sweep the report
+(`experiments.report`, joined with `speed_dir`) is written.
 `checkpoint` (a path, or null) receives the model's weights and everything needed to rebuild
 it (`load_checkpoint`).
 Parallel training (`parallel.cp=P parallel.dp=D`, under `torchrun` with WORLD_SIZE = P * D

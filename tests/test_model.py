@@ -44,7 +44,7 @@ def tokens(shape, seed=1) -> torch.Tensor:
 
 def train_copy_task(model: TransformerLM, steps: int, length: int = 6) -> list[float]:
     """Random tokens, a separator, the same tokens; returns the loss on the copy half per step."""
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=5e-3)
     generator = torch.Generator().manual_seed(0)
     losses = []
     for _ in range(steps):

@@ -419,3 +419,34 @@ def test_the_value_of_a_goal_at_each_point_is_a_table(contenders, tmp_path):
     assert "### Goals of goals: the value at each point" in md
     assert "| local beats flex | local | 2.00 | 1.25 |" in md  # flex time / ours at 4K, 16K
     assert "| local memory linear | local |" not in md  # one value over the lengths
+
+
+def test_per_position_tables_plots_and_seed_spreads(tmp_path):
+    def point(attention: str, seed: int, accuracy: float, by_position: dict | None) -> dict:
+        return quality_row(attention, 2048, accuracy) | {
+            "seed": seed, "curriculum_len": 256, "curriculum_steps": 5,
+            "position_accuracy": json.dumps(by_position) if by_position else ""}
+
+    folder = tmp_path / "positions"
+    folder.mkdir()
+    near, far = {"0-63": 1.0, "64-255": 1.0, "256-1023": 0.2, "1024-2047": 0.1}, None
+    pd.DataFrame([point("full", 0, 0.9, {"0-63": 1.0, "64-255": 0.9, "256-1023": 0.9,
+                                         "1024-2047": 0.8}),
+                  point("full", 1, 0.7, far), point("local", 0, 0.3, near),
+                  point("local", 1, 0.2, near)]).to_csv(folder / "train.csv", index=False)
+    result = report.run([folder])
+    md = result.markdown
+    assert "10 steps x 4096 tokens, lr 0.003, the first 5 at N=256" in md
+    assert "| variant | 0-63 | 64-255 | 256-1023 | 1024-2047 |" in md
+    assert "| local | 1.00 | 1.00 | 0.200 | 0.100 |" in md
+    assert "| full | 1.00 | 0.900 | 0.900 | 0.800 |" in md
+    # seed spread: a section of its own, over the seeds of each (variant, N)
+    assert "| variant | N | seeds | mean | min | max | spread |" in md
+    assert "| full | 2048 | 2 | 0.800 | 0.700 | 0.900 | 0.200 |" in md
+    assert "| local | 2048 | 2 | 0.250 | 0.200 | 0.300 | 0.100 |" in md
+    names = {p.name for p in result.plots}
+    assert {"position_mqar-tiny-s10-n2048.png", "position_mqar-tiny-s10-seed1-n2048.png",
+            "quality_mqar-tiny-s10-seed1.png"} <= names
+    table = report.position_table(report.load([folder], "train").query("seed == 0"),
+                                  "accuracy", 2048)
+    assert list(table.columns) == ["variant", "0-63", "64-255", "256-1023", "1024-2047"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 
 import pandas as pd
@@ -11,9 +12,10 @@ import torch
 import wandb
 from hydra import compose, initialize_config_dir
 
+from attn_zoo.documents import positions_in_document
 from experiments import results, train
 from experiments.config import register_configs
-from experiments.tasks import make_task
+from experiments.tasks import Task, make_task
 from experiments.wandb_logger import read_offline_run
 from tests.test_conf import CONF
 from tests.test_tasks import write_corpus
@@ -156,6 +158,69 @@ def test_bad_budget_is_an_error_row(tiny):
     assert result["status"] == "unsupported" and "tokens_per_step" in result["rows"][0]["error"]
 
 
+def test_a_curriculum_trains_its_first_steps_at_its_length(tiny, monkeypatch):
+    drawn = []
+    batch = Task.batch
+
+    def recording(task, batch_size, seq_len, generator, split="train"):
+        if split == "train":
+            drawn.append((batch_size, seq_len))
+        return batch(task, batch_size, seq_len, generator, split)
+
+    monkeypatch.setattr(Task, "batch", recording)
+    result = train.run(tiny("checkpoint=null", "steps=5", "curriculum_steps=3",
+                            "curriculum_len=16"))
+    row = result["rows"][0]
+    assert drawn == [(4, 16)] * 3 + [(2, 32)] * 2  # 64 tokens a step either way
+    assert row["train_tokens"] == 5 * 64
+    assert (row["curriculum_steps"], row["curriculum_len"]) == (3, 16)  # part of the key
+
+
+@pytest.mark.parametrize("overrides, parameter", [
+    (["curriculum_steps=3"], "curriculum_steps"),  # not below steps=3
+    (["curriculum_steps=-1"], "curriculum_steps"),
+    (["curriculum_steps=1", "curriculum_len=0"], "curriculum_len"),
+    (["curriculum_steps=1", "curriculum_len=65"], "curriculum_len"),  # > tokens_per_step
+])
+def test_a_bad_curriculum_is_an_error_row_naming_it(tiny, overrides, parameter):
+    result = train.run(tiny("checkpoint=null", *overrides))
+    assert result["status"] != "ok" and f"{parameter} must be" in result["rows"][0]["error"]
+
+
+def test_position_buckets_split_the_length_and_bad_ones_are_named():
+    assert train.position_buckets([64, 256, 1024], 2048) == [(0, 63), (64, 255), (256, 1023),
+                                                             (1024, 2047)]
+    assert train.position_buckets([64, 256, 1024], 100) == [(0, 63), (64, 99)]
+    assert train.position_buckets([], 10) == [(0, 9)]
+    for bad in ([256, 64], [0], [64, 64], [2.5]):
+        with pytest.raises(ValueError, match="position_buckets"):
+            train.position_buckets(bad, 100)
+
+
+def test_by_position_sums_and_counts_each_bucket():
+    values = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    positions = torch.tensor([0, 3, 4, 9, 12])  # 12 lies past the last bucket
+    buckets = [(0, 3), (4, 9), (10, 11)]
+    totals = train.by_position(values, positions, buckets)
+    assert totals.tolist() == [[3.0, 2.0], [7.0, 2.0], [0.0, 0.0]]
+    # means scaled, the empty bucket left out
+    assert json.loads(train.bucket_means(totals, buckets, 2.0)) == {"0-3": 3.0, "4-9": 7.0}
+
+
+def test_evaluate_splits_its_metrics_by_position():
+    task = make_task("mqar", vocab_size=20, n_pairs=4)
+    torch.manual_seed(0)
+    model = train.TransformerLM(20, 16, 1, 2, max_seq_len=32)
+    metrics = train.evaluate(model, task, 32, 8, 256, 0, torch.device("cpu"), buckets=[16])
+    accuracy = json.loads(metrics["position_accuracy"])
+    loss = json.loads(metrics["position_loss"])
+    assert list(accuracy) == list(loss) == ["0-15", "16-31"]
+    # the answers sit at positions 8 .. 31: 8 of a row's in the first bucket, 16 in the second
+    assert (8 * accuracy["0-15"] + 16 * accuracy["16-31"]) / 24 == pytest.approx(
+        metrics["accuracy"])
+    assert (8 * loss["0-15"] + 16 * loss["16-31"]) / 24 == pytest.approx(metrics["eval_loss"])
+
+
 def test_learning_rate_warms_up_then_decays_to_a_tenth(tiny):
     cfg = tiny("steps=100", "warmup_steps=10", "lr=1.0")
     rates = [train.learning_rate(step, cfg) for step in range(100)]
@@ -268,6 +333,31 @@ def test_packed_training_gives_the_model_the_rows_documents(text, monkeypatch):
     assert len(seen) == 20 + 2  # the steps, then two evaluation batches
     assert all(ids.shape == (2, 32) for ids in seen)
     assert any(ids[:, 1:].ne(ids[:, :-1]).any() for ids in seen)  # a row of two documents
+
+
+def test_text_positions_count_from_each_documents_start(text, monkeypatch):
+    cfg = text()
+    train.run(cfg)
+    model, task, _ = train.load_checkpoint(cfg.checkpoint)
+    seen, read = [], []
+    logits_of, by_position = train.logits_of, train.by_position
+
+    def recording_logits(model, batch, device):
+        seen.append(batch)
+        return logits_of(model, batch, device)
+
+    def recording_positions(values, positions, buckets):
+        read.append(positions)
+        return by_position(values, positions, buckets)
+
+    monkeypatch.setattr(train, "logits_of", recording_logits)
+    monkeypatch.setattr(train, "by_position", recording_positions)
+    metrics = train.evaluate(model, task, 256, 4, 1024, 0, torch.device("cpu"), buckets=[8])
+    (batch,) = seen
+    expected = positions_in_document(batch.document_ids)[batch.mask]
+    assert torch.equal(read[0], expected) and torch.equal(read[1], expected)  # loss, hits
+    assert batch.document_ids[:, 1:].ne(batch.document_ids[:, :-1]).any()  # a boundary
+    assert set(json.loads(metrics["position_loss"])) == {"0-7", "8-255"}
 
 
 def test_packing_a_task_without_documents_is_an_error_row(tiny):
