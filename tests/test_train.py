@@ -246,6 +246,15 @@ def test_quality_sweep_config_composes():
     assert cfg.checkpoint is None and cfg.logger.name == "none"
 
 
+def test_position_sweep_config_composes():
+    cfg = composed(config="position", hydra=True)
+    assert cfg.hydra.sweeper.params.attention == "glob(*)"
+    assert cfg.task.name == "stdlib_lm" and cfg.seq_len == 2048
+    assert list(cfg.position_buckets) == [64, 256, 1024] and cfg.model.name == "tiny_conv"
+    assert cfg.hydra.launcher._target_.endswith("JoblibLauncher") and cfg.threads == 1
+    assert cfg.checkpoint is None and cfg.out_dir == "results/cpu/position"
+
+
 def raw(path) -> list[dict[str, str]]:
     """The CSV's records as text, exactly as stored."""
     with open(path, newline="") as handle:
