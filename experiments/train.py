@@ -207,11 +207,10 @@ class Parallel:
             x = x.tensor_split(self.dp)[self.mesh.get_local_rank("dp")]
         return x.tensor_split(self.cp, dim=1)[self.mesh.get_local_rank("cp")]
 
-    def sum(self, values: Sequence[float | torch.Tensor], device: torch.device,
-            group: dist.ProcessGroup | None = None) -> list[float]:
-        """`values` summed over `group` (default: every rank), as floats."""
+    def sum(self, values: Sequence[float | torch.Tensor], device: torch.device) -> list[float]:
+        """`values` summed over every rank, as floats."""
         total = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
-        dist.all_reduce(total, group=group)
+        dist.all_reduce(total)
         return total.tolist()
 
     def sum_gradients(self, model: torch.nn.Module) -> None:
@@ -468,9 +467,9 @@ def evaluate(model: TransformerLM, task: Task, seq_len: int, sequences: int, tok
     rows = max(1, tokens_per_batch // seq_len)
     packed = (task.packed_batches(min(rows, sequences), seq_len, generator, "validation")
               if task.is_text else None)
-    total_loss, hits, count, done = 0.0, 0, 0, 0
-    spans = position_buckets(buckets, seq_len)
+    spans = position_buckets(buckets, seq_len)  # they cover every position: sums of them all
     totals = torch.zeros(2, len(spans), 2, dtype=torch.float64, device=device)  # loss, hits
+    done = 0
     started = time.perf_counter()
     model.eval()
     with torch.no_grad():
@@ -489,17 +488,13 @@ def evaluate(model: TransformerLM, task: Task, seq_len: int, sequences: int, tok
             mask, targets = batch.mask.to(device), batch.targets.to(device)
             answers = logits[mask].float()
             losses = F.cross_entropy(answers, targets[mask], reduction="none")
-            right = (answers.argmax(-1) == targets[mask]).double()
-            total_loss += losses.sum().item()
-            hits += int(right.sum())
-            count += int(mask.sum())
+            right = answers.argmax(-1) == targets[mask]
             for kind, values in enumerate((losses, right)):
                 totals[kind] += by_position(values, positions[mask], spans)
             done += drawn
     if sharded:
-        total_loss, hits, count = parallel.sum([total_loss, hits, count], device,
-                                               parallel.cp_group)
         dist.all_reduce(totals, group=parallel.cp_group)
+    (total_loss, count), hits = totals[0].sum(0).tolist(), totals[1, :, 0].sum().item()
     loss = total_loss / count
     metrics = {"eval_loss": loss, "eval_seconds": time.perf_counter() - started}
     if task.metric == "bits_per_byte":
