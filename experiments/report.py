@@ -304,7 +304,10 @@ def save(fig: Any, path: Path) -> Path:
 
 
 def lines_plot(ax: Any, values: pd.DataFrame) -> None:
-    """One line per variant (row) of `values` against its columns; empty rows skipped."""
+    """One line per variant (row) of `values` against its columns; empty rows skipped; more
+    than ten lines take twenty colours."""
+    if len(values.index) > 10:
+        ax.set_prop_cycle(color=plt.get_cmap("tab20").colors)
     for variant in values.index:
         line = values.loc[variant].dropna()
         if len(line):
