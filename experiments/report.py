@@ -21,14 +21,18 @@ warning and the report goes on). Each table found gets its section; everything g
   `attention` plus `key=value` for each parameter (or backend) that varies among its rows,
   and `(contender)` when the rows are not the library's (SDPA, FlexAttention, a peer):
   `local window=128`, `local (sdpa)`.
-* **quality** (train.csv), per task, model and budget: the metric (accuracy, or bits per byte
-  for text) as variants x training lengths, the length-extrapolation table when points were
-  evaluated at other lengths (points trained on packed rows are the variant `<variant> packed`,
-  and where both layouts were trained, a table of the metric unpacked vs packed at equal
-  tokens), and with `--speed` (a bench folder) the frontier: each
-  (variant, N) beside the attention's forward+backward time and peak memory at that N (the
+* **quality** (train.csv), per task, model, budget (with its curriculum) and seed: the metric
+  (accuracy, or bits per byte for text) as variants x training lengths, the metric per
+  position bucket (`position_accuracy` or `position_loss`) as variants x buckets for each
+  length with a plot `plots/position_<task>-n<N>.png`, the length-extrapolation table when
+  points were evaluated at other lengths (points trained on packed rows are the variant
+  `<variant> packed`, and where both layouts were trained, a table of the metric unpacked vs
+  packed at equal tokens), and with `--speed` (a bench folder) the frontier: each (variant,
+  N) beside the attention's forward+backward time and peak memory at that N (the
   speed sweep's last ok row of the same variant and parameters) and whether it is on the
   Pareto frontier of its N. Plots `plots/quality_<task>.png`, `plots/frontier_<task>.png`.
+  Where a (variant, N) trained with several seeds, a seed-spread section gives the seeds and
+  the mean, min, max and max - min of the metric.
 * **decode** (decode.csv): per variant the spread (max / min - 1) and growth exponent (slope of
   log value over log context) of per-token latency and cache bytes over the contexts, the
   latency and bytes as variants x contexts, every point; plot `plots/decode.png`.
@@ -479,7 +483,8 @@ def extrapolation_table(rows: pd.DataFrame, metric: str) -> pd.DataFrame:
 
 
 def position_column(metric: str) -> str:
-    """The per-position column of a quality metric (bits per byte and loss: position_loss)."""
+    """The rows' per-position column of a quality metric: position_accuracy for accuracy,
+    else position_loss (in bits per byte for text)."""
     return "position_accuracy" if metric == "accuracy" else "position_loss"
 
 
@@ -580,8 +585,8 @@ def frontier_plot(table: pd.DataFrame, metric: str, title: str, path: Path) -> P
 
 def quality_section(setting: Mapping[str, Any], rows: pd.DataFrame,
                     speed: pd.DataFrame | None, plot_dir: Path) -> Section:
-    """The metric table, the extrapolation table, the frontier and the plots of one task,
-    model and budget."""
+    """The metric table, the per-position tables, the extrapolation table, the frontier and
+    the plots of one task, model, budget and seed."""
     metric = quality_metric(rows)
     label = metric.replace("_", " ")
     slug = (f"{setting['task']}-{setting['model']}-s{setting['steps']}"
